@@ -1,0 +1,180 @@
+"""Reading and validating scores tables (DESIGN §6): long format, one row per response.
+
+Parquet, JSON Lines or CSV (chosen by suffix) are read with pyarrow; the user names the reward column and the
+constraint columns (utilities, or costs that are negated on the way in). Bad rows are named, never guessed at.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from bridge.files import sha256_file
+from can_jax.errors import DegenerateDataError, ScoresFormatError
+from can_jax.scores import Scores, from_long
+
+FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+}
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """One safety constraint: a table column, its margin b, and whether the column is a utility or a cost."""
+
+    column: str
+    margin: float
+    kind: str = "utility"  # "utility" (higher = safer) or "cost" (lower = safer; negated on the way in)
+
+    @property
+    def sign(self) -> float:
+        return -1.0 if self.kind == "cost" else 1.0
+
+
+def parse_constraint(text: str, kind: str = "utility") -> ConstraintSpec:
+    """Parses `COL=MARGIN` (the CLI's --constraint / --cost)."""
+    col, sep, margin = text.rpartition("=")
+    if not sep or not col:
+        raise ScoresFormatError(f"constraint {text!r} is not of the form COLUMN=MARGIN")
+    try:
+        value = float(margin)
+    except ValueError:
+        raise ScoresFormatError(f"constraint {text!r}: margin {margin!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ScoresFormatError(f"constraint {text!r}: margin must be finite")
+    return ConstraintSpec(col, value, kind)
+
+
+def read_table(path: str | os.PathLike) -> pa.Table:
+    """Reads a scores table from Parquet, JSON Lines or CSV."""
+    path = Path(path)
+    if not path.exists():
+        raise ScoresFormatError(f"scores file not found: {path}")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ScoresFormatError(f"cannot tell the format of {path}: use a .parquet, .jsonl or .csv suffix")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path)
+        if fmt == "json":
+            import pyarrow.json as pj
+
+            return pj.read_json(path)
+        import pyarrow.csv as pc
+
+        return pc.read_csv(path)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ScoresFormatError(f"cannot read {path} as {fmt}: {first}") from None
+
+
+@dataclass(frozen=True)
+class LoadedScores:
+    """A validated scores table as padded arrays, with what a certificate records about it."""
+
+    scores: Scores
+    names: list[str]  # constraint names (column names)
+    margins: np.ndarray  # [m]
+    kinds: list[str]
+    prompt_ids: np.ndarray  # [N] original prompt ids in padded order
+    n_rows: int
+    dropped_rows: int
+    sha256: str
+    path: str
+
+
+def _rows_list(rows: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    return f"{shown}{more}"
+
+
+def _numeric_column(table: pa.Table, name: str) -> np.ndarray:
+    col = table.column(name)
+    if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
+        raise ScoresFormatError(f"column {name!r} must be numeric, found {col.type}")
+    return col.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+
+
+def load_scores(
+    path: str | os.PathLike,
+    reward: str,
+    constraints: list[ConstraintSpec],
+    prompt_id: str = "prompt_id",
+    drop_bad_rows: bool = False,
+    dtype=None,
+) -> LoadedScores:
+    """Reads, validates and pads a scores table.
+
+    Errors (ScoresFormatError) name the missing columns or the offending rows (0-based data rows). With
+    `drop_bad_rows`, rows with NaN/inf/missing scores are dropped instead and counted.
+    """
+    if not constraints:
+        raise ScoresFormatError("give at least one constraint (--constraint COL=MARGIN or --cost COL=MARGIN)")
+    names = [c.column for c in constraints]
+    if len(set(names)) != len(names):
+        raise ScoresFormatError(f"a constraint column is named twice: {names}")
+    table = read_table(path)
+    needed = [prompt_id, reward, *names]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ScoresFormatError(f"{path}: missing column(s) {missing}; the table has {table.column_names}")
+    if table.num_rows == 0:
+        raise ScoresFormatError(f"{path}: the scores table has no rows")
+
+    r = _numeric_column(table, reward)
+    g = np.stack([c.sign * _numeric_column(table, c.column) for c in constraints], axis=1)
+    pid_col = table.column(prompt_id)
+    bad = ~np.isfinite(r) | ~np.isfinite(g).all(axis=1)
+    pid_null = np.asarray(pid_col.is_null().to_numpy(zero_copy_only=False), bool)
+    bad |= pid_null
+    if "prompt" in table.column_names:
+        text = table.column("prompt")
+        empty = np.asarray(
+            pa.compute.fill_null(
+                pa.compute.equal(pa.compute.utf8_trim_whitespace(text.cast(pa.string())), ""),
+                True,
+            ).to_numpy(zero_copy_only=False),
+            bool,
+        )
+        bad |= empty
+    bad_rows = np.flatnonzero(bad)
+    if len(bad_rows) and not drop_bad_rows:
+        raise ScoresFormatError(
+            f"{path}: {len(bad_rows)} row(s) with NaN/inf/missing scores, a missing prompt id or an empty "
+            f"prompt: rows {_rows_list(bad_rows)} (0-based); fix them or pass --drop-bad-rows"
+        )
+    keep = ~bad
+    if not keep.any():
+        raise ScoresFormatError(f"{path}: every row is bad; nothing left to solve on")
+    pids = pid_col.to_numpy(zero_copy_only=False)[keep]
+    uniq, index = np.unique(pids.astype(str) if pids.dtype == object else pids, return_inverse=True)
+    scores = from_long(index, r[keep], g[keep], dtype=dtype)
+    counts = np.bincount(index)
+    if counts.max() < 2:
+        raise DegenerateDataError(
+            f"{path}: every prompt has fewer than two responses; the dual needs K_i ≥ 2 samples of π_ref per "
+            "prompt to see how reweighting changes the scores"
+        )
+    return LoadedScores(
+        scores=scores,
+        names=names,
+        margins=np.array([c.margin for c in constraints]),
+        kinds=[c.kind for c in constraints],
+        prompt_ids=uniq,
+        n_rows=int(table.num_rows),
+        dropped_rows=int(bad.sum()),
+        sha256=sha256_file(path),
+        path=str(path),
+    )

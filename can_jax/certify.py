@@ -1,0 +1,111 @@
+"""Certificates around a dual solution (DESIGN §2): KKT residual, strong convexity on the active set,
+reachability of the margins, the recession slope that certifies infeasibility, and the predicted outcome."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax.scipy.special import xlogy
+
+from can_jax.dual import block_sum, prompt_terms
+from can_jax.result import Predicted
+from can_jax.scores import Scores
+
+
+def kkt_residual(lam: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray:
+    """max_j |min(λ_j, ∇_j D̂)|: zero exactly at a KKT point of min_{λ≥0} D̂ (projected-gradient residual)."""
+    return jnp.max(jnp.abs(jnp.minimum(lam, grad)))
+
+
+def reduced_eigs(hess: jnp.ndarray, free: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Least eigenvalue and condition number of hess restricted to the `free` coordinates ([m] bool).
+
+    With static shapes: the fixed block is replaced by ±M·I with M above the spectral radius, so the extreme
+    eigenvalue of the padded matrix is that of the free block. An empty free set uses the whole Hessian.
+    """
+    free = jnp.where(jnp.any(free), free, True)
+    both = free[:, None] & free[None, :]
+    big = jnp.sqrt(jnp.sum(hess**2)) + 1.0  # Frobenius norm bounds every eigenvalue
+    sub = jnp.where(both, hess, 0.0)
+    lo = jnp.linalg.eigvalsh(sub + jnp.diag(jnp.where(free, 0.0, big)))[0]
+    hi = jnp.linalg.eigvalsh(sub - jnp.diag(jnp.where(free, 0.0, big)))[-1]
+    cond = jnp.where(lo > 0, hi / jnp.where(lo > 0, lo, 1.0), jnp.inf)
+    return lo, cond
+
+
+def _max_and_mean(block: Scores, u: jnp.ndarray):
+    """Per-prompt max_k uᵀg_ik and mean_k uᵀg_ik for each column of u [m, q]: both [B, q]."""
+    proj = jnp.einsum("nkj,jq->nkq", block.utility, u)
+    mask = block.mask[..., None]
+    top = jnp.max(jnp.where(mask, proj, -jnp.inf), axis=1)
+    k = jnp.maximum(block.mask.sum(axis=1), 1)[:, None]
+    return top, proj.sum(axis=1) / k
+
+
+def edge_gains(blocks: Scores, u: jnp.ndarray) -> jnp.ndarray:
+    """mean_i [max_k uᵀg_ik − mean_k uᵀg_ik] for each column of u [m, q]: [q].
+
+    The largest improvement in the direction u that any policy supported on the samples can reach (it puts
+    all mass on the best sample of each prompt). With u = I this is each constraint's reach.
+    """
+
+    def terms(block: Scores):
+        top, mean = _max_and_mean(block, u)
+        valid = block.mask.any(axis=1)
+        wt = jnp.where(valid, block.weight, 0.0)
+        gap = jnp.where(valid[:, None], top - mean, 0.0)
+        return wt.sum(), wt @ gap
+
+    tot, gain = block_sum(terms, blocks)
+    return gain / tot
+
+
+def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray) -> jnp.ndarray:
+    """lim_{t→∞} D̂(t·u)/t along u = λ/|λ|₂: mean_i max_k uᵀg_ik − uᵀ(ḡ + b).
+
+    Negative means D̂ → −∞ along u: a Farkas certificate that the margins are jointly out of reach, by −slope in
+    the combination u. (0 when λ = 0.)
+    """
+    norm = jnp.linalg.norm(lam)
+    u = jnp.where(norm > 0, lam / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return edge_gains(blocks, u[:, None])[0] - u @ margins
+
+
+def predicted_outcome(lam: jnp.ndarray, blocks: Scores, beta) -> Predicted:
+    """Reward gain, utility gains, KL(π_λ‖π_ref) and effective sample fraction of π_λ on the samples."""
+    m = blocks.utility.shape[-1]
+
+    def terms(block: Scores):
+        t = prompt_terms(lam, block, jnp.zeros((m,), block.reward.dtype), beta, 1)
+        wt = jnp.where(t.valid, block.weight, 0.0)
+        k = jnp.maximum(block.mask.sum(axis=1), 1).astype(block.reward.dtype)
+        r_gain = (t.w * block.reward).sum(axis=1) - block.reward.sum(axis=1) / k
+        kl = xlogy(t.w, t.w * k[:, None]).sum(axis=1)
+        ess = 1.0 / jnp.maximum((t.w**2).sum(axis=1), 1e-300) / k
+        return wt.sum(), wt @ r_gain, wt @ t.grad, wt @ kl, wt @ ess
+
+    tot, r_gain, g_gain, kl, ess = block_sum(terms, blocks)
+    return Predicted(r_gain / tot, g_gain / tot, kl / tot, ess / tot)
+
+
+def infeasibility_message(result, names: list[str], margins) -> str:
+    """One line saying which margins are out of reach and by how much (call outside jit, on one result)."""
+    import numpy as np
+
+    margins = np.asarray(margins, float)
+    reach = np.asarray(result.reach, float)
+    over = margins >= reach - 1e-12 * (1.0 + np.abs(reach))
+    if over.any():
+        parts = [
+            f"{n!r} asks for {b:+.6g} but at most {c:+.6g} is reachable on these samples (short by {b - c:.3g})"
+            for n, b, c, o in zip(names, margins, reach, over)
+            if o
+        ]
+        return "infeasible margins: " + "; ".join(parts)
+    lam = np.asarray(result.x, float)
+    u = lam / max(np.linalg.norm(lam), 1e-300)
+    combo = " + ".join(f"{w:.3g}·{n}" for w, n in zip(u, names) if w > 1e-6)
+    return (
+        "infeasible margins: each is reachable alone but not jointly; in the combination "
+        f"{combo} the margins ask for {u @ margins:+.6g}, which exceeds what any policy on these samples "
+        f"reaches by {-float(result.slope):.3g}"
+    )

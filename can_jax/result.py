@@ -1,0 +1,79 @@
+"""The solver's result: scipy's OptimizeResult names plus the dual certificate (STYLE points 2 and 4).
+
+A NamedTuple of arrays, so `solve_dual` can be jitted and vmapped (`sweep`); `message` and `ok` read the
+status outside jit.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+
+class Status(enum.IntEnum):
+    CONVERGED = 0
+    MAX_ITER = 1
+    INFEASIBLE = 2
+    PRECISION = 3
+    NONFINITE = 4
+    DIVERGED = 5
+    RUNNING = -1
+
+
+MESSAGES = {
+    Status.CONVERGED: "converged: KKT residual within tolerance",
+    Status.MAX_ITER: "stopped at the iteration limit before the KKT residual reached the tolerance",
+    Status.INFEASIBLE: "infeasible margins: no policy supported on the samples reaches them (dual unbounded)",
+    Status.PRECISION: "stopped at the floating-point precision limit: no further decrease of the dual is possible",
+    Status.NONFINITE: "a non-finite value (NaN/inf) appeared in the dual; check the scores and beta",
+    Status.DIVERGED: "the multipliers grew without bound; the margins are at or beyond the reachable edge",
+    Status.RUNNING: "running",
+}
+
+
+class Predicted(NamedTuple):
+    """What π_λ should achieve, estimated from the self-normalised weights on the samples (DESIGN §2)."""
+
+    reward_gain: jnp.ndarray  # scalar: E_{π_λ}[r] − E_ref[r]
+    utility_gain: jnp.ndarray  # [m]: E_{π_λ}[g] − E_ref[g]
+    kl: jnp.ndarray  # scalar: KL(π_λ ‖ π_ref) ≈ mean_i Σ_k w_ik log(K_i w_ik)
+    ess: jnp.ndarray  # scalar: mean over prompts of (1/Σ_k w_ik²) / K_i, in (0, 1]; small = few samples carry π_λ
+
+
+class DualResult(NamedTuple):
+    """λ* and its certificate. Field names follow scipy.optimize.OptimizeResult where one exists.
+
+    x [m] λ*; fun D̂(λ*); jac [m] ∇D̂(λ*) (= predicted improvement − margin); hess [m, m]; nit Newton
+    iterations; nfev fused passes; status (a `Status` code); kkt_residual max_j |min(λ_j, ∇_j D̂)|; active [m]
+    (λ_j > 0); min_eig / cond: least eigenvalue and condition number of the Hessian on the active set (the
+    strong-convexity certificate; of the full Hessian when no constraint is active); reach [m]: the largest
+    improvement any policy supported on the samples reaches in each constraint alone; slope: the dual's
+    recession slope along λ/|λ| (negative certifies infeasibility); predicted: the outcome of π_λ*.
+    """
+
+    x: jnp.ndarray
+    fun: jnp.ndarray
+    jac: jnp.ndarray
+    hess: jnp.ndarray
+    nit: jnp.ndarray
+    nfev: jnp.ndarray
+    status: jnp.ndarray
+    kkt_residual: jnp.ndarray
+    active: jnp.ndarray
+    min_eig: jnp.ndarray
+    cond: jnp.ndarray
+    reach: jnp.ndarray
+    slope: jnp.ndarray
+    predicted: Predicted
+
+    @property
+    def success(self):
+        return self.status == Status.CONVERGED
+
+    @property
+    def message(self) -> str:
+        """Human message for a single (non-vmapped) result; call outside jit."""
+        return MESSAGES[Status(int(np.asarray(self.status)))]

@@ -1,0 +1,123 @@
+"""The offline scores container: N prompts × up to K responses × (reward, m utilities), padded and masked.
+
+Ragged K_i are the normal case (DESIGN §2): responses beyond K_i are padding, marked False in `mask`. Prompts
+carry a non-negative `weight` (1 for a real prompt, 0 for padding) so that chunking can pad N and a prompt
+bootstrap can resample by reweighting, both without changing shapes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from can_jax.errors import ScoresFormatError
+
+
+class Scores(NamedTuple):
+    """Scored samples from π_ref. A NamedTuple, hence a PyTree: pass it through jit/vmap/scan freely.
+
+    Attributes:
+      reward:  [N, K] reward r_ik (any value where mask is False).
+      utility: [N, K, m] utilities g_ik (higher = safer).
+      mask:    [N, K] bool, True for a real response.
+      weight:  [N] prompt weights (1 = real prompt, 0 = padding; bootstrap multiplicities otherwise).
+    """
+
+    reward: jnp.ndarray
+    utility: jnp.ndarray
+    mask: jnp.ndarray
+    weight: jnp.ndarray
+
+    @property
+    def n_prompts(self) -> int:
+        return self.reward.shape[0]
+
+    @property
+    def n_constraints(self) -> int:
+        return self.utility.shape[-1]
+
+
+def from_padded(reward, utility, mask=None, weight=None, dtype=None) -> Scores:
+    """Builds `Scores` from padded arrays: reward [N, K], utility [N, K, m] (or [N, K] for m = 1).
+
+    `mask` defaults to all True, `weight` to all ones. Entries where mask is False are zeroed so that padding
+    never injects NaN into a masked reduction.
+    """
+    reward = np.asarray(reward)
+    utility = np.asarray(utility)
+    if utility.ndim == 2:
+        utility = utility[..., None]
+    if reward.ndim != 2 or utility.ndim != 3 or utility.shape[:2] != reward.shape:
+        raise ScoresFormatError(f"expected reward [N, K] and utility [N, K, m]; got {reward.shape} and {utility.shape}")
+    mask = np.ones(reward.shape, bool) if mask is None else np.asarray(mask, bool)
+    if mask.shape != reward.shape:
+        raise ScoresFormatError(f"mask shape {mask.shape} does not match reward shape {reward.shape}")
+    weight = np.ones(reward.shape[0]) if weight is None else np.asarray(weight, float)
+    if dtype is None:
+        dtype = jnp.result_type(float)  # float64 when x64 is enabled, else float32
+    reward = np.where(mask, reward, 0.0)
+    utility = np.where(mask[..., None], utility, 0.0)
+    return Scores(
+        reward=jnp.asarray(reward, dtype),
+        utility=jnp.asarray(utility, dtype),
+        mask=jnp.asarray(mask),
+        weight=jnp.asarray(weight, dtype),
+    )
+
+
+def from_long(prompt_index, reward, utility, dtype=None, max_responses: int | None = None) -> Scores:
+    """Builds `Scores` from long format, one row per response (DESIGN §6).
+
+    Args:
+      prompt_index: [R] integer prompt ids 0..N-1 (e.g. from `np.unique(..., return_inverse=True)`).
+      reward: [R] rewards.  utility: [R, m] (or [R]) utilities.
+      max_responses: K; defaults to the largest group size.
+    Rows keep their order within each prompt.
+    """
+    prompt_index = np.asarray(prompt_index)
+    reward = np.asarray(reward)
+    utility = np.asarray(utility)
+    if utility.ndim == 1:
+        utility = utility[:, None]
+    rows = prompt_index.shape[0]
+    if reward.shape != (rows,) or utility.shape[0] != rows:
+        raise ScoresFormatError(f"expected {rows} rewards and utilities, got {reward.shape} and {utility.shape}")
+    if rows == 0:
+        raise ScoresFormatError("the scores table has no rows")
+    n = int(prompt_index.max()) + 1
+    counts = np.bincount(prompt_index, minlength=n)
+    k = int(counts.max()) if max_responses is None else int(max_responses)
+    if counts.max() > k:
+        raise ScoresFormatError(f"a prompt has {counts.max()} responses, more than K={k}")
+    order = np.argsort(prompt_index, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.arange(rows) - starts[prompt_index[order]]  # position of each sorted row within its prompt
+    m = utility.shape[1]
+    r_pad = np.zeros((n, k), reward.dtype)
+    g_pad = np.zeros((n, k, m), utility.dtype)
+    mask = np.zeros((n, k), bool)
+    pid = prompt_index[order]
+    r_pad[pid, slot] = reward[order]
+    g_pad[pid, slot] = utility[order]
+    mask[pid, slot] = True
+    return from_padded(r_pad, g_pad, mask, weight=(counts > 0).astype(float), dtype=dtype)
+
+
+def pad_prompts(scores: Scores, block: int) -> Scores:
+    """Pads N up to a multiple of `block` with zero-weight, all-masked prompts (jit-friendly, static shapes)."""
+    n = scores.reward.shape[0]
+    extra = (-n) % block
+    if extra == 0:
+        return scores
+
+    def pad(x):
+        return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
+
+    return Scores(*(pad(x) for x in scores))
+
+
+def response_counts(scores: Scores) -> jnp.ndarray:
+    """K_i: [N] number of real responses per prompt."""
+    return scores.mask.sum(axis=1)
