@@ -1,9 +1,12 @@
 """Projected Newton for λ* = argmin_{λ≥0} D̂(λ) (DESIGN §2), as one `lax.while_loop`: jit- and vmap-able.
 
 Bertsekas' two-metric projection: coordinates at the bound with a positive gradient (ε-active) take a scaled
-gradient step, the free ones a Newton step on the free block of the Hessian; an Armijo backtracking search
-runs along the projected arc max(0, λ + α d). Each trial point is evaluated with the fused value+gradient+Hessian
-pass, so an accepted step costs exactly one pass over the data.
+gradient step, the free ones a Newton step on the free block of the Hessian, and the step is projected onto
+λ ≥ 0. Steps are damped Levenberg-Marquardt style (H + μI) and μ is raised until the Armijo condition holds:
+a small β makes D̂ nearly piecewise linear with a vanishing Hessian away from its kinks, where plain
+backtracking along an astronomically long Newton step fails. μ shrinks 8x after each accepted step, so the
+iteration becomes pure Newton (quadratic) near λ*. Each trial is evaluated with the fused
+value+gradient+Hessian pass, so an accepted step costs exactly one pass over the data.
 
 Before iterating, each margin is checked against its reach (the largest improvement a policy supported on the
 samples can make in that constraint alone); margins at or beyond it are infeasible at once. Jointly
@@ -29,13 +32,14 @@ from can_jax.result import DualResult, Status
 from can_jax.scores import Scores
 
 ARMIJO = 1e-4
-MAX_HALVINGS = 60
+MAX_TRIES = 80  # damping increases per iteration (4^80: any step is short enough by then)
 LAM_MAX = 1e12  # beyond this λ is unbounded for any scores of sane magnitude (checked by the recession slope)
 
 
 class _State(NamedTuple):
     lam: jnp.ndarray
     ev: DualEval
+    mu: jnp.ndarray  # Levenberg-Marquardt damping carried between iterations
     nit: jnp.ndarray
     nfev: jnp.ndarray
     status: jnp.ndarray
@@ -46,8 +50,8 @@ def default_tol(dtype) -> float:
     return 1e-9 if jnp.dtype(dtype) == jnp.float64 else 1e-5
 
 
-def _direction(lam, ev: DualEval, eps):
-    """Two-metric projected Newton direction. Returns d [m]."""
+def _direction(lam, ev: DualEval, eps, mu):
+    """Two-metric projected Newton direction, damped by μ (Levenberg-Marquardt). Returns d [m]."""
     g, h = ev.grad, ev.hess
     fixed = (lam <= eps) & (g > 0)
     free = ~fixed
@@ -55,10 +59,10 @@ def _direction(lam, ev: DualEval, eps):
     diag = jnp.diag(h)
     scale = jnp.maximum(jnp.max(jnp.abs(diag)), jnp.finfo(h.dtype).tiny)
     # A tiny relative ridge keeps the solve defined when a utility barely varies (singular free block).
-    ridge = 1e-12 * scale
+    ridge = 1e-12 * scale + mu
     h_free = jnp.where(both, h, 0.0) + jnp.diag(jnp.where(free, ridge, 1.0))
     d_free = -jnp.linalg.solve(h_free, jnp.where(free, g, 0.0))
-    d_fixed = -g / jnp.where(diag > ridge, diag, scale)
+    d_fixed = -g / (jnp.where(diag > 0, diag, 0.0) + ridge)
     return jnp.where(free, d_free, d_fixed)
 
 
@@ -72,31 +76,32 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int) -> _State:
     def body(st: _State):
         lam, ev = st.lam, st.ev
         res = kkt_residual(lam, ev.grad)
-        d = _direction(lam, ev, jnp.minimum(res, 1e-3))
-
-        def trial(alpha):
-            new = jnp.maximum(lam + alpha * d, 0.0)
-            return new, evaluate(new)
-
+        eps = jnp.minimum(res, 1e-3)
         # Near λ* a Newton step lowers D̂ by ~|∇D̂|²/H, far below the rounding of D̂ itself; without this
         # allowance Armijo then rejects good steps at random (seen under vmap, whose sums round differently).
         noise = 64 * jnp.finfo(lam.dtype).eps * (1.0 + jnp.abs(ev.value))
 
-        def not_enough(c):
-            alpha, new, ev_new, k = c
+        def trial(mu):
+            new = jnp.maximum(lam + _direction(lam, ev, eps, mu), 0.0)
+            return new, evaluate(new)
+
+        def rejected(c):
+            mu, new, ev_new, k = c
             decrease = ev.value + ARMIJO * ev.grad @ (new - lam) + noise
             bad = ~(ev_new.value <= decrease) | ~jnp.isfinite(ev_new.value)
-            return bad & (k < MAX_HALVINGS)
+            return bad & (k < MAX_TRIES)
 
-        def halve(c):
-            alpha, _, _, k = c
-            new, ev_new = trial(alpha / 2)
-            return alpha / 2, new, ev_new, k + 1
+        def damp(c):
+            # Where D̂ is nearly flat (small β: weights almost one-hot, Hessian ~ 0) the Newton step is absurdly
+            # long; the first increase makes it a unit-length gradient step, later ones shorten it 4x each.
+            mu, _, _, k = c
+            mu = jnp.maximum(4.0 * mu, jnp.max(jnp.abs(ev.grad)))
+            new, ev_new = trial(mu)
+            return mu, new, ev_new, k + 1
 
-        one = jnp.ones((), lam.dtype)
-        new, ev_new = trial(one)
-        alpha, new, ev_new, k = jax.lax.while_loop(not_enough, halve, (one, new, ev_new, 0))
-        accepted = k < MAX_HALVINGS
+        new, ev_new = trial(st.mu)
+        mu, new, ev_new, k = jax.lax.while_loop(rejected, damp, (st.mu, new, ev_new, 0))
+        accepted = k < MAX_TRIES
         lam_next = jnp.where(accepted, new, lam)
         ev_next = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), ev_new, ev)
         res_next = kkt_residual(lam_next, ev_next.grad)
@@ -110,16 +115,10 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int) -> _State:
                 ~accepted,
                 nit >= max_iter,
             ],
-            [
-                Status.NONFINITE,
-                Status.CONVERGED,
-                Status.DIVERGED,
-                Status.PRECISION,
-                Status.MAX_ITER,
-            ],
+            [Status.NONFINITE, Status.CONVERGED, Status.DIVERGED, Status.PRECISION, Status.MAX_ITER],
             Status.RUNNING,
         )
-        return _State(lam_next, ev_next, nit, st.nfev + k + 1, status)
+        return _State(lam_next, ev_next, mu / 8.0, nit, st.nfev + k + 1, status)
 
     ev0 = evaluate(lam0)
     res0 = kkt_residual(lam0, ev0.grad)
@@ -128,7 +127,8 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int) -> _State:
         Status.NONFINITE,
         jnp.where(res0 <= tol, Status.CONVERGED, Status.RUNNING),
     )
-    st = _State(lam0, ev0, jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), status0)
+    zero = jnp.zeros((), jnp.int32)
+    st = _State(lam0, ev0, jnp.zeros((), lam0.dtype), zero, zero + 1, status0)
     return jax.lax.while_loop(cond, body, st)
 
 

@@ -1,0 +1,43 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def make_groups(seed: int, n: int, k_max: int, m: int, k_min: int = 2, rho: float = -0.5, offset: float = 20.0):
+    """A ragged problem as plain lists: [(r_i [K_i], G_i [K_i, m])], reward trading off against utilities."""
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in range(n):
+        k = int(rng.integers(k_min, k_max + 1))
+        h = rng.normal(size=k)
+        r = offset + 3.0 * h + 0.5 * rng.normal(size=k) + 2.0 * rng.normal()
+        g = rho * h[:, None] + np.sqrt(1 - rho**2) * rng.normal(size=(k, m)) + rng.normal(size=m)
+        groups.append((r, g))
+    return groups
+
+
+def groups_to_scores(groups, k: int | None = None, dtype=None):
+    from can_jax.scores import from_long
+
+    idx = np.concatenate([np.full(len(r), i) for i, (r, _) in enumerate(groups)])
+    r = np.concatenate([r for r, _ in groups])
+    g = np.concatenate([g for _, g in groups])
+    return from_long(idx, r, g, dtype=dtype, max_responses=k)
+
+
+@pytest.fixture(scope="session")
+def small_groups():
+    return make_groups(0, 60, 8, 3)
+
+
+@pytest.fixture(scope="session")
+def small_scores(small_groups):
+    return groups_to_scores(small_groups)
