@@ -4,9 +4,8 @@ reachability of the margins, the recession slope that certifies infeasibility, a
 from __future__ import annotations
 
 import jax.numpy as jnp
-from jax.scipy.special import xlogy
 
-from can_jax.dual import block_sum, prompt_terms
+from can_jax.dual import _pass_blocks, block_sum
 from can_jax.result import Predicted
 from can_jax.scores import Scores
 
@@ -73,18 +72,8 @@ def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray) -> j
 def predicted_outcome(lam: jnp.ndarray, blocks: Scores, beta) -> Predicted:
     """Reward gain, utility gains, KL(π_λ‖π_ref) and effective sample fraction of π_λ on the samples."""
     m = blocks.utility.shape[-1]
-
-    def terms(block: Scores):
-        t = prompt_terms(lam, block, jnp.zeros((m,), block.reward.dtype), beta, 1)
-        wt = jnp.where(t.valid, block.weight, 0.0)
-        k = jnp.maximum(block.mask.sum(axis=1), 1).astype(block.reward.dtype)
-        r_gain = (t.w * block.reward).sum(axis=1) - block.reward.sum(axis=1) / k
-        kl = xlogy(t.w, t.w * k[:, None]).sum(axis=1)
-        ess = 1.0 / jnp.maximum((t.w**2).sum(axis=1), 1e-300) / k
-        return wt.sum(), wt @ r_gain, wt @ t.grad, wt @ kl, wt @ ess
-
-    tot, r_gain, g_gain, kl, ess = block_sum(terms, blocks)
-    return Predicted(r_gain / tot, g_gain / tot, kl / tot, ess / tot)
+    ev = _pass_blocks(lam, blocks, jnp.zeros((m,), blocks.reward.dtype), beta, 1, predict=True)
+    return Predicted(ev.reward_gain, ev.grad, ev.kl, ev.ess)
 
 
 def infeasibility_message(result, names: list[str], margins) -> str:

@@ -20,19 +20,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from can_jax.certify import (
-    edge_gains,
-    kkt_residual,
-    predicted_outcome,
-    recession_slope,
-    reduced_eigs,
-)
+from can_jax.certify import kkt_residual, predicted_outcome, recession_slope, reduced_eigs
 from can_jax.dual import DualEval, _pass_blocks, to_blocks
 from can_jax.result import DualResult, Status
 from can_jax.scores import Scores
 
 ARMIJO = 1e-4
 MAX_TRIES = 80  # damping increases per iteration (4^80: any step is short enough by then)
+WARM_STRIDE = 16
+WARM_MIN_BLOCKS = 64
 LAM_MAX = 1e12  # beyond this λ is unbounded for any scores of sane magnitude (checked by the recession slope)
 
 
@@ -67,8 +63,8 @@ def _direction(lam, ev: DualEval, eps, mu):
 
 
 def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int) -> _State:
-    def evaluate(lam):
-        return _pass_blocks(lam, blocks, margins, beta, 2)
+    def evaluate(lam, reach=False):
+        return _pass_blocks(lam, blocks, margins, beta, 2, reach=reach)
 
     def cond(st: _State):
         return st.status == Status.RUNNING
@@ -103,7 +99,7 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int) -> _State:
         mu, new, ev_new, k = jax.lax.while_loop(rejected, damp, (st.mu, new, ev_new, 0))
         accepted = k < MAX_TRIES
         lam_next = jnp.where(accepted, new, lam)
-        ev_next = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), ev_new, ev)
+        ev_next = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), ev_new, ev)._replace(reach=ev.reach)
         res_next = kkt_residual(lam_next, ev_next.grad)
         nit = st.nit + 1
         finite = jnp.isfinite(ev_next.value) & jnp.all(jnp.isfinite(ev_next.grad))
@@ -120,12 +116,13 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int) -> _State:
         )
         return _State(lam_next, ev_next, mu / 8.0, nit, st.nfev + k + 1, status)
 
-    ev0 = evaluate(lam0)
+    ev0 = evaluate(lam0, reach=True)  # the first pass also measures each constraint's reach
     res0 = kkt_residual(lam0, ev0.grad)
-    status0 = jnp.where(
-        ~jnp.isfinite(ev0.value),
-        Status.NONFINITE,
-        jnp.where(res0 <= tol, Status.CONVERGED, Status.RUNNING),
+    out_of_reach = jnp.any(margins >= ev0.reach - 1e-12 * (1.0 + jnp.abs(ev0.reach)))
+    status0 = jnp.select(
+        [~jnp.isfinite(ev0.value), out_of_reach, res0 <= tol],
+        [Status.NONFINITE, Status.INFEASIBLE, Status.CONVERGED],
+        Status.RUNNING,
     )
     zero = jnp.zeros((), jnp.int32)
     st = _State(lam0, ev0, jnp.zeros((), lam0.dtype), zero, zero + 1, status0)
@@ -140,6 +137,7 @@ def solve_dual(
     tol: float | None = None,
     max_iter: int = 100,
     block: int | None | str = "auto",
+    warm_start: bool = True,
 ) -> DualResult:
     """Solves min_{λ≥0} D̂(λ) by projected Newton and certifies the answer.
 
@@ -151,6 +149,7 @@ def solve_dual(
       tol: KKT residual tolerance (default 1e-9 in float64, 1e-5 in float32).
       max_iter: Newton iteration limit (static).
       block: prompts per scan block (static), see `dual_pass`.
+      warm_start: on large data (≥ 64 blocks), start from the solution on 1/16 of the prompts (static).
     Returns:
       `DualResult`. Infeasible margins give status INFEASIBLE (never a silently huge λ).
     """
@@ -162,13 +161,18 @@ def solve_dual(
     lam0 = jnp.zeros((m,), dtype) if lam0 is None else jnp.maximum(jnp.asarray(lam0, dtype), 0.0)
     blocks = to_blocks(scores, block)
 
-    reach = edge_gains(blocks, jnp.eye(m, dtype=dtype))
-    # A margin at its reach (up to rounding) is only approached as λ → ∞: out of reach as well.
-    out_of_reach = margins >= reach - 1e-12 * (1.0 + jnp.abs(reach))
+    n_blocks = blocks.reward.shape[0]
+    if warm_start and n_blocks >= WARM_MIN_BLOCKS:
+        # Solve first on every WARM_STRIDE-th block of prompts (1/16 of the data, at 1/16 of the cost per pass):
+        # its λ* is within sampling error of the full one, from where full-data Newton needs ~3 passes, not ~6.
+        sub = jax.tree.map(lambda x: x[::WARM_STRIDE], blocks)
+        st_sub = _newton(sub, margins, beta, lam0, jnp.maximum(tol, 1e-6), max_iter)
+        lam0 = jnp.where(st_sub.status == Status.CONVERGED, st_sub.lam, lam0)
+    # Margins at or beyond their reach (up to rounding) are only approached as λ → ∞: `_newton` stops at once.
     st = _newton(blocks, margins, beta, lam0, tol, max_iter)
-    slope = recession_slope(blocks, st.lam, margins)
-    unbounded = jnp.any(out_of_reach) | ((st.status == Status.DIVERGED) & (slope < 0))
-    status = jnp.where(unbounded, Status.INFEASIBLE, st.status)
+    diverged = st.status == Status.DIVERGED
+    slope = jax.lax.cond(diverged, lambda: recession_slope(blocks, st.lam, margins), lambda: jnp.zeros((), dtype))
+    status = jnp.where(diverged & (slope < 0), Status.INFEASIBLE, st.status)
 
     lam = st.lam
     active = lam > 0
@@ -185,10 +189,10 @@ def solve_dual(
         active=active,
         min_eig=min_eig,
         cond=cond,
-        reach=reach,
+        reach=st.ev.reach,
         slope=slope,
         predicted=predicted_outcome(lam, blocks, beta),
     )
 
 
-solve_dual_jit = jax.jit(solve_dual, static_argnames=("max_iter", "block"))
+solve_dual_jit = jax.jit(solve_dual, static_argnames=("max_iter", "block", "warm_start"))

@@ -16,7 +16,7 @@ def _table(n=5, k=3, seed=0):
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
-        for j in range(k - (i % 2)):  # ragged: 3, 2, 3, 2, ...
+        for _ in range(k - (i % 2)):  # ragged: 3, 2, 3, 2, ...
             rows.append({"prompt_id": f"p{i}", "prompt": f"question {i}", "r": rng.normal(), "safe": rng.normal(),
                          "harm": rng.normal()})  # fmt: skip
     return pa.Table.from_pylist(rows)

@@ -190,3 +190,18 @@ def test_lambda_monotone_in_margin_for_one_constraint(margins):
         assert res.status == Status.CONVERGED
         lams.append(float(res.x[0]))
     assert all(a <= b + 1e-9 for a, b in zip(lams, lams[1:]))
+
+
+def test_warm_start_on_a_subsample_reaches_the_same_lambda():
+    """With ≥ 64 blocks the solver first solves on 1/16 of the prompts; the answer must not change."""
+    groups = make_groups(12, 1200, 8, 3)
+    sc = groups_to_scores(groups)
+    cold = solve_dual(sc, jnp.asarray(MARGINS), 1.0, block=8, warm_start=False)
+    warm = solve_dual(sc, jnp.asarray(MARGINS), 1.0, block=8, warm_start=True)
+    assert cold.status == warm.status == Status.CONVERGED
+    np.testing.assert_allclose(warm.x, cold.x, rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(warm.x, ref_solve_lbfgsb(groups, MARGINS, 1.0), atol=1e-6)
+    assert warm.nit < cold.nit  # the full-data Newton starts close to λ*
+    # Margins out of reach on the subsample and on the full data: still reported, not hidden by the warm start.
+    far = solve_dual(sc, jnp.array([50.0, 0.1, -1.0]), 1.0, block=8, warm_start=True)
+    assert far.status == Status.INFEASIBLE
