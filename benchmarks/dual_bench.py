@@ -272,8 +272,7 @@ def main():
     ap.add_argument("--no-cli", action="store_true", help="skip the `can dual` end-to-end timing")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
-    gpu = jax.default_backend() == "gpu"
-    block = None if gpu else "auto"  # one block on GPU; ~3 MB blocks on CPU
+    block = "auto"  # ~3 MB blocks on CPU, one big block on GPU
     cases = QUICK if args.quick else FULL
     info = machine()
     print("machine:", info, flush=True)
@@ -304,7 +303,7 @@ def main():
         rows.append(row)
         if (case.n, case.k, case.m) in ((100_000, 64, 4), (20_000, 64, 4)):
             n, k, m = case.n, case.k, case.m
-            tries = [None] if gpu else [auto_block(n, k, m), 250, 1000 if n % 1000 == 0 else None, None]
+            tries = [auto_block(n, k, m), 250, 1000 if n % 1000 == 0 else None, None]
             passes = fused_pass(sc, margins, list(dict.fromkeys(tries)))
             best = min(passes.values())
             roofline = {"case": f"N={n} K={k} m={m}", "bytes": nbytes, "bandwidth_GBps": bw,

@@ -132,12 +132,18 @@ def _pass_blocks(
     return DualEval(**{k: v / tot for k, v in acc.items()})
 
 
-def auto_block(n: int, k: int, m: int) -> int:
-    """Prompts per scan step so that one block of scores is ~3 MB (stays in cache; measured best on CPU).
+def auto_block(n: int, k: int, m: int, backend: str | None = None) -> int:
+    """Prompts per scan step.
 
-    Prefers a divisor of N near that size: padding N costs a copy of the whole table on every call.
+    CPU: ~3 MB of scores per block, so a block stays in cache (measured best); a divisor of N near that size is
+    preferred, since padding N costs a copy of the whole table on every call. GPU/TPU: blocks of up to 2^26
+    values — usually one block, which is what a GPU wants; the cap bounds the temporaries for huge N.
     """
-    target = int(max(8, min(n, 393_216 // (k * (m + 2)))))
+    backend = jax.default_backend() if backend is None else backend
+    budget = 393_216 if backend == "cpu" else 1 << 26
+    target = int(max(8, min(n, budget // (k * (m + 2)))))
+    if target >= n:
+        return n
     for b in range(target, max(1, target // 2) - 1, -1):
         if n % b == 0:
             return b
@@ -147,7 +153,7 @@ def auto_block(n: int, k: int, m: int) -> int:
 def to_blocks(scores: Scores, block: int | None | str = "auto") -> Scores:
     """Reshapes N prompts into [C, B, ...] blocks, padding N with zero-weight prompts.
 
-    block: prompts per block; "auto" picks ~3 MB blocks (CPU), None one single block (GPU).
+    block: prompts per block; "auto" picks ~3 MB blocks on CPU and one big block on GPU; None is one block.
     """
     n, k, m = scores.utility.shape
     if block == "auto":
