@@ -99,7 +99,37 @@ def build_certificate(
         "dtype": dtype,
         "data": data,
     }
-    return _clean(cert)
+    cert = _clean(cert)
+    cert["diagnostics"] = diagnose(cert)
+    return cert
+
+
+ESS_WARN = 0.05
+COND_WARN = 1e8
+
+
+def diagnose(cert: dict) -> list[str]:
+    """Plain-language warnings about a certificate's reliability (DESIGN §2: degenerate data gets a diagnostic)."""
+    notes = []
+    for c in cert["constraints"]:
+        if c["reach"] is not None and abs(c["reach"]) <= 1e-12:
+            notes.append(
+                f"{c['name']!r} does not vary within any prompt: the samples cannot show how a policy changes it"
+            )
+    one = cert["data"].get("prompts_with_one_response", 0)
+    if one:
+        notes.append(f"{one} prompt(s) have a single response and carry no information about reweighting")
+    ess = cert["predicted"].get("ess_fraction")
+    if ess is not None and ess < ESS_WARN:
+        notes.append(
+            f"π_λ* rests on few samples (effective sample fraction {ess:.3f}): predicted gains are noisy; sample "
+            "more responses per prompt or use a larger β"
+        )
+    cond = cert.get("hessian_condition")
+    if cond is None or cond > COND_WARN:
+        if any(c["active"] for c in cert["constraints"]):
+            notes.append("the dual is ill-conditioned on the active constraints: λ* is poorly determined")
+    return notes
 
 
 def write_certificate(path: str | os.PathLike, cert: dict) -> Path:

@@ -132,6 +132,7 @@ def _console():
 
 
 def _print_certificate(cert: dict, title: str):
+    from rich.markup import escape
     from rich.table import Table
 
     console = _console()
@@ -144,7 +145,7 @@ def _print_certificate(cert: dict, title: str):
 
     for c in cert["constraints"]:
         table.add_row(
-            c["name"],
+            escape(c["name"]),
             c["kind"],
             num(c["margin"]),
             num(c["lambda"]),
@@ -166,6 +167,8 @@ def _print_certificate(cert: dict, title: str):
         f"data: {d['n_prompts']} prompts, {d['n_responses']} responses"
         + (f", {d['dropped_rows']} bad rows dropped" if d.get("dropped_rows") else "")
     )
+    for note in cert.get("diagnostics", []):
+        console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
 def _solve_and_certify(loaded, beta, tol, max_iter, se, data):
@@ -331,19 +334,21 @@ def sweep(
             }
         )
     if not no_plot:
-        _plot_sweep(plot, name, names, grid_values, lam, gains, res, ok)
+        labels = [f"{n} (−cost)" if kd == "cost" else n for n, kd in zip(names, loaded.kinds)]
+        _plot_sweep(plot, name, labels, grid_values, lam, gains, res, ok)
     if json_out:
         import json
 
         typer.echo(json.dumps({"vary": name, "beta": beta, "points": rows}, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"λ*(b) sweeping the margin of {name!r} (β = {beta:g})")
-    table.add_column(f"b[{name}]", justify="right")
+    table.add_column(escape(f"b[{name}]"), justify="right")
     table.add_column("status")
     for n in names:
-        table.add_column(f"λ*[{n}]", justify="right")
+        table.add_column(escape(f"λ*[{n}]"), justify="right")
     table.add_column("reward gain", justify="right")
     table.add_column("KL", justify="right")
     for i, row in enumerate(rows):

@@ -115,3 +115,20 @@ def test_atomic_write_and_certificate_checks(tmp_path):
     with pytest.raises(CanError, match="did not converge"):
         read_certificate(p)
     assert read_certificate(p, require_converged=False)["format_version"] == 1
+
+
+def test_diagnostics_flag_unreliable_certificates():
+    from bridge.certificate import diagnose
+
+    cert = {
+        "constraints": [{"name": "flat", "reach": 0.0, "active": False}, {"name": "ok", "reach": 1.0, "active": True}],
+        "data": {"prompts_with_one_response": 3},
+        "predicted": {"ess_fraction": 0.01},
+        "hessian_condition": None,
+    }
+    notes = " | ".join(diagnose(cert))
+    assert "'flat' does not vary" in notes and "3 prompt(s)" in notes and "few samples" in notes
+    assert "ill-conditioned" in notes
+    cert.update(data={}, predicted={"ess_fraction": 0.5}, hessian_condition=3.0)
+    cert["constraints"] = cert["constraints"][1:]
+    assert diagnose(cert) == []
