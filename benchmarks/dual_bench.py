@@ -282,7 +282,7 @@ def main():
     for case in cases:
         sc = jax.block_until_ready(synthetic_scores(jax.random.key(0), case.n, case.k, case.m, rho=-0.5))
         margins = margins_for(case.m)
-        nbytes = sum(x.nbytes for x in sc)
+        nbytes = sum(x.nbytes for x in jax.tree.leaves(sc))
         row = Row(case.n, case.k, case.m, round(nbytes / 1e6, 1))
         ref = NumpyDual(sc, margins, BETA)
         x, sec, extra = run_ours(sc, margins, case.reps, block)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from can_jax.dual import _pass_blocks, block_sum
+from can_jax.numerics import masked_log_softmax
 from can_jax.result import Predicted
 from can_jax.scores import Scores
 
@@ -36,8 +37,11 @@ def _max_and_mean(block: Scores, u: jnp.ndarray):
     proj = jnp.einsum("nkj,jq->nkq", block.utility, u)
     mask = block.mask[..., None]
     top = jnp.max(jnp.where(mask, proj, -jnp.inf), axis=1)
-    k = jnp.maximum(block.mask.sum(axis=1), 1)[:, None]
-    return top, proj.sum(axis=1) / k
+    if block.log_prior is None:
+        k = jnp.maximum(block.mask.sum(axis=1), 1)[:, None]
+        return top, proj.sum(axis=1) / k
+    _, p = masked_log_softmax(block.log_prior, block.mask)
+    return top, jnp.einsum("nk,nkq->nq", p, proj)
 
 
 def edge_gains(blocks: Scores, u: jnp.ndarray) -> jnp.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,12 +24,16 @@ class Scores(NamedTuple):
       utility: [N, K, m] utilities g_ik (higher = safer).
       mask:    [N, K] bool, True for a real response.
       weight:  [N] prompt weights (1 = real prompt, 0 = padding; bootstrap multiplicities otherwise).
+      log_prior: optional [N, K] log base weights of the responses. None (the offline-samples case): each of the
+        K_i samples counts 1/K_i. Given: response k counts p_ik ∝ exp(log_prior_ik) — with log π_ref and every
+        response of a finite world, the dual is the exact population dual (DESIGN §2 with E_ref computed).
     """
 
     reward: jnp.ndarray
     utility: jnp.ndarray
     mask: jnp.ndarray
     weight: jnp.ndarray
+    log_prior: jnp.ndarray | None = None
 
     @property
     def n_prompts(self) -> int:
@@ -39,7 +44,7 @@ class Scores(NamedTuple):
         return self.utility.shape[-1]
 
 
-def from_padded(reward, utility, mask=None, weight=None, dtype=None) -> Scores:
+def from_padded(reward, utility, mask=None, weight=None, dtype=None, log_prior=None) -> Scores:
     """Builds `Scores` from padded arrays: reward [N, K], utility [N, K, m] (or [N, K] for m = 1).
 
     `mask` defaults to all True, `weight` to all ones. Entries where mask is False are zeroed so that padding
@@ -60,11 +65,14 @@ def from_padded(reward, utility, mask=None, weight=None, dtype=None) -> Scores:
     if not mask.all():
         reward = np.where(mask, reward, 0.0)
         utility = np.where(mask[..., None], utility, 0.0)
+    if log_prior is not None:
+        log_prior = jnp.asarray(np.where(mask, np.asarray(log_prior), 0.0), dtype)
     return Scores(
         reward=jnp.asarray(reward, dtype),
         utility=jnp.asarray(utility, dtype),
         mask=jnp.asarray(mask),
         weight=jnp.asarray(weight, dtype),
+        log_prior=log_prior,
     )
 
 
@@ -124,7 +132,7 @@ def pad_prompts(scores: Scores, block: int) -> Scores:
     def pad(x):
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
 
-    return Scores(*(pad(x) for x in scores))
+    return jax.tree.map(pad, scores)
 
 
 def response_counts(scores: Scores) -> jnp.ndarray:

@@ -1,0 +1,103 @@
+"""Iterative primal-dual baselines on the same policy class as one-shot CAN (issue #3).
+
+(a) `gda`: gradient descent-ascent on the Lagrangian, Safe-RLHF style — policy steps on E_π[r + λᵀg] − β KL,
+    and every `delay` steps a projected λ step from the measured constraint slack, λ ← max(0, λ − η(gain − b)).
+(b) `cdpo`: C-DPO style outer dual ascent — for each λ iterate, re-align with DPO on labels from r + λᵀg, then
+    step λ on the aligned policy's constraint slack.
+Both measure constraints exactly in the world (a generous baseline: a real run pays sampling and scoring).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from can_jax.policy import init_policy, lagrangian, make_pairs, policy_log_probs, train_dpo
+from can_jax.worlds import Samples, World, evaluate_policy, kl_between
+
+
+class Trace(NamedTuple):
+    """One row per recorded point: the policy-gradient steps spent so far and the exact state then."""
+
+    steps: jnp.ndarray  # [T] cumulative policy-gradient steps (the compute unit)
+    lam: jnp.ndarray  # [T, m]
+    violation: jnp.ndarray  # [T] max_j (b_j − gain_j)_+
+    reward_gain: jnp.ndarray  # [T]
+    kl_to_opt: jnp.ndarray  # [T] KL(π ‖ π*)
+
+
+def _record(world, log_opt, beta, kind):
+    def rec(params):
+        log_pi = policy_log_probs(params, world, kind)
+        out = evaluate_policy(world, log_pi, beta)
+        return out.violation, out.reward_gain, kl_between(log_pi, log_opt), out.utility_gain
+
+    return rec
+
+
+def gda(
+    world: World,
+    beta,
+    log_opt: jnp.ndarray,
+    steps: int,
+    lr_policy: float = 0.05,
+    lr_lambda: float = 0.5,
+    delay: int = 1,
+    kind: str = "tabular",
+    key: jax.Array | None = None,
+) -> Trace:
+    """Gradient descent-ascent for `steps` policy steps; λ moves every `delay` steps. log_opt: log π* [P, Y]."""
+    params = init_policy(jax.random.key(0) if key is None else key, world, kind)
+    m = world.margins.shape[0]
+    opt = optax.adam(lr_policy)
+    rec = _record(world, log_opt, beta, kind)
+
+    def step(carry, t):
+        params, state, lam = carry
+        grads = jax.grad(lambda p: -lagrangian(p, world, lam, beta, kind))(params)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        viol, r_gain, kl, gain = rec(params)
+        lam_new = jnp.maximum(lam - lr_lambda * (gain - world.margins), 0.0)
+        lam = jnp.where((t + 1) % delay == 0, lam_new, lam)
+        return (params, state, lam), (lam, viol, r_gain, kl)
+
+    init = (params, opt.init(params), jnp.zeros((m,), world.reward.dtype))
+    _, (lam, viol, r_gain, kl) = jax.lax.scan(step, init, jnp.arange(steps))
+    return Trace(jnp.arange(1, steps + 1), lam, viol, r_gain, kl)
+
+
+def cdpo(
+    key: jax.Array,
+    world: World,
+    samples: Samples,
+    beta,
+    log_opt: jnp.ndarray,
+    outer: int,
+    inner_steps: int,
+    lr_policy: float = 0.05,
+    lr_lambda: float = 0.5,
+    mode: str = "soft",
+    pairs_per_prompt: int = 8,
+    kind: str = "tabular",
+    warm_start: bool = True,
+) -> Trace:
+    """`outer` rounds of (DPO for `inner_steps` at λ_t, then a λ step); one Trace row per round."""
+    m = world.margins.shape[0]
+    lam = jnp.zeros((m,), world.reward.dtype)
+    rec = _record(world, log_opt, beta, kind)
+    fresh = init_policy(jax.random.key(0), world, kind)
+    params = fresh
+    train = jax.jit(lambda p, pairs: train_dpo(p, world, pairs, beta, inner_steps, lr_policy, kind)[0])
+    rows = []
+    for t, k in enumerate(jax.random.split(key, outer)):
+        pairs = make_pairs(k, samples, lam, mode, pairs_per_prompt)
+        params = train(params if warm_start else fresh, pairs)
+        viol, r_gain, kl, gain = rec(params)
+        rows.append(((t + 1) * inner_steps, lam, viol, r_gain, kl))
+        lam = jnp.maximum(lam - lr_lambda * (gain - world.margins), 0.0)
+    cols = list(zip(*rows))
+    return Trace(*(jnp.stack([jnp.asarray(c) for c in col]) for col in cols))
