@@ -83,7 +83,10 @@ def prompt_terms(lam: jnp.ndarray, scores: Scores, margins: jnp.ndarray, beta, o
     if order == 0:
         zeros = jnp.zeros_like(g_ref)
         return PromptTerms(ell, zeros, w, zeros, valid, lse, k_safe, g_ref, log_norm, r_ref)
-    mu = jnp.einsum("nk,nkj->nj", w, utility)
+    if m == 1:  # XLA CPU runs a dot with a unit contraction-free axis ~3x slower than a plain reduction
+        mu = jnp.sum(w * utility[..., 0], axis=1, keepdims=True)
+    else:
+        mu = jnp.einsum("nk,nkj->nj", w, utility)
     grad = jnp.where(valid[:, None], mu - g_ref - margins, 0.0)
     return PromptTerms(ell, grad, w, mu, valid, lse, k_safe, g_ref, log_norm, r_ref)
 
@@ -122,8 +125,11 @@ def _pass_blocks(
             # Σ_i wt_i Σ_k w_ik d_ik d_ikᵀ with d centred in-prompt, as one Gram matrix of √(wt w)·d: a single
             # matmul over the block (measured ~2x faster than a three-operand einsum on CPU).
             d = block.utility - t.mu[:, None, :]
-            ds = (jnp.sqrt(wt[:, None] * t.w)[..., None] * d).reshape(-1, m)
-            out["hess"] = ds.T @ ds
+            if m == 1:
+                out["hess"] = jnp.sum(wt[:, None] * t.w * d[..., 0] ** 2).reshape(1, 1)
+            else:
+                ds = (jnp.sqrt(wt[:, None] * t.w)[..., None] * d).reshape(-1, m)
+                out["hess"] = ds.T @ ds
         if predict:
             # Predicted outcome from the same weights: KL_i = Σ_k w log(K w) = log K + Σ_k w s − lse, with
             # Σ_k w s = (Σ_k w r + λᵀ μ_i)/β, so no extra log per sample is needed.
