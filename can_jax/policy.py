@@ -94,6 +94,18 @@ def make_pairs(key: jax.Array, samples: Samples, lam: jnp.ndarray, mode: str, pa
     return Pairs(prompt.ravel(), a.ravel(), b.ravel(), target.ravel())
 
 
+def all_pairs(key: jax.Array, world: World, lam: jnp.ndarray, mode: str) -> Pairs:
+    """Every pair a < b of every prompt's responses, labelled from r + λᵀg: what infinitely many offline samples
+    give (the population regime, where only optimisation is left to compare)."""
+    p, y = world.reward.shape
+    a, b = jnp.triu_indices(y, 1)
+    s = world.reward + world.utility @ lam  # [P, Y]
+    target = pair_targets(key, s[:, a], s[:, b], mode)  # [P, Y(Y-1)/2]
+    prompt = jnp.broadcast_to(jnp.arange(p)[:, None], target.shape)
+    return Pairs(prompt.ravel(), jnp.broadcast_to(a, target.shape).ravel(), jnp.broadcast_to(b, target.shape).ravel(),
+                 target.ravel())  # fmt: skip
+
+
 def dpo_loss(params, world: World, pairs: Pairs, beta, kind: str = "tabular") -> jnp.ndarray:
     """DPO's sigmoid loss with (soft) targets: −E[t log σ(z) + (1−t) log σ(−z)], z = β Δ log(π_θ/π_ref)."""
     ratio = policy_log_probs(params, world, kind) - world.log_ref  # [P, Y]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from can_jax.policy import init_policy, lagrangian, make_pairs, policy_log_probs, train_dpo
+from can_jax.policy import all_pairs, init_policy, lagrangian, make_pairs, policy_log_probs, train_dpo
 from can_jax.worlds import Samples, World, evaluate_policy, kl_between
 
 
@@ -73,7 +73,7 @@ def gda(
 def cdpo(
     key: jax.Array,
     world: World,
-    samples: Samples,
+    samples: Samples | None,
     beta,
     log_opt: jnp.ndarray,
     outer: int,
@@ -85,7 +85,10 @@ def cdpo(
     kind: str = "tabular",
     warm_start: bool = True,
 ) -> Trace:
-    """`outer` rounds of (DPO for `inner_steps` at λ_t, then a λ step); one Trace row per round."""
+    """`outer` rounds of (DPO for `inner_steps` at λ_t, then a λ step); one Trace row per round.
+
+    samples=None labels every response pair of the world (the population regime, see `all_pairs`).
+    """
     m = world.margins.shape[0]
     lam = jnp.zeros((m,), world.reward.dtype)
     rec = _record(world, log_opt, beta, kind)
@@ -94,7 +97,10 @@ def cdpo(
     train = jax.jit(lambda p, pairs: train_dpo(p, world, pairs, beta, inner_steps, lr_policy, kind)[0])
     rows = []
     for t, k in enumerate(jax.random.split(key, outer)):
-        pairs = make_pairs(k, samples, lam, mode, pairs_per_prompt)
+        if samples is None:
+            pairs = all_pairs(k, world, lam, mode)
+        else:
+            pairs = make_pairs(k, samples, lam, mode, pairs_per_prompt)
         params = train(params if warm_start else fresh, pairs)
         viol, r_gain, kl, gain = rec(params)
         rows.append(((t + 1) * inner_steps, lam, viol, r_gain, kl))
