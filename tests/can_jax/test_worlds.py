@@ -128,3 +128,18 @@ def test_primal_dual_with_a_small_step_converges_to_lambda_star(world, exact):
     trace = jax.jit(lambda: gda(world, BETA, log_opt, 6000, lr_policy=0.05, lr_lambda=0.05))()
     np.testing.assert_allclose(trace.lam[-1], exact.x, atol=0.05)
     assert float(trace.kl_to_opt[-1]) < 1e-3
+
+
+def test_mlp_policy_starts_at_reference_and_dpo_moves_it_towards_pi_star():
+    from can_jax.policy import all_pairs
+
+    w = make_world(jax.random.key(4), 60, 6, 2)
+    lam = solve_dual_jit(exact_scores(w), w.margins, BETA).x
+    params = init_policy(jax.random.key(0), w, "mlp")
+    np.testing.assert_allclose(policy_log_probs(params, w, "mlp"), w.log_ref, atol=1e-12)  # zero residual
+    log_opt = tilted_policy(w, lam, BETA)
+    start = float(kl_between(w.log_ref, log_opt))
+    pairs = all_pairs(None, w, lam, "soft")
+    params, losses = jax.jit(lambda q: train_dpo(q, w, pairs, BETA, 400, 0.01, "mlp"))(params)
+    assert float(losses[-1]) < float(losses[0])
+    assert float(kl_between(policy_log_probs(params, w, "mlp"), log_opt)) < 0.5 * start
