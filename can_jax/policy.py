@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from can_jax.labels import pair_targets
 from can_jax.worlds import Samples, World
-
-MODES = ("bt", "soft", "hard")
 
 
 class MLP(nn.Module):
@@ -61,21 +60,6 @@ class Pairs(NamedTuple):
     a: jnp.ndarray  # [n] response ids
     b: jnp.ndarray  # [n]
     target: jnp.ndarray  # [n]
-
-
-def pair_targets(key: jax.Array, s_a: jnp.ndarray, s_b: jnp.ndarray, mode: str) -> jnp.ndarray:
-    """Labels for pairs with scores s = r + λ*ᵀg (DESIGN §4): Bradley–Terry P(a ≻ b) = σ(s_a − s_b).
-
-    bt: a sampled 0/1 label; soft: the probability itself; hard: 1 if s_a > s_b (0.5 on exact ties).
-    """
-    prob = jax.nn.sigmoid(s_a - s_b)
-    if mode == "soft":
-        return prob
-    if mode == "bt":
-        return jax.random.bernoulli(key, prob).astype(prob.dtype)
-    if mode == "hard":
-        return jnp.where(s_a == s_b, 0.5, (s_a > s_b).astype(prob.dtype))
-    raise ValueError(f"unknown labelling mode {mode!r}: use one of {MODES}")
 
 
 def make_pairs(key: jax.Array, samples: Samples, lam: jnp.ndarray, mode: str, pairs_per_prompt: int = 8) -> Pairs:

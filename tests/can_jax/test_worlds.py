@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from can_jax.inference import standard_errors
-from can_jax.policy import Pairs, init_policy, make_pairs, pair_targets, policy_log_probs, train_dpo, train_lagrangian
+from can_jax.labels import pair_targets
+from can_jax.policy import Pairs, init_policy, make_pairs, policy_log_probs, train_dpo, train_lagrangian
 from can_jax.primal_dual import gda
 from can_jax.result import Status
 from can_jax.solve import solve_dual_jit
