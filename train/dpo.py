@@ -1,0 +1,150 @@
+"""`can train`: one DPO run on the pseudo-preference dataset, through TRL (DESIGN §4, §5b).
+
+bt and hard labels are ordinary preference pairs: TRL's sigmoid loss as is. Soft labels keep a per-pair target
+p = P(chosen ≻ rejected), and the loss is −[p logσ(βΔ) + (1−p) logσ(−βΔ)] = −logσ(βΔ) + (1−p)·βΔ, i.e. TRL's own
+sigmoid loss plus a term linear in the margin Δ of log-ratios. `CanDPOTrainer` adds that term through hook points
+only: a collator that carries p, the signature columns that keep it, and a forward hook that captures the
+per-token log-probs of TRL's single policy forward pass (reference log-probs are precomputed by TRL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from can_jax.errors import CanError
+
+
+@dataclass
+class SoftPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator, plus the per-pair soft target `p_chosen` when the examples carry one."""
+
+    def torch_call(self, examples):
+        out = super().torch_call(examples)
+        if "p_chosen" in examples[0]:
+            out["p_chosen"] = torch.tensor([float(e["p_chosen"]) for e in examples])
+        return out
+
+
+class CanDPOTrainer(DPOTrainer):
+    """DPOTrainer with soft Bradley–Terry targets (used when the batch carries `p_chosen`)."""
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "p_chosen" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        p = inputs.pop("p_chosen", None)
+        if p is None:
+            return super()._compute_loss(model, inputs, return_outputs)
+        if "ref_chosen_logps" not in inputs:
+            raise CanError("soft labels need precomputed reference log-probs (precompute_ref_log_probs=True)")
+        captured = []
+        handle = model.register_forward_hook(lambda _m, _a, out: captured.append(out))
+        try:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            handle.remove()
+        loss = result[0] if return_outputs else result
+        seq_len = inputs["completion_mask"].size(1) - 1
+        logps = captured[0].log_probs[:, -seq_len:].sum(dim=1)  # TRL's own per-sequence sums (ld_alpha unset)
+        chosen, rejected = logps.chunk(2, dim=0)
+        delta = (chosen - inputs["ref_chosen_logps"]) - (rejected - inputs["ref_rejected_logps"])
+        loss = loss + ((1.0 - p.to(delta.device)) * self.beta * delta).mean()
+        return (loss, result[1]) if return_outputs else loss
+
+
+def make_config(out_dir: str | Path, beta: float, soft: bool, **kw) -> DPOConfig:
+    """DPOConfig for this machine: CUDA + bf16 when present, CPU otherwise (TRL 1.x needs use_cpu on CPU)."""
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    defaults = dict(
+        output_dir=str(out_dir),
+        beta=beta,
+        loss_type=["sigmoid"],
+        use_cpu=not cuda,
+        bf16=bf16,
+        report_to=[],
+        precompute_ref_log_probs=soft,
+        save_strategy="steps",
+        save_steps=50,
+        save_total_limit=2,
+        logging_steps=5,
+        remove_unused_columns=True,
+    )
+    defaults.update(kw)
+    return DPOConfig(**defaults)
+
+
+def load_preferences(path: str | Path):
+    """(datasets.Dataset, metadata) from a `can label` Parquet file."""
+    from datasets import Dataset
+
+    from bridge.labels import read_preferences_meta
+
+    meta = read_preferences_meta(path)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    keep = ["prompt", "chosen", "rejected"] + (["p_chosen"] if meta["mode"] == "soft" else [])
+    return Dataset.from_dict({c: table.column(c).to_pylist() for c in keep}), meta
+
+
+def train(
+    preferences: str | Path,
+    policy: str,
+    out_dir: str | Path,
+    beta: float | None = None,
+    epochs: float = 1.0,
+    lr: float = 5e-6,
+    batch_size: int = 8,
+    max_length: int | None = 512,
+    lora: bool = False,
+    resume: bool = False,
+    seed: int = 0,
+    beta_override: float | None = None,
+    **config_kw,
+) -> Path:
+    """Runs DPO with β from the preference dataset's certificate; returns the directory of the aligned policy.
+
+    `beta` must equal the certificate's β (a consistency check); `beta_override` replaces it deliberately.
+    """
+    from train.models import load_policy
+
+    data, meta = load_preferences(preferences)
+    if beta_override is not None:
+        beta = meta["beta"] = beta_override
+    if beta is not None and abs(beta - meta["beta"]) > 1e-12 * max(1.0, abs(beta)):
+        raise CanError(
+            f"--beta {beta} differs from the certificate's β = {meta['beta']}: the dual and DPO must use the same β "
+            "(DESIGN §4); drop --beta, or pass --allow-beta-mismatch"
+        )
+    soft = meta["mode"] == "soft"
+    model, tok = load_policy(policy)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+    out_dir = Path(out_dir)
+    args = make_config(out_dir / "checkpoints", meta["beta"] if beta is None else beta, soft,
+                       num_train_epochs=epochs, learning_rate=lr, per_device_train_batch_size=batch_size,
+                       max_length=max_length, seed=seed, **config_kw)  # fmt: skip
+    collator = SoftPreferenceCollator(pad_token_id=tok.pad_token_id, max_length=max_length)
+    # ref_model=None: the reference is the policy as loaded (TRL reloads it from its path; with LoRA, the base
+    # model with the adapter disabled). Soft labels precompute its log-probs once.
+    trainer = CanDPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tok,
+                            data_collator=collator, peft_config=peft_config)  # fmt: skip
+    has_ckpt = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if has_ckpt else None)
+    final = out_dir / "policy"
+    trainer.save_model(str(final))
+    tok.save_pretrained(final)
+    return final
