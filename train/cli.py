@@ -465,6 +465,54 @@ def demo(
     )
 
 
+@app.command("collect")
+def collect_cmd(
+    prompts: Annotated[Path, typer.Argument(help="Prompts: one per line (.txt) or {'prompt': …} per line (.jsonl).")],
+    scorer: Annotated[
+        list[str],
+        typer.Option(
+            "--scorer",
+            "-s",
+            help="NAME=SPEC, repeatable: builtin:NAME, module:function, or a "
+            "Transformers score-model directory. Each becomes a column of the table.",
+        ),
+    ],  # fmt: skip
+    out: Annotated[Path, typer.Option("--out", "-o", help="Scores table to write (.parquet).")] = Path(
+        "scores.parquet"
+    ),
+    policy: Annotated[str, typer.Option(help="Reference policy π_ref: a Transformers directory or 'smollm2'.")] = (
+        "smollm2"
+    ),
+    k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
+    batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.")] = 16,
+    shard_size: Annotated[int, typer.Option(help="Prompts per shard (the unit of resumption).")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed (shard s uses seed + s).")] = 0,
+):
+    """Sample K responses per prompt from π_ref (temperature 1), record log π_ref the DPO way, score, write the table.
+
+    Resumable: finished shards in OUT.shards/ are kept and skipped on a rerun with the same settings.
+    """
+    from rich.progress import Progress
+
+    from can_jax.errors import CanError
+    from train.collect import CollectConfig, collect
+
+    cfg = CollectConfig(prompts=str(prompts), policy=policy, scorers=list(scorer), k=k,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size, seed=seed)  # fmt: skip
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("collecting", total=None)
+
+            def step(s, n, skipped):
+                bar.update(task, total=n, completed=s + 1, description="resumed" if skipped else "collecting")
+
+            path = collect(cfg, out, progress=step)
+    except CanError as err:
+        _fail(str(err))
+    typer.echo(f"scores written to {path}")
+
+
 @app.command()
 def label(
     scores: ScoresArg,
