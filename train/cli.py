@@ -498,8 +498,10 @@ def collect_cmd(
     from can_jax.errors import CanError
     from train.collect import CollectConfig, collect
 
-    cfg = CollectConfig(prompts=str(prompts), policy=policy, scorers=list(scorer), k=k,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size, seed=seed)  # fmt: skip
+    cfg = CollectConfig(
+        prompts=str(prompts), policy=policy, scorers=list(scorer), k=k, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, shard_size=shard_size, seed=seed,
+    )  # fmt: skip
     try:
         with Progress(transient=True) as bar:
             task = bar.add_task("collecting", total=None)
