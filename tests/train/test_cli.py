@@ -120,7 +120,7 @@ def test_end_to_end_process(scores_path, tmp_path):
 
 
 def test_demo_runs(tmp_path):
-    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--prompts", "2000"])
+    res = runner.invoke(app, ["demo", "--synthetic", "--out", str(tmp_path / "d"), "--prompts", "2000"])
     assert res.exit_code == 0, res.output
     cert = json.loads((tmp_path / "d" / "certificate.json").read_text())
     assert cert["converged"] and set(cert["lambda"]) == {"harmlessness", "honesty", "toxicity"}
