@@ -609,6 +609,34 @@ def train_cmd(
     typer.echo(f"aligned policy written to {final}")
 
 
+@app.command("evaluate")
+def evaluate_cmd(
+    aligned: Annotated[str, typer.Argument(help="Aligned policy directory (e.g. RUN/policy from `can train`).")],
+    certificate: Annotated[Path, typer.Argument(help="The certificate the alignment used.")],
+    prompts: Annotated[Path, typer.Argument(help="Held-out prompts (.txt, one per line, or .jsonl).")],
+    scorer: Annotated[list[str], typer.Option("--scorer", "-s", help="NAME=SPEC, as for `can collect`.")],
+    reference: Annotated[str, typer.Option(help="Reference policy: a directory or 'smollm2'.")] = "smollm2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for evaluation.md/.json/.png.")] = Path("can-eval"),
+    k: Annotated[int, typer.Option("--k", help="Samples per prompt and policy.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+):
+    """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
+    from bridge.certificate import read_certificate
+    from can_jax.errors import CanError
+    from train.collect import read_prompts
+    from train.evaluate import evaluate
+
+    try:
+        cert = read_certificate(certificate)
+        report = evaluate(aligned, reference, read_prompts(prompts), list(scorer), cert, out, k=k,
+                          max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+    except CanError as err:
+        _fail(str(err))
+    _print_evaluation(report)
+    typer.echo(f"report written to {out / 'evaluation.md'}")
+
+
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Folder for report.md, report.json and the plots.")] = Path("can-bench"),

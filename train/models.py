@@ -31,7 +31,14 @@ def embedded_smollm2() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0].name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0].name)
+    # The GGUF weights come back dequantised (float32), but transformers marks the model as GGUF-quantised and
+    # refuses to save it: rebuild a plain model from the config and copy the weights over.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
     tmp = target.with_name(target.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

@@ -11,3 +11,12 @@ def boom(prompts, responses):
 
 def nan(prompts, responses):
     return [float("nan")] * len(responses)
+
+
+def e_share(prompts, responses):
+    """Share of the letter 'e' among a response's characters: a utility the tiny LM can learn to raise."""
+    return [r.count("e") / (len(r) + 1.0) for r in responses]
+
+
+def brevity(prompts, responses):
+    return [-len(r) / 20.0 for r in responses]
