@@ -53,7 +53,8 @@ def main():
                "brevity=tests.train.toy_scorers:brevity"]  # fmt: skip
     cfg = DemoConfig(policy=policy, scorers=scorers, train_prompts=prompts[: args.prompts],
                      eval_prompts=EVAL_PROMPTS * 4, k=args.k, max_new_tokens=args.max_new_tokens, beta=0.1,
-                     margin_frac=0.3, pairs_per_prompt=2, epochs=1, lr=1e-5, batch_size=32, max_length=256)  # fmt: skip
+                     margin_frac=0.3, pairs_per_prompt=2, epochs=1, lr=1e-5, batch_size=32, max_length=256,
+                     gen_batch_size=args.batch_size)  # fmt: skip
     t = time.perf_counter()
     report = run_chain(cfg, out / "chain", say=print)
     total = time.perf_counter() - t

@@ -55,7 +55,8 @@ class DemoConfig:
     pairs_per_prompt: int = 4
     epochs: float = 2.0
     lr: float = 2e-5
-    batch_size: int = 8
+    batch_size: int = 8  # DPO pairs per step
+    gen_batch_size: int = 16  # sequences per generation / scoring batch
     max_length: int = 192
     seed: int = 0
 
@@ -80,7 +81,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     prompts_file = out / "train_prompts.txt"
     prompts_file.write_text("\n".join(cfg.train_prompts) + "\n")
     ccfg = CollectConfig(prompts=str(prompts_file), policy=cfg.policy, scorers=cfg.scorers, k=cfg.k,
-                         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)  # fmt: skip
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed)  # fmt: skip
     scores_path = collect(ccfg, out / "scores.parquet")
     times["collect"] = time.perf_counter() - t
     say(f"① collected {len(cfg.train_prompts)} prompts × {cfg.k} responses → {scores_path} "
@@ -114,7 +115,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     t = time.perf_counter()
     resolved = cfg.policy
     report = evaluate(str(final), resolved, cfg.eval_prompts, cfg.scorers, cert, out / "evaluation", k=cfg.k,
-                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1)  # fmt: skip
+                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
     report["seconds"] = times
     (out / "evaluation" / "timing.json").write_text(json.dumps(times, indent=2))
