@@ -12,7 +12,6 @@ Policy steps are full-batch Adam steps on the same tabular policy class for ever
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridge.files import atomic_write_bytes, atomic_write_text
+from bridge.files import atomic_write_text, write_figure
 from can_jax.inference import standard_errors
 from can_jax.policy import all_pairs, init_policy, make_pairs, policy_log_probs, train_dpo
 from can_jax.primal_dual import cdpo, gda
@@ -200,12 +199,6 @@ def labelling(cfg: BenchConfig):
 
 
 # ---------------------------------------------------------------------------------------------- plots + report
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
 def plots(out: Path, traces, frontier):
     import matplotlib
 
@@ -226,7 +219,7 @@ def plots(out: Path, traces, frontier):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write_bytes(out / "compute.png", _png(fig))
+    write_figure(out / "compute.png", fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -243,7 +236,7 @@ def plots(out: Path, traces, frontier):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_write_bytes(out / "lambda.png", _png(fig))
+    write_figure(out / "lambda.png", fig)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -262,7 +255,7 @@ def plots(out: Path, traces, frontier):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write_bytes(out / "frontier.png", _png(fig))
+    write_figure(out / "frontier.png", fig)
     plt.close(fig)
 
 

@@ -362,15 +362,13 @@ def sweep(
 
 
 def _plot_sweep(path, name, names, values, lam, gains, res, ok):
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from bridge.files import atomic_write_bytes
+    from bridge.files import write_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for k, n in enumerate(names):
@@ -391,10 +389,8 @@ def _plot_sweep(path, name, names, values, lam, gains, res, ok):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    write_figure(path, fig, dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 @app.command()

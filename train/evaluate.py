@@ -7,14 +7,13 @@ per-prompt paired differences, beside the gain the dual certificate predicted fo
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bridge.files import atomic_write_bytes, atomic_write_text
+from bridge.files import atomic_write_text, write_figure
 
 
 def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed):
@@ -74,7 +73,7 @@ def evaluate(
                            for p, r, a in list(zip(prompts, samples_r, samples_a))[:5]]}  # fmt: skip
     atomic_write_text(out / "evaluation.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "evaluation.md", markdown(report))
-    atomic_write_bytes(out / "evaluation.png", plot(rows))
+    plot(rows, out / "evaluation.png")
     return report
 
 
@@ -99,7 +98,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows) -> bytes:
+def plot(rows, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,7 +117,5 @@ def plot(rows) -> bytes:
     ax.set_ylabel("gain over the reference policy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    write_figure(path, fig)
     plt.close(fig)
-    return buf.getvalue()
