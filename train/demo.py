@@ -55,6 +55,7 @@ class DemoConfig:
     pairs_per_prompt: int = 4
     epochs: float = 2.0
     lr: float = 2e-5  # 1e-4 (full fine-tuning, 32 steps) measured to collapse SmolLM2 into gibberish
+    lora: bool = False  # train a LoRA adapter instead of all weights
     batch_size: int = 8  # DPO pairs per step
     gen_batch_size: int = 16  # sequences per generation / scoring batch
     max_length: int = 192
@@ -108,7 +109,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     write_preferences(out / "preferences.parquet", prefs)
     say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
     final = train(out / "preferences.parquet", cfg.policy, out / "run", epochs=cfg.epochs, lr=cfg.lr,
-                  batch_size=cfg.batch_size, max_length=cfg.max_length, seed=cfg.seed)  # fmt: skip
+                  batch_size=cfg.batch_size, max_length=cfg.max_length, lora=cfg.lora, seed=cfg.seed)  # fmt: skip
     times["label+train"] = time.perf_counter() - t
     say(f"④ DPO (β = {cert['beta']:g}) → {final} ({times['label+train']:.0f} s)")
 

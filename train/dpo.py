@@ -145,6 +145,11 @@ def train(
     has_ckpt = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if has_ckpt else None)
     final = out_dir / "policy"
-    trainer.save_model(str(final))
+    if lora:
+        # Merge the adapter into the base weights: the aligned policy is a standalone model directory that
+        # `can evaluate`, `can collect` and a GPU job load like any other.
+        trainer.model.merge_and_unload().save_pretrained(str(final))
+    else:
+        trainer.save_model(str(final))
     tok.save_pretrained(final)
     return final

@@ -83,3 +83,21 @@ def test_can_train_cli_runs_checkpoints_and_refuses_beta_mismatch(tiny_lm, tmp_p
     assert bad.exit_code == 1 and "differs from the certificate" in bad.stderr
     notlm = runner.invoke(app, ["train", str(prefs), "--policy", str(tmp_path), "--out", str(tmp_path / "r3")])
     assert notlm.exit_code == 1 and "not a model directory" in notlm.stderr
+
+
+def test_lora_training_saves_a_standalone_merged_policy(tiny_lm, tmp_path):
+    import pyarrow as pa
+    from transformers import AutoModelForCausalLM
+
+    from bridge.labels import META_KEY, write_preferences
+    from train.dpo import train
+
+    model, _, path = tiny_lm
+    meta = b'{"beta": 0.5, "lambda": {"a": 1.0}, "mode": "bt", "pairs_per_prompt": 1, "seed": 0}'
+    table = pa.table({k: v * 2 for k, v in DATA.items() if k != "p_chosen"}).replace_schema_metadata({META_KEY: meta})
+    write_preferences(tmp_path / "prefs.parquet", table)
+    final = train(tmp_path / "prefs.parquet", str(path), tmp_path / "run", epochs=1, lr=1e-2, batch_size=2,
+                  max_length=48, lora=True)  # fmt: skip
+    merged = AutoModelForCausalLM.from_pretrained(final)  # no adapter files needed
+    changed = any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), model.state_dict().values()))
+    assert changed and (final / "config.json").exists()
