@@ -37,6 +37,8 @@ def _max_and_mean(block: Scores, u: jnp.ndarray):
     proj = jnp.einsum("nkj,jq->nkq", block.utility, u)
     mask = block.mask[..., None]
     top = jnp.max(jnp.where(mask, proj, -jnp.inf), axis=1)
+    if block.ref_utility is not None:
+        return top, block.ref_utility @ u
     if block.log_prior is None:
         k = jnp.maximum(block.mask.sum(axis=1), 1)[:, None]
         return top, proj.sum(axis=1) / k

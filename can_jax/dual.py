@@ -76,6 +76,8 @@ def prompt_terms(lam: jnp.ndarray, scores: Scores, margins: jnp.ndarray, beta, o
         log_norm, p = masked_log_softmax(scores.log_prior, mask)
         log_norm = jnp.where(valid, log_norm, 0.0)
         g_ref = jnp.einsum("nk,nkj->nj", p, utility)
+    if scores.ref_utility is not None:
+        g_ref = scores.ref_utility
     ell = beta * (jnp.where(valid, lse, 0.0) - log_norm) - (g_ref + margins) @ lam
     ell = jnp.where(valid, ell, 0.0)
     lse = jnp.where(valid, lse, 0.0)

@@ -27,6 +27,8 @@ class Scores(NamedTuple):
       log_prior: optional [N, K] log base weights of the responses. None (the offline-samples case): each of the
         K_i samples counts 1/K_i. Given: response k counts p_ik ∝ exp(log_prior_ik) — with log π_ref and every
         response of a finite world, the dual is the exact population dual (DESIGN §2 with E_ref computed).
+      ref_utility: optional [N, m] E_ref[g | x_i] supplied from elsewhere (PeCAN's −β_g KL(π_ref‖π_g)(x), a
+        lower-variance estimate than the sample mean, DESIGN §3). None: the (weighted) mean over the samples.
     """
 
     reward: jnp.ndarray
@@ -34,6 +36,7 @@ class Scores(NamedTuple):
     mask: jnp.ndarray
     weight: jnp.ndarray
     log_prior: jnp.ndarray | None = None
+    ref_utility: jnp.ndarray | None = None
 
     @property
     def n_prompts(self) -> int:

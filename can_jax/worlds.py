@@ -152,3 +152,21 @@ def sample_scores(key: jax.Array, world: World, k: int) -> Samples:
     # it at compile time (seconds, with a warning) when the solve is vmapped.
     scores = Scores(reward, utility, idx >= 0, jnp.ones((p,), world.reward.dtype))
     return Samples(idx, scores)
+
+
+class Prealigned(NamedTuple):
+    """Exact pre-aligned policies of a world (DESIGN §3): π_θr ∝ π_ref exp(r/β_r), π_θgj ∝ π_ref exp(g_j/β_gj)."""
+
+    logratio_reward: jnp.ndarray  # [P, Y] log π_θr − log π_ref
+    logratio_utility: jnp.ndarray  # [P, Y, m]
+    kl_ref: jnp.ndarray  # [P, m] KL(π_ref ‖ π_θgj)(x)
+
+
+def prealigned(world: World, beta_reward, beta_utility) -> Prealigned:
+    """The policies DPO would reach with infinite preference data, and their log-ratios to π_ref."""
+    log_ref = world.log_ref
+    lr = jax.nn.log_softmax(log_ref + world.reward / beta_reward, axis=-1) - log_ref
+    beta_utility = jnp.broadcast_to(jnp.asarray(beta_utility), world.margins.shape)
+    lg = jax.nn.log_softmax(log_ref[..., None] + world.utility / beta_utility, axis=1) - log_ref[..., None]
+    kl = -jnp.einsum("py,pym->pm", jnp.exp(log_ref), lg)  # KL(π_ref‖π_g) = −E_ref[ℓ_g]
+    return Prealigned(lr, lg, kl)
