@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from can_jax.dual import _pass_blocks, block_sum
-from can_jax.numerics import masked_log_softmax
+from can_jax.dual import _pass_blocks, block_sum, reference_utility
 from can_jax.result import Predicted
 from can_jax.scores import Scores
 
@@ -33,17 +32,11 @@ def reduced_eigs(hess: jnp.ndarray, free: jnp.ndarray) -> tuple[jnp.ndarray, jnp
 
 
 def _max_and_mean(block: Scores, u: jnp.ndarray):
-    """Per-prompt max_k uᵀg_ik and mean_k uᵀg_ik for each column of u [m, q]: both [B, q]."""
+    """Per-prompt max_k uᵀg_ik and E_ref[uᵀg | x_i] for each column of u [m, q]: both [B, q]."""
     proj = jnp.einsum("nkj,jq->nkq", block.utility, u)
     mask = block.mask[..., None]
     top = jnp.max(jnp.where(mask, proj, -jnp.inf), axis=1)
-    if block.ref_utility is not None:
-        return top, block.ref_utility @ u
-    if block.log_prior is None:
-        k = jnp.maximum(block.mask.sum(axis=1), 1)[:, None]
-        return top, proj.sum(axis=1) / k
-    _, p = masked_log_softmax(block.log_prior, block.mask)
-    return top, jnp.einsum("nk,nkq->nq", p, proj)
+    return top, reference_utility(block) @ u
 
 
 def edge_gains(blocks: Scores, u: jnp.ndarray) -> jnp.ndarray:

@@ -56,6 +56,18 @@ class PromptTerms(NamedTuple):
     r_ref: jnp.ndarray  # [N] E_ref[r | x_i] on the samples
 
 
+def reference_utility(scores: Scores) -> jnp.ndarray:
+    """E_ref[g | x_i]: [N, m] — the supplied `ref_utility`, else the mean over the samples (uniform 1/K_i, or
+    weighted by `log_prior`). The one definition the dual, its reach and its recession slope share."""
+    if scores.ref_utility is not None:
+        return scores.ref_utility
+    if scores.log_prior is None:
+        k = jnp.maximum(scores.mask.sum(axis=-1), 1).astype(scores.utility.dtype)
+        return scores.utility.sum(axis=1) / k[:, None]  # padding is zero (from_padded)
+    _, p = masked_log_softmax(scores.log_prior, scores.mask)
+    return jnp.einsum("nk,nkj->nj", p, scores.utility)
+
+
 def prompt_terms(lam: jnp.ndarray, scores: Scores, margins: jnp.ndarray, beta, order: int = 1) -> PromptTerms:
     """Per-prompt ℓ_i and ∇ℓ_i. lam [m], margins [m], scores of N prompts; `order` (0 or 1) is static."""
     reward, utility, mask = scores.reward, scores.utility, scores.mask
@@ -69,15 +81,12 @@ def prompt_terms(lam: jnp.ndarray, scores: Scores, margins: jnp.ndarray, beta, o
     if scores.log_prior is None:
         lse, w = masked_log_softmax(s / beta, mask)
         log_norm = jnp.log(k_safe)  # log Σ_k 1
-        g_ref = utility.sum(axis=1) / k_safe[:, None]  # [N, m]; padding is zero (from_padded)
     else:
         # log Σ_k p_k exp(s_k) with p ∝ exp(log_prior): shift the logits, renormalise by log Σ_k exp(log_prior).
         lse, w = masked_log_softmax(s / beta + scores.log_prior, mask)
         log_norm, p = masked_log_softmax(scores.log_prior, mask)
         log_norm = jnp.where(valid, log_norm, 0.0)
-        g_ref = jnp.einsum("nk,nkj->nj", p, utility)
-    if scores.ref_utility is not None:
-        g_ref = scores.ref_utility
+    g_ref = reference_utility(scores)
     ell = beta * (jnp.where(valid, lse, 0.0) - log_norm) - (g_ref + margins) @ lam
     ell = jnp.where(valid, ell, 0.0)
     lse = jnp.where(valid, lse, 0.0)
