@@ -155,3 +155,56 @@ def read_certificate(path: str | os.PathLike, require_converged: bool = True) ->
     if require_converged and not cert.get("converged"):
         raise CanError(f"{path}: the dual solve did not converge ({cert.get('message')})")
     return cert
+
+
+def data_summary(loaded, reward: str, prompt_id: str) -> dict:
+    """The certificate's `data` block for a `bridge.tables.LoadedScores`."""
+    k = np.asarray(loaded.scores.mask.sum(axis=1))
+    return {
+        "path": loaded.path,
+        "sha256": loaded.sha256,
+        "reward": reward,
+        "prompt_id": prompt_id,
+        "n_prompts": int(k.size),
+        "n_responses": int(k.sum()),
+        "n_rows": loaded.n_rows,
+        "dropped_rows": loaded.dropped_rows,
+        "prompts_with_one_response": int((k < 2).sum()),
+    }
+
+
+def solve_and_certify(loaded, beta: float, tol, max_iter: int, se: bool, data: dict):
+    """Solves the dual of a loaded table and builds its certificate: (DualResult, certificate dict).
+
+    Out-of-reach margins raise `InfeasibleMarginsError` with the one-line diagnosis (never a huge λ).
+    """
+    import jax.numpy as jnp
+
+    from can_jax.certify import infeasibility_message
+    from can_jax.errors import InfeasibleMarginsError
+    from can_jax.inference import solve_with_errors
+    from can_jax.solve import default_tol, solve_dual_jit
+
+    dtype = loaded.scores.reward.dtype
+    margins = jnp.asarray(loaded.margins, dtype)
+    tol = default_tol(dtype) if tol is None else tol
+    if se:
+        result, errs = solve_with_errors(loaded.scores, margins, beta, tol=tol, max_iter=max_iter)
+    else:
+        result, errs = solve_dual_jit(loaded.scores, margins, beta, tol=tol, max_iter=max_iter), None
+    if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
+        raise InfeasibleMarginsError(infeasibility_message(result, loaded.names, loaded.margins))
+    if errs is not None:
+        errs = np.asarray(errs) if int(result.status) == Status.CONVERGED else None
+    cert = build_certificate(
+        result,
+        loaded.names,
+        loaded.kinds,
+        loaded.margins,
+        beta,
+        data=data,
+        standard_errors=errs,
+        tol=tol,
+        dtype=str(jnp.dtype(dtype)),
+    )
+    return result, cert

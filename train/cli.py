@@ -106,23 +106,6 @@ def _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows):
     )
 
 
-def _data_summary(loaded, reward: str, prompt_id: str) -> dict:
-    import numpy as np
-
-    k = np.asarray(loaded.scores.mask.sum(axis=1))
-    return {
-        "path": loaded.path,
-        "sha256": loaded.sha256,
-        "reward": reward,
-        "prompt_id": prompt_id,
-        "n_prompts": int(k.size),
-        "n_responses": int(k.sum()),
-        "n_rows": loaded.n_rows,
-        "dropped_rows": loaded.dropped_rows,
-        "prompts_with_one_response": int((k < 2).sum()),
-    }
-
-
 def _console():
     """Rich console no narrower than the tables (a pipe or CI log otherwise truncates them to 80 columns)."""
     from rich.console import Console
@@ -171,42 +154,6 @@ def _print_certificate(cert: dict, title: str):
         console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
 
-def _solve_and_certify(loaded, beta, tol, max_iter, se, data):
-    """Solves, raises InfeasibleMarginsError for out-of-reach margins, and builds the certificate."""
-    import jax.numpy as jnp
-    import numpy as np
-
-    from bridge.certificate import build_certificate
-    from can_jax.certify import infeasibility_message
-    from can_jax.errors import InfeasibleMarginsError
-    from can_jax.inference import solve_with_errors
-    from can_jax.result import Status
-    from can_jax.solve import default_tol, solve_dual_jit
-
-    dtype = loaded.scores.reward.dtype
-    margins = jnp.asarray(loaded.margins, dtype)
-    tol = default_tol(dtype) if tol is None else tol
-    if se:
-        result, errs = solve_with_errors(loaded.scores, margins, beta, tol=tol, max_iter=max_iter)
-    else:
-        result, errs = solve_dual_jit(loaded.scores, margins, beta, tol=tol, max_iter=max_iter), None
-    if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
-        raise InfeasibleMarginsError(infeasibility_message(result, loaded.names, loaded.margins))
-    if errs is not None:
-        errs = np.asarray(errs) if int(result.status) == Status.CONVERGED else None
-    return result, build_certificate(
-        result,
-        loaded.names,
-        loaded.kinds,
-        loaded.margins,
-        beta,
-        data=data,
-        standard_errors=errs,
-        tol=tol,
-        dtype=str(jnp.dtype(dtype)),
-    )
-
-
 @app.command()
 def dual(
     scores: ScoresArg,
@@ -234,15 +181,15 @@ def dual(
     """
     _check_beta(beta)
     _setup_jax()
-    from bridge.certificate import write_certificate
+    from bridge.certificate import data_summary, solve_and_certify, write_certificate
     from can_jax.errors import CanError
 
     t0 = time.perf_counter()
     try:
         loaded = _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
-        data = _data_summary(loaded, reward, prompt_id)
+        data = data_summary(loaded, reward, prompt_id)
         t1 = time.perf_counter()
-        _, cert = _solve_and_certify(loaded, beta, tol, max_iter, se, data)
+        _, cert = solve_and_certify(loaded, beta, tol, max_iter, se, data)
     except CanError as err:
         _fail(str(err))
     cert["timing"] = {"load_s": round(t1 - t0, 4), "solve_s": round(time.perf_counter() - t1, 4)}

@@ -66,7 +66,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     """Runs the chain into OUT and returns the evaluation report."""
     import jax.numpy as jnp
 
-    from bridge.certificate import write_certificate
+    from bridge.certificate import data_summary, solve_and_certify, write_certificate
     from bridge.labels import pseudo_preferences, write_preferences
     from bridge.tables import ConstraintSpec, load_scores
     from can_jax.solve import solve_dual_jit
@@ -93,10 +93,8 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     probe = load_scores(scores_path, cfg.reward, [ConstraintSpec(n, 0.0) for n in names])
     reach = solve_dual_jit(probe.scores, jnp.zeros(len(names)), cfg.beta).reach
     specs = [ConstraintSpec(n, round(float(cfg.margin_frac * r), 4)) for n, r in zip(names, reach, strict=True)]
-    from train.cli import _data_summary, _solve_and_certify
-
     loaded = load_scores(scores_path, cfg.reward, specs)
-    _, cert = _solve_and_certify(loaded, cfg.beta, None, 100, True, _data_summary(loaded, cfg.reward, "prompt_id"))
+    _, cert = solve_and_certify(loaded, cfg.beta, None, 100, True, data_summary(loaded, cfg.reward, "prompt_id"))
     write_certificate(out / "certificate.json", cert)
     times["dual"] = time.perf_counter() - t
     say(
