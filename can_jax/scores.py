@@ -136,8 +136,3 @@ def pad_prompts(scores: Scores, block: int) -> Scores:
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
 
     return jax.tree.map(pad, scores)
-
-
-def response_counts(scores: Scores) -> jnp.ndarray:
-    """K_i: [N] number of real responses per prompt."""
-    return scores.mask.sum(axis=1)
