@@ -170,6 +170,8 @@ def data_summary(loaded, reward: str, prompt_id: str) -> dict:
         "n_rows": loaded.n_rows,
         "dropped_rows": loaded.dropped_rows,
         "prompts_with_one_response": int((k < 2).sum()),
+        # Where E_ref[g_j | x] came from: a reference column (PeCAN's −β·KL) or the responses' sample mean.
+        "reference_expectation": {n: (loaded.ref_columns or {}).get(n, "sample mean") for n in loaded.names},
     }
 
 

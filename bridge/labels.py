@@ -145,3 +145,15 @@ def read_preferences_meta(path: str | os.PathLike) -> dict:
     if META_KEY not in meta:
         raise CanError(f"{path} has no can metadata: was it written by `can label`?")
     return json.loads(meta[META_KEY])
+
+
+def score_preferences(
+    scores_path: str | os.PathLike, column: str, pairs_per_prompt: int = 1, seed: int = 0, mode: str = "hard"
+) -> tuple[pa.Table, LabelStats]:
+    """Preference pairs labelled by one score column alone — a stand-in for human preference data on one aspect,
+    the input of PeCAN's pre-alignment (DESIGN §3). The rule of `pseudo_preferences` with no constraint; the
+    table carries no can metadata (so a DPO run on it needs its β given explicitly)."""
+    cert = {"data": {"reward": column, "prompt_id": "prompt_id", "sha256": None}, "constraints": [], "beta": None,
+            "lambda": {}}  # fmt: skip
+    table, stats = pseudo_preferences(scores_path, cert, mode, pairs_per_prompt, seed, check_hash=False)
+    return table.replace_schema_metadata(None), stats

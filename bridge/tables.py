@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
@@ -92,6 +93,7 @@ class LoadedScores:
     dropped_rows: int
     sha256: str
     path: str
+    ref_columns: dict | None = None  # constraint → column giving E_ref[g | x] (else the sample mean)
 
 
 def _rows_list(rows: np.ndarray, limit: int = 8) -> str:
@@ -114,19 +116,26 @@ def load_scores(
     prompt_id: str = "prompt_id",
     drop_bad_rows: bool = False,
     dtype=None,
+    ref_columns: dict[str, str] | None = None,
 ) -> LoadedScores:
     """Reads, validates and pads a scores table.
 
     Errors (ScoresFormatError) name the missing columns or the offending rows (0-based data rows). With
     `drop_bad_rows`, rows with NaN/inf/missing scores are dropped instead and counted.
+    `ref_columns` maps a constraint column to a per-response column whose per-prompt mean is E_ref[g_j | x]
+    (in the constraint column's own units; PeCAN's −β_g·KL, DESIGN §3); other constraints use the sample mean.
     """
     if not constraints:
         raise ScoresFormatError("give at least one constraint (--constraint COL=MARGIN or --cost COL=MARGIN)")
     names = [c.column for c in constraints]
     if len(set(names)) != len(names):
         raise ScoresFormatError(f"a constraint column is named twice: {names}")
+    ref_columns = dict(ref_columns or {})
+    unknown = sorted(set(ref_columns) - set(names))
+    if unknown:
+        raise ScoresFormatError(f"reference columns given for {unknown}, which are not constraints {names}")
     table = read_table(path)
-    needed = [prompt_id, reward, *names]
+    needed = [prompt_id, reward, *names, *ref_columns.values()]
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise ScoresFormatError(f"{path}: missing column(s) {missing}; the table has {table.column_names}")
@@ -139,8 +148,13 @@ def load_scores(
         g[:, j] = _numeric_column(table, c.column)
         if c.sign < 0:
             np.negative(g[:, j], out=g[:, j])
+    ref = np.full((table.num_rows, len(constraints)), np.nan)
+    for j, c in enumerate(constraints):
+        if c.column in ref_columns:
+            ref[:, j] = c.sign * _numeric_column(table, ref_columns[c.column])
+    has_ref = np.array([c.column in ref_columns for c in constraints])
     pid_col = table.column(prompt_id)
-    bad = ~np.isfinite(r) | ~np.isfinite(g).all(axis=1)
+    bad = ~np.isfinite(r) | ~np.isfinite(g).all(axis=1) | ~np.isfinite(ref[:, has_ref]).all(axis=1)
     pid_null = np.asarray(pid_col.is_null().to_numpy(zero_copy_only=False), bool)
     bad |= pid_null
     if "prompt" in table.column_names:
@@ -171,6 +185,12 @@ def load_scores(
     else:
         scores = from_long(index, r[keep], g[keep], dtype=dtype)
     counts = np.bincount(index)
+    if has_ref.any():
+        # E_ref[g_j | x_i] from the reference columns (per-prompt means); the sample mean elsewhere.
+        source = np.where(has_ref, ref[keep], g[keep])  # [R, m]
+        sums = np.stack([np.bincount(index, source[:, j], minlength=len(counts)) for j in range(len(names))], 1)
+        ref_utility = sums / np.maximum(counts, 1)[:, None]  # [N, m]
+        scores = scores._replace(ref_utility=jnp.asarray(ref_utility, scores.reward.dtype))
     if counts.max() < 2:
         raise DegenerateDataError(
             f"{path}: every prompt has fewer than two responses; the dual needs K_i ≥ 2 samples of π_ref per "
@@ -186,4 +206,5 @@ def load_scores(
         dropped_rows=int(bad.sum()),
         sha256=sha256_file(path),
         path=str(path),
+        ref_columns=ref_columns,
     )

@@ -89,13 +89,18 @@ def _check_beta(beta: float):
         _fail(f"--beta must be a positive finite number, got {beta}")
 
 
-def _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows):
+def _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, pecan_kl=None):
     import jax.numpy as jnp
 
     from bridge.tables import load_scores, parse_constraint
 
     specs = [parse_constraint(c, "utility") for c in constraint or []]
     specs += [parse_constraint(c, "cost") for c in cost or []]
+    ref_columns = None
+    if pecan_kl is not None:
+        from bridge.pecan import reference_columns
+
+        ref_columns = reference_columns(scores, reward, [c.column for c in specs], pecan_kl)
     return load_scores(
         scores,
         reward,
@@ -103,6 +108,7 @@ def _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows):
         prompt_id=prompt_id,
         drop_bad_rows=drop_bad_rows,
         dtype=jnp.float32 if float32 else jnp.float64,
+        ref_columns=ref_columns,
     )
 
 
@@ -150,6 +156,13 @@ def _print_certificate(cert: dict, title: str):
         f"data: {d['n_prompts']} prompts, {d['n_responses']} responses"
         + (f", {d['dropped_rows']} bad rows dropped" if d.get("dropped_rows") else "")
     )
+    if "pecan" in cert:
+        console.print(f"PeCAN: E_ref[g̃ | x] from the {cert['pecan']['reference']} KL estimate")
+        for name, row in cert["pecan"]["kl"].items():
+            console.print(
+                f"  KL(π_ref ‖ π_{escape(name)}) per prompt: token-level {row['token']:.4g} (± {row['token_se']:.2g}), "
+                f"sample mean {row['sample']:.4g} (± {row['sample_se']:.2g}), correlation {row['correlation']:.2f}"
+            )
     for note in cert.get("diagnostics", []):
         console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
@@ -173,11 +186,26 @@ def dual(
     max_iter: Annotated[int, typer.Option(help="Newton iteration limit.")] = 100,
     se: Annotated[bool, typer.Option("--se/--no-se", help="Sandwich standard errors of λ*.")] = True,
     drop_bad_rows: DropOpt = False,
+    pecan: Annotated[
+        bool,
+        typer.Option(
+            "--pecan",
+            help="PeCAN (DESIGN §3): a table from `can collect --aligned`; the reward and constraints name "
+            "pre-aligned models, margins are in their β·log-ratio units.",
+        ),
+    ] = False,
+    kl: Annotated[
+        str,
+        typer.Option(
+            help="--pecan: E_ref[g̃ | x] from the token-level KL (token) or the sample mean of the log-ratios (sample)."
+        ),
+    ] = "token",
 ):
     """Solve the CAN dual once: λ* for the constraints, with its certificate (DESIGN §2).
 
     Example: can dual scores.parquet --reward helpful --cost harm=0.5 --constraint honest=0.1 --beta 0.1
     --out cert.json
+    PeCAN: can dual pecan.parquet --pecan --reward helpful --constraint harmless=0.05 --beta 0.1
     """
     _check_beta(beta)
     _setup_jax()
@@ -186,10 +214,16 @@ def dual(
 
     t0 = time.perf_counter()
     try:
-        loaded = _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
+        loaded = _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, kl if pecan else None)
         data = data_summary(loaded, reward, prompt_id)
         t1 = time.perf_counter()
         _, cert = solve_and_certify(loaded, beta, tol, max_iter, se, data)
+        if pecan:
+            from bridge.pecan import kl_summary, pecan_models
+
+            models = pecan_models(scores)
+            cert["pecan"] = {"models": {n: models[n] for n in [reward, *loaded.names]}, "reference": kl,
+                             "kl": kl_summary(scores, loaded.names, prompt_id)}  # fmt: skip
     except CanError as err:
         _fail(str(err))
     cert["timing"] = {"load_s": round(t1 - t0, 4), "solve_s": round(time.perf_counter() - t1, 4)}
@@ -349,6 +383,14 @@ def demo(
     prompts: Annotated[int, typer.Option(help="--synthetic: number of synthetic prompts N.")] = 20_000,
     responses: Annotated[int, typer.Option(help="--synthetic: responses per prompt K (ragged: 2..K).")] = 16,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    pecan: Annotated[
+        bool,
+        typer.Option(
+            "--pecan",
+            help="Also the preference-only PeCAN chain (pre-aligned models, no scores) on the same samples, and a "
+            "MoCAN-vs-PeCAN report in OUT/pecan/comparison.md. Reuses a finished MoCAN run in OUT.",
+        ),
+    ] = False,
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
 
@@ -360,13 +402,22 @@ def demo(
     if not synthetic:
         _setup_jax()
         from can_jax.errors import CanError
+        from train.cli_lm import _print_evaluation
         from train.demo import DemoConfig, run_chain
 
+        cfg = DemoConfig(seed=seed)
         try:
-            report = run_chain(DemoConfig(seed=seed), out, say=typer.echo)
+            if pecan and (out / "evaluation" / "evaluation.json").exists():
+                typer.echo(f"reusing the finished MoCAN run in {out}")
+            else:
+                _print_evaluation(run_chain(cfg, out, say=typer.echo))
+            if pecan:
+                from train.demo_pecan import run_pecan
+
+                run_pecan(cfg, out / "pecan", out, say=typer.echo)
+                typer.echo((out / "pecan" / "comparison.md").read_text())
         except CanError as err:
             _fail(str(err))
-        _print_evaluation(report)
         return
     _setup_jax()
     import jax
@@ -425,161 +476,6 @@ def demo(
     )
 
 
-@app.command("collect")
-def collect_cmd(
-    prompts: Annotated[Path, typer.Argument(help="Prompts: one per line (.txt) or {'prompt': …} per line (.jsonl).")],
-    scorer: Annotated[
-        list[str],
-        typer.Option(
-            "--scorer",
-            "-s",
-            help="NAME=SPEC, repeatable: builtin:NAME, module:function, or a "
-            "Transformers score-model directory. Each becomes a column of the table.",
-        ),
-    ],  # fmt: skip
-    out: Annotated[Path, typer.Option("--out", "-o", help="Scores table to write (.parquet).")] = Path(
-        "scores.parquet"
-    ),
-    policy: Annotated[str, typer.Option(help="Reference policy π_ref: a Transformers directory or 'smollm2'.")] = (
-        "smollm2"
-    ),
-    k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
-    batch_size: Annotated[int, typer.Option(help="Sequences per generation batch.")] = 16,
-    shard_size: Annotated[int, typer.Option(help="Prompts per shard (the unit of resumption).")] = 16,
-    seed: Annotated[int, typer.Option(help="Random seed (shard s uses seed + s).")] = 0,
-):
-    """Sample K responses per prompt from π_ref (temperature 1), record log π_ref the DPO way, score, write the table.
-
-    Resumable: finished shards in OUT.shards/ are kept and skipped on a rerun with the same settings.
-    """
-    from rich.progress import Progress
-
-    from can_jax.errors import CanError
-    from train.collect import CollectConfig, collect
-
-    cfg = CollectConfig(
-        prompts=str(prompts), policy=policy, scorers=list(scorer), k=k, max_new_tokens=max_new_tokens,
-        batch_size=batch_size, shard_size=shard_size, seed=seed,
-    )  # fmt: skip
-    try:
-        with Progress(transient=True) as bar:
-            task = bar.add_task("collecting", total=None)
-
-            def step(s, n, skipped):
-                bar.update(task, total=n, completed=s + 1, description="resumed" if skipped else "collecting")
-
-            path = collect(cfg, out, progress=step)
-    except CanError as err:
-        _fail(str(err))
-    typer.echo(f"scores written to {path}")
-
-
-@app.command()
-def label(
-    scores: ScoresArg,
-    certificate: Annotated[Path, typer.Argument(help="Certificate JSON written by `can dual --out`.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Preference dataset to write (.parquet).")] = Path(
-        "preferences.parquet"
-    ),
-    mode: Annotated[str, typer.Option(help="bt (sampled Bradley–Terry labels), soft (keep σ(Δs)) or hard.")] = "bt",
-    pairs_per_prompt: Annotated[int, typer.Option(help="Random response pairs per prompt.")] = 1,
-    seed: Annotated[int, typer.Option(help="Seed for pair choice and bt labels.")] = 0,
-    prompt_col: Annotated[str, typer.Option("--prompt-col", help="Prompt text column.")] = "prompt",
-    response_col: Annotated[str, typer.Option("--response-col", help="Response text column.")] = "response",
-    check_hash: Annotated[
-        bool, typer.Option("--check-hash/--no-check-hash", help="Refuse a certificate made for another table.")
-    ] = True,
-):
-    """Pseudo-preference pairs from a scores table and its certificate (labels from r + λ*ᵀg), ready for DPO.
-
-    The output holds prompt, chosen, rejected, score_chosen, score_rejected and p_chosen, with β and λ* stored
-    as metadata. Prompts with fewer than two responses are skipped and counted.
-    """
-    from bridge.certificate import read_certificate
-    from bridge.labels import pseudo_preferences, write_preferences
-    from can_jax.errors import CanError
-
-    try:
-        cert = read_certificate(certificate)
-        table, stats = pseudo_preferences(scores, cert, mode, pairs_per_prompt, seed, prompt_col, response_col,
-                                          check_hash)  # fmt: skip
-    except CanError as err:
-        _fail(str(err))
-    write_preferences(out, table)
-    typer.echo(
-        f"{stats.pairs} {mode} pairs from {stats.prompts_used} prompts written to {out} (β = {cert['beta']:g}); "
-        f"{stats.prompts_skipped} prompts with < 2 responses skipped"
-        + (f", {stats.ties_dropped} tied pairs dropped" if stats.ties_dropped else "")
-    )
-
-
-@app.command("train")
-def train_cmd(
-    preferences: Annotated[Path, typer.Argument(help="Preference dataset written by `can label`.")],
-    policy: Annotated[str, typer.Option(help="Policy to align: a Transformers directory, or 'smollm2'.")] = "smollm2",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints/, policy/).")] = Path("can-run"),
-    epochs: Annotated[float, typer.Option(help="Epochs over the pairs.")] = 1.0,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 5e-6,
-    batch_size: Annotated[int, typer.Option(help="Pairs per device step.")] = 8,
-    max_length: Annotated[int, typer.Option(help="Token limit of prompt + response (TRL truncation).")] = 512,
-    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (peft) instead of all weights.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
-    beta: Annotated[
-        Optional[float], typer.Option(help="Override β (must equal the certificate's unless --allow-beta-mismatch).")
-    ] = None,
-    allow_beta_mismatch: Annotated[bool, typer.Option("--allow-beta-mismatch")] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-):
-    """One DPO run on the pseudo-preferences with TRL, β taken from the certificate (CUDA + bf16 when present).
-
-    Soft labels use the per-pair target p_chosen; bt/hard labels use TRL's sigmoid loss. Several GPUs:
-    `accelerate launch -m train.cli train PREFS ...`.
-    """
-    from can_jax.errors import CanError
-
-    try:
-        from train.dpo import load_preferences, train
-
-        if beta is not None and allow_beta_mismatch:
-            _, meta = load_preferences(preferences)
-            typer.echo(f"warning: β = {beta} instead of the certificate's {meta['beta']}", err=True)
-        final = train(preferences, policy, out, beta=None if allow_beta_mismatch else beta, epochs=epochs, lr=lr,
-                      batch_size=batch_size, max_length=max_length, lora=lora, resume=resume, seed=seed,
-                      **({"beta_override": beta} if allow_beta_mismatch and beta is not None else {}))  # fmt: skip
-    except (CanError, FileNotFoundError) as err:
-        _fail(str(err))
-    typer.echo(f"aligned policy written to {final}")
-
-
-@app.command("evaluate")
-def evaluate_cmd(
-    aligned: Annotated[str, typer.Argument(help="Aligned policy directory (e.g. RUN/policy from `can train`).")],
-    certificate: Annotated[Path, typer.Argument(help="The certificate the alignment used.")],
-    prompts: Annotated[Path, typer.Argument(help="Held-out prompts (.txt, one per line, or .jsonl).")],
-    scorer: Annotated[list[str], typer.Option("--scorer", "-s", help="NAME=SPEC, as for `can collect`.")],
-    reference: Annotated[str, typer.Option(help="Reference policy: a directory or 'smollm2'.")] = "smollm2",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for evaluation.md/.json/.png.")] = Path("can-eval"),
-    k: Annotated[int, typer.Option("--k", help="Samples per prompt and policy.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
-):
-    """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
-    from bridge.certificate import read_certificate
-    from can_jax.errors import CanError
-    from train.collect import read_prompts
-    from train.evaluate import evaluate
-
-    try:
-        cert = read_certificate(certificate)
-        report = evaluate(aligned, reference, read_prompts(prompts), list(scorer), cert, out, k=k,
-                          max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
-    except CanError as err:
-        _fail(str(err))
-    _print_evaluation(report)
-    typer.echo(f"report written to {out / 'evaluation.md'}")
-
-
 @app.command()
 def bench(
     out: Annotated[Path, typer.Option(help="Folder for report.md, report.json and the plots.")] = Path("can-bench"),
@@ -606,22 +502,11 @@ def bench(
     typer.echo(f"report written to {path}")
 
 
-def _print_evaluation(report: dict):
-    from rich.table import Table
-
-    table = Table(title=f"achieved vs predicted gains on {report['prompts']} held-out prompts (β = {report['beta']:g})")
-    for col in ("score", "role", "margin", "predicted", "achieved", "95% interval"):
-        table.add_column(col, justify="left" if col in ("score", "role") else "right")
-    for r in report["rows"]:
-        table.add_row(r["name"], r["role"], "—" if r["margin"] is None else f"{r['margin']:+.3f}",
-                      "—" if r["predicted_gain"] is None else f"{r['predicted_gain']:+.3f}",
-                      f"{r['achieved_gain']:+.3f}", f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")  # fmt: skip
-    _console().print(table)
-
-
 def main():
     app()
 
+
+from train import cli_lm  # noqa: E402,F401  (registers collect, label, train, evaluate, prealign on `app`)
 
 if __name__ == "__main__":
     sys.exit(main())

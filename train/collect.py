@@ -35,6 +35,7 @@ class CollectConfig:
     shard_size: int = 16
     max_length: int = 512
     seed: int = 0
+    aligned: list = field(default_factory=list)  # PeCAN: NAME=DIR pre-aligned policies (`can prealign` output)
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
@@ -68,22 +69,102 @@ def render(tok, instruction: str) -> str:
 
 
 @torch.no_grad()
-def sample(model, tok, rendered: list[str], k: int, max_new_tokens: int, temperature: float, batch_size: int):
-    """K samples per prompt (temperature 1 = samples of π_ref): list of K-lists of strings."""
+def sample(model, tok, rendered: list[str], k: int, max_new_tokens: int, temperature: float, batch_size: int,
+           return_finished: bool = False):  # fmt: skip
+    """K samples per prompt (temperature 1 = samples of π_ref): list of K-lists of strings; with `return_finished`,
+    also K-lists of flags telling which samples ended with their own EOS (the others hit max_new_tokens, and the
+    EOS that DPO's log-prob appends to them was not sampled — see `train.logps.logps_and_kl`)."""
     device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"  # generation continues from the right end
+    eos = model.generation_config.eos_token_id
+    eos = [tok.eos_token_id, *(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])]
+    eos = torch.tensor([e for e in eos if e is not None])
     flat = [p for p in rendered for _ in range(k)]
-    out = []
+    out, finished = [], []
     try:
         for i in range(0, len(flat), batch_size):
             enc = tok(flat[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                  max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)  # fmt: skip
-            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += tok.batch_decode(new, skip_special_tokens=True)
+            finished += torch.isin(new, eos.to(new.device)).any(dim=1).tolist()
     finally:
         tok.padding_side = side
-    return [out[j * k : (j + 1) * k] for j in range(len(rendered))]
+    texts = [out[j * k : (j + 1) * k] for j in range(len(rendered))]
+    return (texts, [finished[j * k : (j + 1) * k] for j in range(len(rendered))]) if return_finished else texts
+
+
+PREALIGN_FILE = "prealign.json"
+
+
+def parse_aligned(text: str) -> tuple[str, str, float]:
+    """`NAME=DIR` (β read from DIR/prealign.json, written by `can prealign`) or `NAME=DIR@BETA` → (name, dir, β)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise CanError(f"--aligned {text!r} is not of the form NAME=DIR or NAME=DIR@BETA")
+    path, at, beta = rest.rpartition("@") if "@" in rest else (rest, "", "")
+    if at:
+        try:
+            value = float(beta)
+        except ValueError:
+            raise CanError(f"--aligned {text!r}: β {beta!r} is not a number") from None
+    else:
+        stamp = Path(path) / PREALIGN_FILE
+        if not stamp.exists():
+            raise CanError(f"--aligned {text!r}: {stamp} not found; give the DPO β as NAME=DIR@BETA")
+        value = float(json.loads(stamp.read_text())["beta"])
+    if not value > 0:
+        raise CanError(f"--aligned {text!r}: β must be positive")
+    return name, path, value
+
+
+def pecan_columns(reference, others, tok, aligned, prompts, responses, finished, max_length, batch_size) -> dict:
+    """PeCAN's columns for sampled responses (DESIGN §3): logp_ref, and per pre-aligned model (name, dir, β):
+    NAME = β·ℓ with ℓ = log π_NAME − log π_ref, logp_NAME, kl_NAME (token-level KL along the sample) and
+    ref_NAME = −β·kl_NAME, whose per-prompt mean is E_ref[β·ℓ | x]."""
+    from train.logps import logps_and_kl
+
+    logp_ref, logp, kl = logps_and_kl(reference, others, tok, prompts, responses, max_length=max_length,
+                                      batch_size=batch_size, finished=finished)  # fmt: skip
+    cols = {"logp_ref": logp_ref.numpy()}
+    for j, (name, _, beta) in enumerate(aligned):
+        cols[f"logp_{name}"] = logp[:, j].numpy()
+        cols[name] = beta * (logp[:, j] - logp_ref).numpy()
+        cols[f"kl_{name}"] = kl[:, j].numpy()
+        cols[f"ref_{name}"] = -beta * kl[:, j].numpy()
+    return cols
+
+
+def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os.PathLike, policy: str = "smollm2",
+                max_length: int = 512, batch_size: int = 16) -> Path:  # fmt: skip
+    """PeCAN's columns for the responses of an existing table of π_ref samples (e.g. a MoCAN collection): no new
+    sampling, so MoCAN and PeCAN see the same responses. Writes `out` atomically and returns it."""
+    table = pq.read_table(table_path)
+    parsed = [parse_aligned(a) for a in aligned]
+    clash = [n for n, _, _ in parsed if n in table.column_names]
+    if clash:
+        raise CanError(f"{table_path} already has column(s) {clash}: name the pre-aligned models differently")
+    device = "cuda" if torch.cuda.is_available() else None
+    from train.models import load_policy
+
+    reference, tok = load_policy(policy, device)
+    others = [load_policy(path, device)[0].eval() for _, path, _ in parsed]
+    rows = table.select(["prompt", "response"]).to_pydict()
+    finished = table.column("finished").to_pylist() if "finished" in table.column_names else None
+    cols = pecan_columns(reference.eval(), others, tok, parsed, rows["prompt"], rows["response"], finished,
+                         max_length, batch_size)  # fmt: skip
+    for name, values in cols.items():
+        if name in table.column_names:
+            table = table.drop_columns([name])
+        table = table.append_column(name, pa.array(values))
+    meta = json.loads((table.schema.metadata or {}).get(b"can.collect", b"{}"))
+    meta["pecan"] = {name: {"policy": path, "beta": beta} for name, path, beta in parsed}
+    table = table.replace_schema_metadata({b"can.collect": json.dumps(meta).encode()})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return atomic_write_bytes(out, sink.getvalue().to_pybytes())
 
 
 def _settings_hash(cfg: CollectConfig, prompts: list[str]) -> str:
@@ -100,9 +181,13 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     out = Path(out)
     prompts = read_prompts(cfg.prompts)
     scorers = [make_scorer(*parse_scorer(s)) for s in cfg.scorers]
-    names = [s.name for s in scorers]
-    if len(set(names)) != len(names) or {"prompt", "response", "prompt_id"} & set(names):
-        raise CanError(f"scorer names must be distinct and not prompt/response/prompt_id: {names}")
+    aligned = [parse_aligned(a) for a in cfg.aligned]
+    names = [s.name for s in scorers] + [a[0] for a in aligned]
+    if not names:
+        raise CanError("nothing to record: give --scorer NAME=SPEC and/or --aligned NAME=DIR")
+    reserved = {"prompt", "response", "prompt_id", "instruction", "logp_ref", "finished"}
+    if len(set(names)) != len(names) or reserved & set(names):
+        raise CanError(f"scorer and aligned-model names must be distinct and not one of {sorted(reserved)}: {names}")
     shard_dir = out.with_name(out.name + ".shards")
     shard_dir.mkdir(parents=True, exist_ok=True)
     stamp = shard_dir / "settings.json"
@@ -111,8 +196,10 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
         raise CanError(f"{shard_dir} holds shards made with other settings or prompts; delete it or change --out")
     atomic_write_text(stamp, json.dumps({"hash": digest, "config": asdict(cfg)}, indent=2))
 
-    model, tok = load_policy(cfg.policy, "cuda" if torch.cuda.is_available() else None)
+    device = "cuda" if torch.cuda.is_available() else None
+    model, tok = load_policy(cfg.policy, device)
     model.eval()
+    others = [load_policy(path, device)[0].eval() for _, path, _ in aligned]
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     for s in range(n_shards):
         path = shard_dir / f"shard-{s:05d}.parquet"
@@ -124,14 +211,19 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
         chunk = prompts[lo : lo + cfg.shard_size]
         rendered = [render(tok, p) for p in chunk]
         torch.manual_seed(cfg.seed + s)
-        samples = sample(model, tok, rendered, cfg.k, cfg.max_new_tokens, cfg.temperature, cfg.batch_size)
+        samples, finished = sample(model, tok, rendered, cfg.k, cfg.max_new_tokens, cfg.temperature, cfg.batch_size,
+                                   return_finished=True)  # fmt: skip
         pid = np.repeat(np.arange(lo, lo + len(chunk)), cfg.k)
         instr = [p for p in chunk for _ in range(cfg.k)]
         rend = [p for p in rendered for _ in range(cfg.k)]
         resp = [r for rs in samples for r in rs]
-        cols = {"prompt_id": pid, "instruction": instr, "prompt": rend, "response": resp}
-        cols["logp_ref"] = sequence_logps(model, tok, rend, resp, max_length=cfg.max_length,
-                                          batch_size=cfg.batch_size).numpy()  # fmt: skip
+        ended = [f for fs in finished for f in fs]
+        cols = {"prompt_id": pid, "instruction": instr, "prompt": rend, "response": resp, "finished": ended}
+        if aligned:
+            cols.update(pecan_columns(model, others, tok, aligned, rend, resp, ended, cfg.max_length, cfg.batch_size))
+        else:
+            cols["logp_ref"] = sequence_logps(model, tok, rend, resp, max_length=cfg.max_length,
+                                              batch_size=cfg.batch_size).numpy()  # fmt: skip
         for sc in scorers:
             cols[sc.name] = sc(instr, resp)
         sink = pa.BufferOutputStream()
@@ -141,6 +233,8 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
             progress(s, n_shards, False)
     tables = [pq.read_table(shard_dir / f"shard-{s:05d}.parquet") for s in range(n_shards)]
     meta = {"scorers": {sc.name: {"spec": sc.spec, "template": sc.template} for sc in scorers}, **asdict(cfg)}
+    if aligned:
+        meta["pecan"] = {name: {"policy": path, "beta": beta} for name, path, beta in aligned}
     table = pa.concat_tables(tables).replace_schema_metadata({b"can.collect": json.dumps(meta).encode()})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)

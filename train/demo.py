@@ -56,20 +56,39 @@ class DemoConfig:
     epochs: float = 2.0
     lr: float = 2e-5  # 1e-4 (full fine-tuning, 32 steps) measured to collapse SmolLM2 into gibberish
     lora: bool = False  # train a LoRA adapter instead of all weights
+    train_top: int | None = None  # train only the top N blocks (CPU speed)
     batch_size: int = 8  # DPO pairs per step
     gen_batch_size: int = 16  # sequences per generation / scoring batch
     max_length: int = 192
     seed: int = 0
 
 
-def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
-    """Runs the chain into OUT and returns the evaluation report."""
+def certify_at_reach(scores_path, reward: str, names: list[str], beta: float, margin_frac: float,
+                     ref_columns: dict | None = None) -> dict:  # fmt: skip
+    """The demo's margins: each constraint's margin is `margin_frac` of its reach on the samples (the most any
+    policy on them can gain); then the dual is solved and certified at those margins."""
     import jax.numpy as jnp
 
-    from bridge.certificate import data_summary, solve_and_certify, write_certificate
-    from bridge.labels import pseudo_preferences, write_preferences
+    from bridge.certificate import data_summary, solve_and_certify
     from bridge.tables import ConstraintSpec, load_scores
+    from can_jax.errors import CanError
     from can_jax.solve import solve_dual_jit
+
+    probe = load_scores(scores_path, reward, [ConstraintSpec(n, 0.0) for n in names], ref_columns=ref_columns)
+    reach = solve_dual_jit(probe.scores, jnp.zeros(len(names)), beta).reach
+    stuck = [f"{n} ({float(r):+.3g})" for n, r in zip(names, reach, strict=True) if not r > 0]
+    if stuck:
+        raise CanError(f"no policy on these samples improves {', '.join(stuck)} over the reference expectation")
+    specs = [ConstraintSpec(n, round(float(margin_frac * r), 4)) for n, r in zip(names, reach, strict=True)]
+    loaded = load_scores(scores_path, reward, specs, ref_columns=ref_columns)
+    _, cert = solve_and_certify(loaded, beta, None, 100, True, data_summary(loaded, reward, "prompt_id"))
+    return cert
+
+
+def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
+    """Runs the chain into OUT and returns the evaluation report."""
+    from bridge.certificate import write_certificate
+    from bridge.labels import pseudo_preferences, write_preferences
     from train.collect import CollectConfig, collect
     from train.dpo import train
     from train.evaluate import evaluate
@@ -90,11 +109,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
 
     t = time.perf_counter()
     names = [parse_scorer(s)[0] for s in cfg.scorers if parse_scorer(s)[0] != cfg.reward]
-    probe = load_scores(scores_path, cfg.reward, [ConstraintSpec(n, 0.0) for n in names])
-    reach = solve_dual_jit(probe.scores, jnp.zeros(len(names)), cfg.beta).reach
-    specs = [ConstraintSpec(n, round(float(cfg.margin_frac * r), 4)) for n, r in zip(names, reach, strict=True)]
-    loaded = load_scores(scores_path, cfg.reward, specs)
-    _, cert = solve_and_certify(loaded, cfg.beta, None, 100, True, data_summary(loaded, cfg.reward, "prompt_id"))
+    cert = certify_at_reach(scores_path, cfg.reward, names, cfg.beta, cfg.margin_frac)
     write_certificate(out / "certificate.json", cert)
     times["dual"] = time.perf_counter() - t
     say(
@@ -107,7 +122,8 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     write_preferences(out / "preferences.parquet", prefs)
     say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
     final = train(out / "preferences.parquet", cfg.policy, out / "run", epochs=cfg.epochs, lr=cfg.lr,
-                  batch_size=cfg.batch_size, max_length=cfg.max_length, lora=cfg.lora, seed=cfg.seed)  # fmt: skip
+                  batch_size=cfg.batch_size, max_length=cfg.max_length, lora=cfg.lora, train_top=cfg.train_top,
+                  seed=cfg.seed)  # fmt: skip
     times["label+train"] = time.perf_counter() - t
     say(f"④ DPO (β = {cert['beta']:g}) → {final} ({times['label+train']:.0f} s)")
 

@@ -41,3 +41,19 @@ def tiny_lm(tmp_path_factory):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer, path
+
+
+@pytest.fixture(scope="session")
+def other_lm(tiny_lm, tmp_path_factory):
+    """A second tiny policy over the same tokenizer, initialised differently (a reference that is not the policy,
+    or a "pre-aligned" model whose log-ratios are not zero)."""
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaForCausalLM
+
+    model, tok, _ = tiny_lm
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(model.config)
+    path = tmp_path_factory.mktemp("other-lm")
+    other.save_pretrained(path)
+    tok.save_pretrained(path)
+    return other, path

@@ -1,4 +1,5 @@
-"""The whole MoCAN chain (collect → dual → label → DPO → evaluate) on a tiny local LM with toy scorers."""
+"""The whole MoCAN chain (collect → dual → label → DPO → evaluate) on a tiny local LM with toy scorers, and the
+PeCAN chain beside it (pre-align per aspect → log-ratios → dual → label → DPO → evaluate → comparison)."""
 
 import json
 
@@ -7,22 +8,49 @@ import pytest
 pytest.importorskip("trl")
 
 
-def test_chain_moves_the_constraint_in_the_predicted_direction(tiny_lm, tmp_path):
+@pytest.fixture(scope="module")
+def mocan_run(tiny_lm, tmp_path_factory):
     from train.demo import DemoConfig, run_chain
 
     _, _, path = tiny_lm
+    out = tmp_path_factory.mktemp("mocan")
     prompts = [f"tell me about item {i}." for i in range(24)]
     cfg = DemoConfig(policy=str(path), reward="brev",
                      scorers=["brev=tests.train.toy_scorers:brevity", "e=tests.train.toy_scorers:e_share"],
                      train_prompts=prompts, eval_prompts=[f"what is thing {i}?" for i in range(24)], k=8,
                      max_new_tokens=12, beta=0.1, margin_frac=0.5, pairs_per_prompt=8, epochs=3, lr=3e-3,
                      batch_size=16, max_length=64)  # fmt: skip
-    report = run_chain(cfg, tmp_path, say=lambda *_: None)
-    cert = json.loads((tmp_path / "certificate.json").read_text())
+    return cfg, out, run_chain(cfg, out, say=lambda *_: None)
+
+
+def test_chain_moves_the_constraint_in_the_predicted_direction(mocan_run):
+    _, out, report = mocan_run
+    cert = json.loads((out / "certificate.json").read_text())
     assert cert["converged"] and cert["lambda"]["e"] > 0
     row = next(r for r in report["rows"] if r["name"] == "e")
     assert row["predicted_gain"] > 0
     assert row["ci95"][0] > 0  # achieved: the 'e' share rose, significantly
-    assert (tmp_path / "evaluation" / "evaluation.md").exists() and (
-        tmp_path / "evaluation" / "evaluation.png"
-    ).exists()
+    assert (out / "evaluation" / "evaluation.md").exists() and (out / "evaluation" / "evaluation.png").exists()
+
+
+def test_pecan_chain_beside_mocan(mocan_run, tmp_path):
+    from train.demo_pecan import run_pecan
+
+    cfg, mocan_dir, _ = mocan_run
+    # kl="sample": this tiny byte-level model's decoded samples do not re-tokenize to the sampled tokens, so the
+    # token-level KL is not along the samples the log-ratios are taken on (test_pecan_lm checks it where it is).
+    comparison = run_pecan(cfg, tmp_path, mocan_dir, say=lambda *_: None, prealign_pairs=8, prealign_epochs=2,
+                           kl="sample")  # fmt: skip
+    cert = json.loads((tmp_path / "certificate.json").read_text())
+    assert cert["converged"] and set(cert["lambda"]) == {"pre_e"}
+    assert cert["data"]["reference_expectation"] == {"pre_e": "sample mean"}
+    pre = json.loads((tmp_path / "pre_e" / "policy" / "prealign.json").read_text())
+    assert pre["beta"] == cfg.beta
+    row = next(r for r in comparison["rows"] if r["name"] == "e")
+    # The pre-aligned 'e' model learned from pairs labelled by the e share alone, so PeCAN's π_λ* on the samples
+    # raises the e share. (Whether the tiny model trained on its labels does is not asserted: measured −0.002
+    # [−0.004, −0.000] here, against MoCAN's +0.006 [+0.001, +0.010].)
+    assert row["pecan_implied"] > 0
+    assert row["pecan_achieved"] is not None
+    for name in ("comparison.md", "comparison.png", "comparison.json"):
+        assert (tmp_path / name).exists()

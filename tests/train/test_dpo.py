@@ -17,16 +17,8 @@ BETA = 0.7
 
 
 @pytest.fixture(scope="module")
-def ref_lm(tiny_lm, tmp_path_factory):
-    from transformers import LlamaForCausalLM
-
-    model, tok, _ = tiny_lm
-    torch.manual_seed(1)
-    ref = LlamaForCausalLM(model.config)  # a different reference, so that Δ ≠ 0
-    path = tmp_path_factory.mktemp("ref-lm")
-    ref.save_pretrained(path)
-    tok.save_pretrained(path)
-    return ref
+def ref_lm(other_lm):
+    return other_lm[0]  # a different reference, so that Δ ≠ 0
 
 
 def _hand_loss(policy, ref, tok, soft):
@@ -50,7 +42,7 @@ def test_trainer_loss_equals_hand_computation(tiny_lm, ref_lm, tmp_path, soft):
 
     model, tok, _ = tiny_lm
     data = DATA if soft else {k: v for k, v in DATA.items() if k != "p_chosen"}
-    args = make_config(tmp_path, BETA, soft=True, per_device_train_batch_size=3, max_length=48)
+    args = make_config(tmp_path, BETA, "fp32", per_device_train_batch_size=3, max_length=48)
     trainer = CanDPOTrainer(model=model, ref_model=ref_lm, args=args, train_dataset=Dataset.from_dict(data),
                             processing_class=tok, data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id,
                                                                                        max_length=48))  # fmt: skip
