@@ -93,3 +93,39 @@ def test_lora_training_saves_a_standalone_merged_policy(tiny_lm, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(final)  # no adapter files needed
     changed = any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), model.state_dict().values()))
     assert changed and (final / "config.json").exists()
+
+
+def test_resume_continues_from_the_last_checkpoint_and_top_layer_training(tiny_lm, tmp_path):
+    """An interrupted run (here: stopped after 2 epochs) resumed with more epochs continues from its checkpoint
+    instead of starting over; and --train-top leaves the lower blocks and the embeddings untouched."""
+    import json
+
+    import pyarrow as pa
+    from transformers import AutoModelForCausalLM
+
+    from bridge.labels import META_KEY, write_preferences
+    from train.dpo import train
+
+    model, _, path = tiny_lm
+    meta = b'{"beta": 0.5, "lambda": {"a": 1.0}, "mode": "soft", "pairs_per_prompt": 1, "seed": 0}'
+    write_preferences(tmp_path / "p.parquet", pa.table({k: v * 2 for k, v in DATA.items()}).replace_schema_metadata(
+        {META_KEY: meta}))  # fmt: skip
+    kw = dict(lr=1e-3, batch_size=2, max_length=48, save_steps=3, train_top=1)
+    train(tmp_path / "p.parquet", str(path), tmp_path / "run", epochs=2, **kw)  # 6 pairs / 2 = 3 steps per epoch
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert ckpts[-1].name == "checkpoint-6"
+    # Mark the checkpoint's history: a resumed run carries it forward, a run started over would not.
+    stamp = ckpts[-1] / "trainer_state.json"
+    state = json.loads(stamp.read_text())
+    state["log_history"].append({"step": 6, "marker": 1})
+    stamp.write_text(json.dumps(state))
+    final = train(tmp_path / "p.parquet", str(path), tmp_path / "run", epochs=3, resume=True, **kw)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-9" / "trainer_state.json").read_text())
+    assert state["global_step"] == 9
+    assert {"step": 6, "marker": 1} in state["log_history"]
+    tuned = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    base = model.state_dict()
+    frozen = [k for k in base if "layers.0." in k or "embed_tokens" in k]
+    moved = [k for k in base if "layers.1." in k]
+    assert frozen and all(torch.equal(tuned[k], base[k]) for k in frozen)
+    assert any(not torch.equal(tuned[k], base[k]) for k in moved)
