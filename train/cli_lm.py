@@ -28,6 +28,7 @@ def collect_cmd(
         Optional[list[str]],
         typer.Option(
             "--aligned",
+            "--pecan",
             "-a",
             help="PeCAN: NAME=DIR (a `can prealign` policy; β from its prealign.json) or NAME=DIR@BETA, repeatable. "
             "Adds column NAME = β·(log π_NAME − log π_ref), logp_NAME, kl_NAME (token-level KL(π_ref ‖ π_NAME) "
@@ -169,17 +170,28 @@ def evaluate_cmd(
     k: Annotated[int, typer.Option("--k", help="Samples per prompt and policy.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
+    train_scores: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="The scores table the certificate was solved on: also report the aligned policy's gains on those "
+            "samples (reweighted by π_aligned/π_ref), where the prediction was made."
+        ),
+    ] = None,
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
     from bridge.certificate import read_certificate
     from can_jax.errors import CanError
     from train.collect import read_prompts
-    from train.evaluate import evaluate
+    from train.evaluate import evaluate, insample_gains
+    from train.scorers import parse_scorer
 
     try:
         cert = read_certificate(certificate)
+        insample = None
+        if train_scores is not None:
+            insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer])
         report = evaluate(aligned, reference, read_prompts(prompts), list(scorer), cert, out, k=k,
-                          max_new_tokens=max_new_tokens, seed=seed)  # fmt: skip
+                          max_new_tokens=max_new_tokens, seed=seed, insample=insample)  # fmt: skip
     except CanError as err:
         _fail(str(err))
     _print_evaluation(report)
@@ -190,11 +202,12 @@ def _print_evaluation(report: dict):
     from rich.table import Table
 
     table = Table(title=f"achieved vs predicted gains on {report['prompts']} held-out prompts (β = {report['beta']:g})")
-    for col in ("score", "role", "margin", "predicted", "achieved", "95% interval"):
+    for col in ("score", "role", "margin", "predicted", "on training samples", "achieved", "95% interval"):
         table.add_column(col, justify="left" if col in ("score", "role") else "right")
     for r in report["rows"]:
         table.add_row(r["name"], r["role"], "—" if r["margin"] is None else f"{r['margin']:+.3f}",
                       "—" if r["predicted_gain"] is None else f"{r['predicted_gain']:+.3f}",
+                      "—" if r.get("insample_gain") is None else f"{r['insample_gain']:+.3f}",
                       f"{r['achieved_gain']:+.3f}", f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")  # fmt: skip
     _console().print(table)
 
@@ -213,13 +226,20 @@ def prealign(
     max_length: Annotated[int, typer.Option(help="Token limit of prompt + response (TRL truncation).")] = 512,
     lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (merged on save).")] = False,
     train_top: Annotated[Optional[int], typer.Option(help="Train only the top N transformer blocks.")] = None,
+    chat_template: Annotated[
+        bool,
+        typer.Option(
+            "--chat-template",
+            help="The prompts are raw instructions: render them with the policy's chat template (as `can collect` "
+            "does). Without it they are used as written.",
+        ),
+    ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
     """PeCAN: DPO of π_ref on one preference dataset (helpfulness only, or one safety aspect), recording β.
 
-    Run once per dataset; then `can collect --aligned NAME=OUT/policy ...` and `can dual --pecan`. Prompts are used
-    as written (render them with the policy's chat template first if it has one, as `can collect` does).
+    Run once per dataset; then `can collect --aligned NAME=OUT/policy ...` and `can dual --pecan`.
     """
     from can_jax.errors import CanError
 
@@ -227,7 +247,8 @@ def prealign(
         from train.dpo import prealign as run
 
         final = run(preferences, policy, out, beta, epochs=epochs, lr=lr, batch_size=batch_size,
-                    max_length=max_length, lora=lora, train_top=train_top, resume=resume, seed=seed)  # fmt: skip
+                    max_length=max_length, lora=lora, train_top=train_top, chat_template=chat_template, resume=resume,
+                    seed=seed)  # fmt: skip
     except (CanError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"pre-aligned policy (β = {beta:g}) written to {final}")

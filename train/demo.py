@@ -93,7 +93,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     from bridge.labels import pseudo_preferences, write_preferences
     from train.collect import CollectConfig, collect
     from train.dpo import train
-    from train.evaluate import evaluate
+    from train.evaluate import evaluate, insample_gains
     from train.scorers import parse_scorer
 
     out = Path(out)
@@ -130,9 +130,11 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     say(f"④ DPO (β = {cert['beta']:g}) → {final} ({times['label+train']:.0f} s)")
 
     t = time.perf_counter()
-    resolved = cfg.policy
-    report = evaluate(str(final), resolved, cfg.eval_prompts, cfg.scorers, cert, out / "evaluation", k=cfg.k,
-                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip
+    insample = insample_gains(str(final), scores_path, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,
+                              cfg.max_length)  # fmt: skip
+    report = evaluate(str(final), cfg.policy, cfg.eval_prompts, cfg.scorers, cert, out / "evaluation", k=cfg.k,
+                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
+                      insample=insample)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
     report["seconds"] = times
     (out / "evaluation" / "timing.json").write_text(json.dumps(times, indent=2))

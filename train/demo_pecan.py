@@ -19,25 +19,17 @@ import numpy as np
 from bridge.files import atomic_write_text, write_figure
 
 
-def implied_gains(scores_path, cert: dict, reward: str, scorers: list[str]) -> dict:
+def implied_gains(scores_path, cert: dict, scorers: list[str]) -> dict:
     """What π_λ* of a PeCAN certificate does to the scorers' means on the samples: the self-normalised weights of
     s̃ = r̃ + λ*ᵀg̃ (DESIGN §2) applied to the scorer columns — the prediction in the units evaluation measures."""
-    import jax.numpy as jnp
-
     from bridge.labels import scores_of
     from bridge.tables import read_table
-    from can_jax.certify import predicted_outcome
-    from can_jax.dual import to_blocks
-    from can_jax.scores import from_long
+    from train.evaluate import tilt_gains
 
     table = read_table(scores_path)
-    ids = np.unique(np.asarray(table.column("prompt_id").to_numpy(zero_copy_only=False)), return_inverse=True)[1]
-    s = scores_of(table, cert)
     g = np.stack([np.asarray(table.column(n).to_numpy(zero_copy_only=False), float) for n in scorers], 1)
-    # Reward = s̃ and λ = 0: the weights are π_λ*'s, and the "utility gains" are the scorers' predicted gains.
-    sc = from_long(ids, s, g, dtype=jnp.float64)
-    pred = predicted_outcome(jnp.zeros(len(scorers)), to_blocks(sc), cert["beta"])
-    return {n: float(v) for n, v in zip(scorers, np.asarray(pred.utility_gain), strict=True)}
+    gains = tilt_gains(table.column("prompt_id").to_numpy(), scores_of(table, cert), g, cert["beta"])
+    return {n: float(v) for n, v in zip(scorers, gains, strict=True)}
 
 
 def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_pairs: int = 4,
@@ -99,7 +91,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
     mocan = json.loads((mocan_dir / "evaluation" / "evaluation.json").read_text())
-    implied = implied_gains(table, cert, names[0], scorer_names)
+    implied = implied_gains(table, cert, scorer_names)
     comparison = compare(mocan, report, mocan_cert, cert, implied, times)
     atomic_write_text(out / "comparison.json", json.dumps(comparison, indent=2) + "\n")
     atomic_write_text(out / "comparison.md", markdown(comparison))

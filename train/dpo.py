@@ -157,6 +157,7 @@ def train(
     lora: bool = False,
     train_top: int | None = None,
     precision: str = "auto",
+    chat_template: bool = False,
     resume: bool = False,
     seed: int = 0,
     beta_override: float | None = None,
@@ -165,7 +166,8 @@ def train(
     """Runs DPO with β from the preference dataset's certificate; returns the directory of the aligned policy.
 
     `beta` must equal the certificate's β (a consistency check); `beta_override` replaces it deliberately.
-    `train_top` trains only the top N blocks (see `train_top_layers`); `precision` is auto, bf16 or fp32.
+    `train_top` trains only the top N blocks (see `train_top_layers`); `precision` is auto, bf16 or fp32;
+    `chat_template` renders raw prompts through the policy's chat template first.
     """
     from train.models import load_policy
 
@@ -178,6 +180,12 @@ def train(
             "(DESIGN §4); drop --beta, or pass --allow-beta-mismatch"
         )
     model, tok = load_policy(policy)
+    if chat_template:
+        from train.collect import render
+
+        # Raw instructions → the policy's chat template, as `can collect` renders them (DESIGN §3: the same
+        # prompt/response boundary everywhere).
+        data = data.map(lambda e: {"prompt": render(tok, e["prompt"])})
     if train_top is not None:
         if lora:
             raise CanError("--train-top and --lora are alternatives: choose one")

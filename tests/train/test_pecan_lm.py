@@ -185,7 +185,7 @@ def test_prealign_records_beta_and_collect_reads_it(tiny_lm, tmp_path):
     prefs.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     runner = CliRunner()
     args = ["prealign", str(prefs), "--beta", "0.3", "--policy", str(path), "--out", str(tmp_path / "pre"),
-            "--batch-size", "2", "--max-length", "48", "--lr", "1e-3"]  # fmt: skip
+            "--batch-size", "2", "--max-length", "48", "--lr", "1e-3", "--chat-template"]  # fmt: skip
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     policy = tmp_path / "pre" / "policy"
