@@ -41,7 +41,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     from train.collect import add_aligned
     from train.demo import certify_at_reach
     from train.dpo import prealign, train
-    from train.evaluate import evaluate
+    from train.evaluate import evaluate, insample_gains
     from train.scorers import parse_scorer
 
     out, mocan_dir = Path(out), Path(mocan_dir)
@@ -87,8 +87,10 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
 
     t = time.perf_counter()
     mocan_cert = json.loads((mocan_dir / "certificate.json").read_text())
+    insample = insample_gains(str(final), table, scorer_names, cfg.gen_batch_size, cfg.max_length)
     report = evaluate(str(final), cfg.policy, cfg.eval_prompts, cfg.scorers, mocan_cert, out / "evaluation", k=cfg.k,
-                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip
+                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
+                      insample=insample)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
     mocan = json.loads((mocan_dir / "evaluation" / "evaluation.json").read_text())
     implied = implied_gains(table, cert, scorer_names)
@@ -106,8 +108,9 @@ def compare(mocan: dict, pecan: dict, mocan_cert: dict, pecan_cert: dict, implie
     for r in mocan["rows"]:
         p = by_name[r["name"]]
         rows.append({"name": r["name"], "role": r["role"], "mocan_predicted": r["predicted_gain"],
-                     "mocan_achieved": r["achieved_gain"], "mocan_ci95": r["ci95"],
-                     "pecan_implied": implied.get(r["name"]), "pecan_achieved": p["achieved_gain"],
+                     "mocan_insample": r.get("insample_gain"), "mocan_achieved": r["achieved_gain"],
+                     "mocan_ci95": r["ci95"], "pecan_implied": implied.get(r["name"]),
+                     "pecan_insample": p.get("insample_gain"), "pecan_achieved": p["achieved_gain"],
                      "pecan_ci95": p["ci95"]})  # fmt: skip
     return {"prompts": mocan["prompts"], "samples_per_prompt": mocan["samples_per_prompt"], "beta": mocan["beta"],
             "mocan_lambda": mocan_cert["lambda"], "pecan_lambda": pecan_cert["lambda"],
@@ -126,21 +129,24 @@ def markdown(c: dict) -> str:
         f"- MoCAN λ*: {c['mocan_lambda']}",
         f"- PeCAN λ*: {c['pecan_lambda']} (margins {c['pecan_margins']}, in β·log-ratio units)",
         "",
-        "| score | role | MoCAN predicted | MoCAN achieved [95%] | PeCAN implied | PeCAN achieved [95%] |",
-        "|---|---|---|---|---|---|",
+        "| score | role | MoCAN predicted | MoCAN on training samples | MoCAN achieved, held out [95%] | PeCAN implied "
+        "| PeCAN on training samples | PeCAN achieved, held out [95%] |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x):
         return "—" if x is None else f"{x:+.3f}"
 
     for r in c["rows"]:
-        lines.append(f"| {r['name']} | {r['role']} | {f(r['mocan_predicted'])} | {f(r['mocan_achieved'])} "
-                     f"[{r['mocan_ci95'][0]:+.3f}, {r['mocan_ci95'][1]:+.3f}] | {f(r['pecan_implied'])} | "
+        lines.append(f"| {r['name']} | {r['role']} | {f(r['mocan_predicted'])} | {f(r.get('mocan_insample'))} | "
+                     f"{f(r['mocan_achieved'])} [{r['mocan_ci95'][0]:+.3f}, {r['mocan_ci95'][1]:+.3f}] | "
+                     f"{f(r['pecan_implied'])} | {f(r.get('pecan_insample'))} | "
                      f"{f(r['pecan_achieved'])} [{r['pecan_ci95'][0]:+.3f}, {r['pecan_ci95'][1]:+.3f}] |")  # fmt: skip
     lines += [
         "",
         "PeCAN implied: the scorer gains that PeCAN's π_λ* (weights of s̃ = r̃ + λ*ᵀg̃ on the reference samples) "
-        "would bring — what PeCAN predicts, in the units MoCAN and the evaluation use.",
+        "would bring — what PeCAN predicts, in the units MoCAN and the evaluation use. On training samples: each "
+        "aligned policy's gains on those reference samples, reweighted by π_aligned/π_ref.",
         "",
         "KL(π_ref ‖ π_g) per prompt, token-level vs sample-mean estimate (± mean within-prompt s.e.):",
         "",

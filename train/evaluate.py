@@ -154,8 +154,11 @@ def plot(rows, path) -> None:
     pred = [np.nan if r["predicted_gain"] is None else r["predicted_gain"] for r in rows]
     ach = [r["achieved_gain"] for r in rows]
     err = [[a - r["ci95"][0] for a, r in zip(ach, rows)], [r["ci95"][1] - a for a, r in zip(ach, rows)]]
-    ax.bar(x - 0.2, pred, 0.4, label="predicted (certificate)")
-    ax.bar(x + 0.2, ach, 0.4, yerr=err, capsize=4, label="achieved (95% CI)")
+    ins = [np.nan if r.get("insample_gain") is None else r["insample_gain"] for r in rows]
+    ax.bar(x - 0.27, pred, 0.27, label="predicted (certificate)")
+    if not np.isnan(ins).all():
+        ax.bar(x, ins, 0.27, label="aligned, on the training samples")
+    ax.bar(x + 0.27, ach, 0.27, yerr=err, capsize=4, label="achieved on held-out prompts (95% CI)")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x, names)
     ax.set_ylabel("gain over the reference policy")
