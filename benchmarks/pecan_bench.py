@@ -114,7 +114,7 @@ def run(seed: int, out: Path):
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['method']} | {r['lambda']} | {r['lambda_error']:.3f} | {r['utility_gain']} | "
-                     f"{r['violation']:.3f} | {r['reward_gain']:+.3f} | {r['seconds']:.2f} |")  # fmt: skip
+                     f"{r['violation']:.3f} | {r['reward_gain']:+.3f} | {r['seconds']:.3f} |")  # fmt: skip
     lines += ["", "Reading it: with exact pre-aligned models PeCAN is MoCAN (the sample-mean reference gives the same "
               "λ̂ to solver precision; the exact-KL reference removes the noise of the per-prompt mean). With models "
               "pre-aligned by DPO on finite preference data, PeCAN inherits their error: tabular DPO on a few "
