@@ -76,6 +76,33 @@ def collect_cmd(
 
 
 @app.command()
+def logratios(
+    table: Annotated[
+        Path,
+        typer.Argument(help="A scores table of π_ref samples (prompt and response columns), e.g. from `can collect`."),
+    ],  # fmt: skip
+    aligned: Annotated[
+        list[str], typer.Option("--aligned", "--pecan", "-a", help="NAME=DIR or NAME=DIR@BETA, as for `can collect`.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Table to write (.parquet).")] = Path("pecan.parquet"),
+    policy: Annotated[str, typer.Option(help="The reference policy the samples came from.")] = "smollm2",
+    max_length: Annotated[int, typer.Option(help="Token limit of prompt + response (as in DPO).")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+):
+    """PeCAN columns for responses already sampled: the table plus, per pre-aligned model, β·log-ratio, log-prob and
+    token-level KL (what `can collect --aligned` records), without sampling again — so MoCAN and PeCAN can be
+    compared on the same responses."""
+    from can_jax.errors import CanError
+    from train.collect import add_aligned
+
+    try:
+        path = add_aligned(table, list(aligned), out, policy, max_length, batch_size)
+    except (CanError, FileNotFoundError, KeyError) as err:
+        _fail(str(err))
+    typer.echo(f"PeCAN table written to {path}")
+
+
+@app.command()
 def label(
     scores: ScoresArg,
     certificate: Annotated[Path, typer.Argument(help="Certificate JSON written by `can dual --out`.")],

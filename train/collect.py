@@ -141,7 +141,12 @@ def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os
                 max_length: int = 512, batch_size: int = 16) -> Path:  # fmt: skip
     """PeCAN's columns for the responses of an existing table of π_ref samples (e.g. a MoCAN collection): no new
     sampling, so MoCAN and PeCAN see the same responses. Writes `out` atomically and returns it."""
-    table = pq.read_table(table_path)
+    from bridge.tables import read_table
+
+    table = read_table(table_path)
+    missing = [c for c in ("prompt_id", "prompt", "response") if c not in table.column_names]
+    if missing:
+        raise CanError(f"{table_path}: missing column(s) {missing}; it needs the rendered prompt and the response")
     parsed = [parse_aligned(a) for a in aligned]
     clash = [n for n, _, _ in parsed if n in table.column_names]
     if clash:

@@ -136,6 +136,17 @@ def test_collect_with_aligned_models_and_dual_pecan(tiny_lm, other_lm, tmp_path)
     by_prompt = t.assign(s=t["logp_ref"] - t["logp_safe"]).groupby("prompt_id")
     assert kl["sample"] == pytest.approx(by_prompt["s"].mean().mean(), rel=1e-9)
     assert kl["token"] == pytest.approx(by_prompt["kl_safe"].mean().mean(), rel=1e-9)
+    # The same columns for responses already sampled (no new sampling): `can logratios` on the MoCAN-style part.
+    plain_part = tmp_path / "samples.parquet"
+    pq.write_table(pq.read_table(out).select(["prompt_id", "prompt", "response", "finished"]), plain_part)
+    res = runner.invoke(app, ["logratios", str(plain_part), "-a", f"safe={other}@0.25", "--policy", str(path), "-o",
+                              str(tmp_path / "again.parquet")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    again = pq.read_table(tmp_path / "again.parquet").to_pandas()
+    np.testing.assert_allclose(again["safe"], t["safe"], atol=1e-5)
+    np.testing.assert_allclose(again["kl_safe"], t["kl_safe"], rtol=1e-4, atol=1e-6)
+    res = runner.invoke(app, ["logratios", str(tmp_path / "none.parquet"), "-a", f"safe={other}@0.25"])
+    assert res.exit_code == 1 and "not found" in res.output
     # A name that is not a pre-aligned model of the table, and a plain MoCAN table given --pecan: one line each.
     res = runner.invoke(app, [*base, "--constraint", "nope=0.0"])
     assert res.exit_code == 1 and "not pre-aligned models" in res.output
