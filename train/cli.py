@@ -394,9 +394,10 @@ def demo(
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
 
-    collect (32 prompts × 4 samples, lexical scorers: reward helpfulness, constraints harmlessness and
-    politeness) → dual (margins at 30% of each constraint's reach) → soft labels → one DPO run → evaluation on 16
-    held-out prompts, predicted vs achieved gains side by side in OUT/evaluation/evaluation.md.
+    collect (32 prompts × 8 samples, lexical scorers: reward helpfulness, constraints harmlessness and
+    politeness) → dual (β = 0.5, margins at 50% of each constraint's reach) → 256 soft labels → one DPO run (top 8
+    blocks) → evaluation: predicted gains beside the aligned model's gains on the training samples and on 16
+    held-out prompts, in OUT/evaluation/evaluation.md (~13 min on 2 CPU cores).
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """
     if not synthetic:
