@@ -53,10 +53,12 @@ class DemoConfig:
     margin_frac: float = 0.5  # each margin: this fraction of the constraint's reach on the samples
     mode: str = "soft"
     pairs_per_prompt: int = 8
-    epochs: float = 2.0
-    # Full fine-tuning at 1e-4 (32 steps) collapsed SmolLM2 into gibberish; the top 8 of 30 blocks at 5e-5 keep it
-    # intact and halve the CPU step (with bf16 autocast and no gradient checkpointing: ~5.6 s per 8 pairs).
-    lr: float = 5e-5
+    epochs: float = 3.0
+    # Full fine-tuning at 1e-4 collapsed SmolLM2 into gibberish; the top 8 of 30 blocks at 1e-4 keep it coherent and
+    # halve the CPU step (with bf16 autocast and no gradient checkpointing: ~5.6 s per 8 pairs). Measured on the
+    # held-out prompts: lr 5e-5 × 2 epochs moved harmlessness/politeness by +0.008/+0.002 (n.s.), 1e-4 × 3 epochs
+    # by +0.033/+0.016 (politeness significant).
+    lr: float = 1e-4
     lora: bool = False  # train a LoRA adapter instead of all weights
     train_top: int | None = 8  # train only the top N blocks (CPU speed)
     batch_size: int = 8  # DPO pairs per step
