@@ -38,6 +38,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_parquet(path: str | os.PathLike, table) -> Path:
+    """Writes a pyarrow Table (its schema metadata included) as Parquet, atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
 def write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
     """Saves a matplotlib figure as PNG, atomically."""
     import io

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bridge.files import atomic_write_bytes, sha256_file
+from bridge.files import sha256_file, write_parquet
 from bridge.tables import read_table
 from can_jax.errors import CanError, ScoresFormatError
 from can_jax.labels import MODES
@@ -130,11 +130,7 @@ def pseudo_preferences(
 
 def write_preferences(path: str | os.PathLike, table: pa.Table) -> Path:
     """Atomic Parquet write (the metadata travels in the schema)."""
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    return write_parquet(path, table)
 
 
 def read_preferences_meta(path: str | os.PathLike) -> dict:

@@ -42,6 +42,14 @@ def reference_columns(path: str | os.PathLike, reward: str, constraints: list[st
     return {n: f"ref_{n}" for n in constraints} if kl == "token" else {}
 
 
+def certificate_block(path: str | os.PathLike, reward: str, constraints: list[str], kl: str,
+                      prompt_id: str = "prompt_id") -> dict:  # fmt: skip
+    """The `pecan` block of a PeCAN certificate: the models used, where E_ref came from, both KL estimates."""
+    models = pecan_models(path)
+    return {"models": {n: models[n] for n in [reward, *constraints]}, "reference": kl,
+            "kl": kl_summary(path, constraints, prompt_id)}  # fmt: skip
+
+
 def kl_summary(path: str | os.PathLike, names: list[str], prompt_id: str = "prompt_id") -> dict:
     """Both estimates of KL(π_ref ‖ π_NAME)(x), averaged over prompts, with their spread (DESIGN §3).
 
@@ -53,9 +61,9 @@ def kl_summary(path: str | os.PathLike, names: list[str], prompt_id: str = "prom
     table = read_table(path)
     ids = np.unique(np.asarray(table.column(prompt_id).to_numpy(zero_copy_only=False)), return_inverse=True)[1]
     counts = np.bincount(ids)
+    logp_ref = np.asarray(table.column("logp_ref").to_numpy(zero_copy_only=False), float)
     out = {}
     for name in names:
-        logp_ref = np.asarray(table.column("logp_ref").to_numpy(zero_copy_only=False), float)
         sample = logp_ref - np.asarray(table.column(f"logp_{name}").to_numpy(zero_copy_only=False), float)
         token = np.asarray(table.column(f"kl_{name}").to_numpy(zero_copy_only=False), float)
         row = {}

@@ -219,11 +219,9 @@ def dual(
         t1 = time.perf_counter()
         _, cert = solve_and_certify(loaded, beta, tol, max_iter, se, data)
         if pecan:
-            from bridge.pecan import kl_summary, pecan_models
+            from bridge.pecan import certificate_block
 
-            models = pecan_models(scores)
-            cert["pecan"] = {"models": {n: models[n] for n in [reward, *loaded.names]}, "reference": kl,
-                             "kl": kl_summary(scores, loaded.names, prompt_id)}  # fmt: skip
+            cert["pecan"] = certificate_block(scores, reward, loaded.names, kl, prompt_id)
     except CanError as err:
         _fail(str(err))
     cert["timing"] = {"load_s": round(t1 - t0, 4), "solve_s": round(time.perf_counter() - t1, 4)}

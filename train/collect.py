@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from bridge.files import atomic_write_bytes, atomic_write_text
+from bridge.files import atomic_write_text, write_parquet
 from can_jax.errors import CanError
 
 
@@ -121,8 +121,8 @@ def parse_aligned(text: str) -> tuple[str, str, float]:
 
 
 def pecan_columns(reference, others, tok, aligned, prompts, responses, finished, max_length, batch_size) -> dict:
-    """PeCAN's columns for sampled responses (DESIGN §3): logp_ref, and per pre-aligned model (name, dir, β):
-    NAME = β·ℓ with ℓ = log π_NAME − log π_ref, logp_NAME, kl_NAME (token-level KL along the sample) and
+    """log π_ref of sampled responses (`logp_ref`), and PeCAN's columns (DESIGN §3) per pre-aligned model
+    (name, dir, β): NAME = β·ℓ with ℓ = log π_NAME − log π_ref, logp_NAME, kl_NAME (token-level KL along the sample) and
     ref_NAME = −β·kl_NAME, whose per-prompt mean is E_ref[β·ℓ | x]."""
     from train.logps import logps_and_kl
 
@@ -135,6 +135,11 @@ def pecan_columns(reference, others, tok, aligned, prompts, responses, finished,
         cols[f"kl_{name}"] = kl[:, j].numpy()
         cols[f"ref_{name}"] = -beta * kl[:, j].numpy()
     return cols
+
+
+def pecan_meta(aligned) -> dict:
+    """The `pecan` entry of a table's `can.collect` metadata (read by `bridge.pecan.pecan_models`)."""
+    return {name: {"policy": path, "beta": beta} for name, path, beta in aligned}
 
 
 def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os.PathLike, policy: str = "smollm2",
@@ -165,11 +170,8 @@ def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os
             table = table.drop_columns([name])
         table = table.append_column(name, pa.array(values))
     meta = json.loads((table.schema.metadata or {}).get(b"can.collect", b"{}"))
-    meta["pecan"] = {name: {"policy": path, "beta": beta} for name, path, beta in parsed}
-    table = table.replace_schema_metadata({b"can.collect": json.dumps(meta).encode()})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return atomic_write_bytes(out, sink.getvalue().to_pybytes())
+    meta["pecan"] = pecan_meta(parsed)
+    return write_parquet(out, table.replace_schema_metadata({b"can.collect": json.dumps(meta).encode()}))
 
 
 def _settings_hash(cfg: CollectConfig, prompts: list[str]) -> str:
@@ -179,7 +181,6 @@ def _settings_hash(cfg: CollectConfig, prompts: list[str]) -> str:
 
 def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     """Runs the collection into `out` (.parquet), resuming from `out`.shards/ if it exists."""
-    from train.logps import sequence_logps
     from train.models import load_policy
     from train.scorers import make_scorer, parse_scorer
 
@@ -224,24 +225,15 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
         resp = [r for rs in samples for r in rs]
         ended = [f for fs in finished for f in fs]
         cols = {"prompt_id": pid, "instruction": instr, "prompt": rend, "response": resp, "finished": ended}
-        if aligned:
-            cols.update(pecan_columns(model, others, tok, aligned, rend, resp, ended, cfg.max_length, cfg.batch_size))
-        else:
-            cols["logp_ref"] = sequence_logps(model, tok, rend, resp, max_length=cfg.max_length,
-                                              batch_size=cfg.batch_size).numpy()  # fmt: skip
+        cols.update(pecan_columns(model, others, tok, aligned, rend, resp, ended, cfg.max_length, cfg.batch_size))
         for sc in scorers:
             cols[sc.name] = sc(instr, resp)
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.table(cols), sink)
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        write_parquet(path, pa.table(cols))
         if progress:
             progress(s, n_shards, False)
     tables = [pq.read_table(shard_dir / f"shard-{s:05d}.parquet") for s in range(n_shards)]
     meta = {"scorers": {sc.name: {"spec": sc.spec, "template": sc.template} for sc in scorers}, **asdict(cfg)}
     if aligned:
-        meta["pecan"] = {name: {"policy": path, "beta": beta} for name, path, beta in aligned}
-    table = pa.concat_tables(tables).replace_schema_metadata({b"can.collect": json.dumps(meta).encode()})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    atomic_write_bytes(out, sink.getvalue().to_pybytes())
+        meta["pecan"] = pecan_meta(aligned)
+    write_parquet(out, pa.concat_tables(tables).replace_schema_metadata({b"can.collect": json.dumps(meta).encode()}))
     return out

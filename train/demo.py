@@ -66,6 +66,11 @@ class DemoConfig:
     max_length: int = 192
     seed: int = 0
 
+    def dpo_settings(self, **override) -> dict:
+        """`train.dpo.train` keywords of the demo's DPO runs (the one place MoCAN, PeCAN and pre-alignment read)."""
+        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
+                "lora": self.lora, "train_top": self.train_top, "seed": self.seed, **override}  # fmt: skip
+
 
 def certify_at_reach(scores_path, reward: str, names: list[str], beta: float, margin_frac: float,
                      ref_columns: dict | None = None) -> dict:  # fmt: skip
@@ -125,9 +130,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     prefs, stats = pseudo_preferences(scores_path, cert, cfg.mode, cfg.pairs_per_prompt, cfg.seed)
     write_preferences(out / "preferences.parquet", prefs)
     say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
-    final = train(out / "preferences.parquet", cfg.policy, out / "run", epochs=cfg.epochs, lr=cfg.lr,
-                  batch_size=cfg.batch_size, max_length=cfg.max_length, lora=cfg.lora, train_top=cfg.train_top,
-                  seed=cfg.seed)  # fmt: skip
+    final = train(out / "preferences.parquet", cfg.policy, out / "run", **cfg.dpo_settings())
     times["label+train"] = time.perf_counter() - t
     say(f"④ DPO (β = {cert['beta']:g}) → {final} ({times['label+train']:.0f} s)")
 

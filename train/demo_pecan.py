@@ -37,7 +37,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     """PeCAN into OUT, reusing the reference samples of the MoCAN run in MOCAN_DIR; returns the comparison."""
     from bridge.certificate import write_certificate
     from bridge.labels import pseudo_preferences, score_preferences, write_preferences
-    from bridge.pecan import kl_summary
+    from bridge.pecan import certificate_block
     from train.collect import add_aligned
     from train.demo import certify_at_reach
     from train.dpo import prealign, train
@@ -57,8 +57,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
         prefs, stats = score_preferences(samples, name, prealign_pairs, cfg.seed + i)
         write_preferences(out / f"prefs_{name}.parquet", prefs)
         policy = prealign(out / f"prefs_{name}.parquet", cfg.policy, out / f"pre_{name}", cfg.beta,
-                          epochs=prealign_epochs, lr=prealign_lr or cfg.lr, batch_size=cfg.batch_size,
-                          max_length=cfg.max_length, lora=cfg.lora, train_top=cfg.train_top, seed=cfg.seed)  # fmt: skip
+                          **cfg.dpo_settings(epochs=prealign_epochs, lr=prealign_lr or cfg.lr))  # fmt: skip
         aligned.append(f"pre_{name}={policy}")
         say(f"Ⓐ pre-aligned π_{name} on {stats.pairs} preference pairs ({stats.ties_dropped} ties dropped)")
     times["prealign"] = time.perf_counter() - t
@@ -68,7 +67,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     names = [f"pre_{n}" for n in aspects]
     refs = {n: f"ref_{n}" for n in names[1:]} if kl == "token" else None
     cert = certify_at_reach(table, names[0], names[1:], cfg.beta, cfg.margin_frac, ref_columns=refs)
-    cert["pecan"] = {"reference": kl, "kl": kl_summary(table, names[1:])}
+    cert["pecan"] = certificate_block(table, names[0], names[1:], kl)
     write_certificate(out / "certificate.json", cert)
     times["logps+dual"] = time.perf_counter() - t
     say(f"Ⓑ PeCAN dual on the MoCAN samples' log-ratios: λ* { ({k: round(v, 4) for k, v in cert['lambda'].items()}) }"
@@ -79,9 +78,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     t = time.perf_counter()
     prefs, stats = pseudo_preferences(table, cert, cfg.mode, cfg.pairs_per_prompt, cfg.seed)
     write_preferences(out / "preferences.parquet", prefs)
-    final = train(out / "preferences.parquet", cfg.policy, out / "run", epochs=cfg.epochs, lr=cfg.lr,
-                  batch_size=cfg.batch_size, max_length=cfg.max_length, lora=cfg.lora, train_top=cfg.train_top,
-                  seed=cfg.seed)  # fmt: skip
+    final = train(out / "preferences.parquet", cfg.policy, out / "run", **cfg.dpo_settings())
     times["label+train"] = time.perf_counter() - t
     say(f"Ⓒ {stats.pairs} {cfg.mode} pairs from s̃ = r̃ + λ*ᵀg̃, one DPO run → {final}")
 
