@@ -6,13 +6,13 @@ measured in the same run, on this machine.
     python benchmarks/lm_throughput.py --part dpo             # only DPO
     python benchmarks/lm_throughput.py --part chain [--random-init --config-dir DIR]   # the whole chain, timed
 
-Collect stage = sampling + the log-prob pass (log π_ref of every sample) + scoring, per sample. The baseline is the
-collect path before issue 9/12 (commit cd315cf), reproduced here as `old_collect`: `generate()` on K copies of each
-rendered prompt (every copy recomputes the prompt's prefill), then a log-prob pass over the text pairs with the
-full [B, T, V] logits. The new path is `train.collect.sample` (our exact loop: one prefill per prompt shared by its
-K samples, the LM head only where needed) and `train.logps.logps_and_kl` on the sampled ids (positions in chunks).
-Both at the same --batch-size (sequences per batch; `can collect`'s default is 16), and the new one also at a larger
-batch (--big-batch). DPO: `train.dpo.CanDPOTrainer` with soft labels (what `can train` runs for `can label --mode
+Collect stage = sampling + log π_ref of every sample + scoring, per sample. The baseline is the collect path before
+issue 9/12 (commit cd315cf), reproduced here as `old_collect`: `generate()` on K copies of each rendered prompt
+(every copy recomputes the prompt's prefill), then a log-prob pass over the text pairs with the full [B, T, V]
+logits. The new path is `train.collect.shard_columns`, what `can collect` runs per shard: our exact loop (one
+prefill per prompt shared by its K samples, one uniform number per draw, log π_ref of each sample read off the
+logits it was drawn from) and the scorers. Both at --batch-size (sequences per batch; cd315cf's default, 16) and at
+--big-batch (`can collect`'s default now, 64). DPO: `train.dpo.CanDPOTrainer` with soft labels (what `can train` runs for `can label --mode
 soft`) against TRL's plain `DPOTrainer` on the same pairs with hard labels, the same trainable parameters (top 8 of
 30 blocks, as the demo), the same DPOConfig. Repeats alternate the peers; medians; ratios within the run.
 
@@ -47,6 +47,10 @@ def machine() -> dict:
 
 def clocks() -> tuple[float, float]:
     """(wall, CPU) seconds: on a shared machine the process's CPU time is less sensitive to other jobs."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -115,21 +119,28 @@ def old_collect(model, tok, prompts, scorers, k, max_new_tokens, batch_size, max
     return t_sample, since(t)
 
 
-def new_collect(model, tok, prompts, scorers, k, max_new_tokens, batch_size, max_length=512):
-    """`train.collect.collect`'s work per shard: exact sampling, log π_ref of the sampled ids, scoring."""
-    from train.collect import pecan_columns, sample
-    from train.tokens import as_prompts
+def new_collect(model, tok, prompts, scorers, k, max_new_tokens, batch_size, max_length=None):
+    """`train.collect.collect`'s work on one shard (`shard_columns`): exact sampling, log π_ref (read off the
+    sampling loop for a float32 policy), scoring; the sampling part timed inside it."""
+    import train.collect as tc
+    from train.collect import CollectConfig, shard_columns
 
-    t = clocks()
-    drawn = sample(model, tok, as_prompts(tok, prompts), k, max_new_tokens, batch_size, seed=0)
-    t_sample = since(t)
-    ids = list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
-    pecan_columns(model, [], tok, [], drawn["prompt"], drawn["response"], drawn["finished"], max_length, batch_size,
-                  ids=ids)  # fmt: skip
-    instr = [p for p in prompts for _ in range(k)]
-    for sc in scorers:
-        sc(instr, drawn["response"])
-    return t_sample, since(t), drawn
+    cfg = CollectConfig(prompts="-", k=k, max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+    timed, real = {}, tc.sample
+
+    def sample(*a, **kw):
+        t0 = clocks()
+        out = real(*a, **kw)
+        timed["sample"] = since(t0)
+        return out
+
+    tc.sample = sample
+    try:
+        t = clocks()
+        cols = shard_columns(model, tok, prompts, cfg, 0, scorers)
+        return timed["sample"], since(t), cols
+    finally:
+        tc.sample = real
 
 
 def bench_collect(args, res):
@@ -190,6 +201,17 @@ def bench_collect(args, res):
     res["bf16_vs_fp32_logp"] = {"samples": len(ids), "median_abs_per_token": statistics.median(per_tok),
                                 "max_abs_per_token": max(per_tok),
                                 "median_abs_per_sequence": statistics.median((lp16 - lp32).abs().tolist())}  # fmt: skip
+    # The sampling loop's log-probs against the pass's, fp32 (what collect stores) and bf16 (why it does not there).
+    from train.collect import sample
+    from train.tokens import as_prompts
+
+    loop32 = torch.as_tensor(drawn["logp_ref"], dtype=torch.float64)
+    d16 = sample(bf16, tok, as_prompts(tok, prompts), args.k, args.max_new_tokens, args.big_batch, seed=0)
+    ids16 = list(zip(d16["prompt_ids"], d16["response_ids"], strict=True))
+    pass16 = logps_and_kl(bf16, [], tok, None, None, batch_size=args.batch_size, ids=ids16)[0].double()
+    gap32, gap16 = (loop32 - lp32.double()).abs(), (torch.as_tensor(d16["logp"]) - pass16).abs()
+    res["loop_vs_pass_logp"] = {"fp32_median": gap32.median().item(), "fp32_max": gap32.max().item(),
+                                "bf16_median": gap16.median().item(), "bf16_max": gap16.max().item()}  # fmt: skip
 
 
 def bench_dpo(args, res, workdir: Path):
@@ -292,10 +314,11 @@ def markdown(res: dict) -> str:
     lines = [
         "# Language-model throughput (issue 12)",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), no GPU. "
-        f"**Shared** with other engineers' jobs during the run (load average at start "
-        f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])}), run under `nice`: absolute numbers are low and "
-        "noisy; the ratios compare peers run alternately in the same process. Medians over repeats.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"{'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}. Load average at start "
+        f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])} (1.0 or more on 2 cores: another job shared "
+        "them, and absolute numbers are low and noisy). The ratios compare peers run alternately in the same "
+        "process. Medians over repeats.",
         "",
     ]
     if "collect" in res:
@@ -304,8 +327,11 @@ def markdown(res: dict) -> str:
             f"## Sampling and the collect stage (SmolLM2-135M-Instruct, fp32, {c['prompts']} prompts × K = "
             f"{c['k']}, {c['max_new_tokens']} new tokens, {c['repeats']} repeats)",
             "",
-            "Collect = sampling + log π_ref pass + scoring (the three built-in scorers). Baseline: the path of "
-            "commit cd315cf (`generate()` on K copies of each prompt, then a full-logits log-prob pass).",
+            "Collect = one shard's work: sampling + log π_ref + scoring (the three built-in scorers). Baseline: the "
+            "path of commit cd315cf (`generate()` on K copies of each prompt, then a full-logits log-prob pass); "
+            "its default batch was 16 sequences, the new default is 64. New: `train.collect.shard_columns` (one "
+            "prefill per prompt shared by its K samples, one uniform per draw, log π_ref read off the sampling "
+            "loop for a float32 policy).",
             "",
             "Wall-clock samples/s, and samples per CPU-second of the process (less sensitive to other jobs, though "
             "not immune: OpenMP threads spin while a sibling is descheduled); × old is the ratio to the first row "
@@ -334,6 +360,16 @@ def markdown(res: dict) -> str:
             "π_ref, sampled and scored consistently (float32 LM head for both).",
             "",
         ]
+    if "loop_vs_pass_logp" in res:
+        g = res["loop_vs_pass_logp"]
+        lines += [
+            "log π_ref from the sampling loop vs the DPO-way pass over the same ids (nats per sample): fp32 median "
+            f"{g['fp32_median']:.1e}, max {g['fp32_max']:.1e} — float32 rounding, so collect stores the loop's; "
+            f"bf16 median {g['bf16_median']:.3f}, max {g['bf16_max']:.3f} — cached decoding and a full forward "
+            "round differently in bf16, so with `--dtype bf16` collect runs the pass (the value DPO and evaluation "
+            "recompute).",
+            "",
+        ]
     if "dpo" in res:
         d = res["dpo"]
         lines += [
@@ -360,13 +396,13 @@ def main():
     ap.add_argument("--random-init", action="store_true", help="chain: the architecture of --config-dir, random")
     ap.add_argument("--config-dir", help="chain: config.json + tokenizer files (with --random-init)")
     ap.add_argument("--chain-prompts", type=int, default=256)
-    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--big-batch", type=int, default=32)
+    ap.add_argument("--big-batch", type=int, default=64)
     ap.add_argument("--pairs", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lm_throughput_cpu"))
     args = ap.parse_args()
 

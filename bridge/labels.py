@@ -147,6 +147,9 @@ def pseudo_preferences(
         cols["prompt_ids"] = table.column("prompt_ids").take(pa.array(chosen))
         cols["chosen_ids"] = table.column("response_ids").take(pa.array(chosen))
         cols["rejected_ids"] = table.column("response_ids").take(pa.array(rejected))
+        if "logp_ref" in table.column_names:  # log π_ref of those ids: `can train` skips its reference pass
+            cols["logp_ref_chosen"] = table.column("logp_ref").take(pa.array(chosen))
+            cols["logp_ref_rejected"] = table.column("logp_ref").take(pa.array(rejected))
     out = pa.table(cols)
     meta = {
         "beta": cert["beta"],

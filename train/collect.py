@@ -34,7 +34,7 @@ class CollectConfig:
     scorers: list = field(default_factory=lambda: ["helpfulness=builtin:helpfulness"])
     k: int = 4
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: int = 64  # sequences (prompts × K) per sampling batch
     shard_size: int = 16
     # Log-probs of the sampled ids uncut (what was drawn); a DPO run whose max_length cuts a pair says so.
     max_length: int | None = None
@@ -90,7 +90,8 @@ def read_prompts(path: str | os.PathLike) -> list:
 def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: int, seed: int = 0,
            backend=None) -> dict:  # fmt: skip
     """K samples of π_ref per prompt (prompts as TRL sees them: `train.tokens.as_prompts`), flattened prompt-major:
-    {"prompt", "response", "prompt_ids", "response_ids", "finished", "retokenizes"} lists of n·K. `backend`: a
+    {"prompt", "response", "prompt_ids", "response_ids", "finished", "retokenizes"} lists of n·K, and "logp" (log π
+    of each sample's ids, from the logits it was drawn from) when the backend reports it. `backend`: a
     `train.sampling.Backend` (default: the exact loop on `model`)."""
     from train.sampling import ExactSampler, stop_ids
     from train.tokens import decode_response, prompt_ids, retokenizes
@@ -100,6 +101,8 @@ def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: i
     backend = backend or ExactSampler(model, pad, batch_size)
     drawn = backend.sample(p_ids, k, max_new_tokens, stop_ids(model, tok), seed)
     out = {"prompt": [], "response": [], "prompt_ids": [], "response_ids": [], "finished": [], "retokenizes": []}
+    if drawn.logp is not None:
+        out["logp"] = [lp for row in drawn.logp for lp in row]
     for p, ids, rs, fs in zip(prompts, p_ids, drawn.ids, drawn.finished, strict=True):
         for r, f in zip(rs, fs, strict=True):
             text = decode_response(tok, r)
@@ -212,6 +215,34 @@ def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os
     return path
 
 
+def shard_columns(model, tok, chunk: list, cfg: CollectConfig, seed: int, scorers: list, others=(), aligned=(),
+                  first_id: int = 0, conv: bool = False) -> dict:  # fmt: skip
+    """The columns of one shard: K samples of each prompt in `chunk` (seed `seed`), log π_ref of each, PeCAN's
+    columns for the `aligned` models (`others` loaded), the scores. `conv`: scorers read every prompt as a
+    conversation (some prompts of the file are)."""
+    from train.tokens import as_prompts
+
+    drawn = sample(model, tok, as_prompts(tok, chunk, cfg.chat_template), cfg.k, cfg.max_new_tokens, cfg.batch_size,
+                   seed=seed)  # fmt: skip
+    # Scorers read the user's prompt; when some prompts are conversations, all are read as conversations.
+    instr = [p for p in (as_prompts(tok, chunk, True) if conv else chunk) for _ in range(cfg.k)]
+    ids = list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
+    logp = drawn.pop("logp", None)
+    cols = {"prompt_id": np.repeat(np.arange(first_id, first_id + len(chunk)), cfg.k), "instruction": instr, **drawn}
+    # The loop's log-probs are those of the float32 logits each token was drawn from: the pass's up to rounding
+    # (tests: within 1e-4 of a float64 forward). A bf16/fp16 policy's cached decoding and a full forward round
+    # differently (SmolLM2 bf16: 0.3 nats per 48-token sample apart), and DPO and evaluation recompute the pass's
+    # value; a --max-length cuts; PeCAN needs the pass for the other policies anyway. Then the pass runs.
+    if logp is not None and cfg.dtype == "fp32" and cfg.max_length is None and not aligned:
+        cols["logp_ref"] = np.asarray(logp, dtype=np.float32)
+    else:
+        cols.update(pecan_columns(model, list(others), tok, list(aligned), drawn["prompt"], drawn["response"],
+                                  drawn["finished"], cfg.max_length, cfg.batch_size, ids=ids))  # fmt: skip
+    for sc in scorers:
+        cols[sc.name] = sc(instr, drawn["response"])
+    return cols
+
+
 def _settings_hash(cfg: CollectConfig, prompts: list[str]) -> str:
     blob = json.dumps({**asdict(cfg), "prompts": prompts}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -274,17 +305,8 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
                 progress(s, n_shards, True)
             continue
         lo = s * cfg.shard_size
-        chunk = prompts[lo : lo + cfg.shard_size]
-        drawn = sample(model, tok, as_prompts(tok, chunk, cfg.chat_template), cfg.k, cfg.max_new_tokens,
-                       cfg.batch_size, seed=cfg.seed + s)  # fmt: skip
-        # Scorers read the user's prompt; when some prompts are conversations, all are read as conversations.
-        instr = [p for p in (as_prompts(tok, chunk, True) if conv else chunk) for _ in range(cfg.k)]
-        ids = list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
-        cols = {"prompt_id": np.repeat(np.arange(lo, lo + len(chunk)), cfg.k), "instruction": instr, **drawn}
-        cols.update(pecan_columns(model, others, tok, aligned, drawn["prompt"], drawn["response"], drawn["finished"],
-                                  cfg.max_length, cfg.batch_size, ids=ids))  # fmt: skip
-        for sc in scorers:
-            cols[sc.name] = sc(instr, drawn["response"])
+        cols = shard_columns(model, tok, prompts[lo : lo + cfg.shard_size], cfg, cfg.seed + s, scorers, others,
+                             aligned, first_id=lo, conv=conv)  # fmt: skip
         writer = {"rank": st.process_index, "world": st.num_processes}
         write_parquet(path, pa.table(cols).replace_schema_metadata({b"can.shard": json.dumps(writer).encode()}))
         if progress:

@@ -62,7 +62,7 @@ class DemoConfig:
     lora: bool = False  # train a LoRA adapter instead of all weights
     train_top: int | None = 8  # train only the top N blocks (CPU speed)
     batch_size: int = 8  # DPO pairs per step
-    gen_batch_size: int = 16  # sequences per generation / scoring batch
+    gen_batch_size: int = 64  # sequences per sampling / log-prob batch
     max_length: int = 192
     seed: int = 0
 

@@ -31,6 +31,12 @@ class SoftPreferenceCollator(DataCollatorForPreference):
 
 
 IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+# log π_ref of each side, recorded by `can collect` on the very ids of the pair (`can label` carries them).
+STORED_REFS = ("logp_ref_chosen", "logp_ref_rejected")
+# A stored value is used only if TRL's reference forward on a first batch reproduces it to this per token (plus
+# 1e-3): float32 rounding differs by ~2e-5 per token (SmolLM2: ≤ 1e-3 over 48 tokens); bf16 autocast, another
+# policy or another tokenisation differ by far more, and then TRL's own pass runs.
+STORED_REF_TOL = 1e-4
 
 
 class CanDPOTrainer(DPOTrainer):
@@ -50,6 +56,54 @@ class CanDPOTrainer(DPOTrainer):
             with state().main_process_first():
                 dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
         return dataset
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # Private hook (pinned by trl<2, tested in tests/train/test_dpo_refs.py): with pairs of sampled ids whose
+        # log π_ref `can collect` recorded, TRL's reference pass over the whole dataset (a third of the demo's DPO
+        # stage) is replaced by those values, once a reference forward on a first batch reproduces them.
+        stored = set(STORED_REFS) <= set(dataset.column_names)
+        if stored and self._stored_refs_hold(dataset, batch_size):
+            return dataset.rename_columns(dict(zip(STORED_REFS, ("ref_chosen_logps", "ref_rejected_logps"),
+                                                   strict=True)))  # fmt: skip
+        if stored:
+            dataset = dataset.remove_columns(list(STORED_REFS))
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def _stored_refs_hold(self, dataset, batch_size) -> bool:
+        """Whether the stored reference log-probs are what TRL's reference forward computes for this trainer: the
+        pairs are the sampled ids, none is cut by max_length, no DeepSpeed/FSDP engine is involved, and TRL's own
+        `compute_ref_log_probs` on the first batch agrees (decided on the main process, shared with all)."""
+        from accelerate.utils import broadcast_object_list
+        from torch.utils.data import DataLoader
+
+        ok = [False]
+        if self.accelerator.is_main_process:
+            ok[0] = self._stored_refs_check(dataset, batch_size, DataLoader)
+        broadcast_object_list(ok, from_process=0)
+        return bool(ok[0])
+
+    def _stored_refs_check(self, dataset, batch_size, loader_cls) -> bool:
+        if not set(IDS) <= set(dataset.column_names) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return False
+        import pyarrow.compute as pc
+
+        if len(dataset) == 0:
+            return False
+        t = dataset.select_columns(list(IDS)).with_format("arrow")[:]
+        n = [pc.list_value_length(t[c]) for c in IDS]
+        longest = pc.max(pc.add(n[0], pc.max_element_wise(n[1], n[2]))).as_py()
+        if self.args.max_length is not None and longest > self.args.max_length:
+            return False  # TRL cuts some pair: its log-prob is not the stored one's
+        first = dataset.select(range(min(batch_size, len(dataset))))
+        batch = next(iter(loader_cls(first, batch_size=len(first), collate_fn=self.data_collator)))
+        batch.pop("p_chosen", None)
+        batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.no_grad():
+            chosen, rejected = self.compute_ref_log_probs(self.ref_model or self.model, batch)
+        stored = torch.tensor([first[STORED_REFS[0]], first[STORED_REFS[1]]], dtype=torch.float64)
+        got = torch.stack([chosen, rejected]).double().cpu()
+        tokens = torch.tensor([[len(c) for c in first["chosen_ids"]], [len(r) for r in first["rejected_ids"]]])
+        return bool(((got - stored).abs() <= STORED_REF_TOL * tokens + 1e-3).all())
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -226,6 +280,8 @@ def load_preferences(path: str | Path, beta: float | None = None):
     keep = ["prompt", "chosen", "rejected"] + (["p_chosen"] if meta["mode"] == "soft" else [])
     if set(IDS) <= set(table.column_names):
         keep += list(IDS)  # sampled ids: trained as they are
+        if set(STORED_REFS) <= set(table.column_names):
+            keep += list(STORED_REFS)  # their log π_ref, recorded by `can collect`
     missing = [c for c in keep if c not in table.column_names]
     if missing:
         raise CanError(f"{path}: missing column(s) {missing}; a preference table has prompt, chosen, rejected")

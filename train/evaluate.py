@@ -55,7 +55,7 @@ def evaluate(
     out: str | Path,
     k: int = 4,
     max_new_tokens: int = 48,
-    batch_size: int = 16,
+    batch_size: int = 64,
     seed: int = 1,
     insample: dict | None = None,
     chat_template: bool = True,

@@ -11,6 +11,13 @@ A sample ends at the first stop id (kept in the sample: it was sampled) or after
 logits come from the LM head applied in float32 to the final hidden state (`train.logps.head_logits`), the very
 logits the log-prob pass uses: with a bf16/fp16 policy the draws and log π_ref are of the same distribution.
 
+Each draw costs one uniform number per sequence (`draw`: inverse CDF, blocks of the vocabulary summed in float32
+and accumulated in float64), not one exponential per vocabulary entry as `torch.multinomial` does for a single
+sample (on 2 CPU cores that was a quarter of each decoding step at a 49k vocabulary). The log-prob of every drawn
+token comes from the same logits (logit − max − log Σ exp), so the loop also returns log π_ref of each sample
+(`Samples.logp`): the log-prob pass over the sampled ids is then not needed for a float32 policy
+(`train.collect`).
+
 `Backend` is the interface a generation engine plugs into (prompt ids, K, max_new_tokens, stop ids → `Samples`);
 `ExactSampler`, this loop, is the only one shipped. An engine such as vLLM qualifies only if it samples π_ref
 exactly: temperature 1, no top-k/top-p/min-p, no repetition or presence penalty, the model's generation config
@@ -31,6 +38,9 @@ class Samples:
 
     ids: list[list[list[int]]]
     finished: list[list[bool]]
+    # logp[i][k]: Σ log π(token | prefix) over ids[i][k] from the logits it was drawn from; None when a backend
+    # does not report it (the ids are then scored by `train.logps`).
+    logp: list[list[float]] | None = None
 
 
 def stop_ids(model, tok) -> list[int]:
@@ -79,6 +89,40 @@ def _next_logits(model, exact_head: bool, **inputs):
     return out.past_key_values, out.logits[:, -1].float()
 
 
+BLOCK = 256  # vocabulary entries per block of `draw`'s two-level inverse CDF
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of `weights` ([n, V] float32, non-negative, unnormalised: exp(logits − max)), drawn with
+    probability ∝ its weight exactly up to floating-point rounding, with one uniform number per row. Returns (tokens
+    [n], the rows' total weights [n] float64).
+
+    Inverse CDF in two levels: the vocabulary in blocks of `BLOCK` entries, each block's weight summed in float32 and
+    the blocks' cumulative weights in float64; a block is chosen with probability ∝ its weight, then a token within
+    it with probability ∝ its own (a float64 cumulative sum over `BLOCK` entries). A token's probability is off only
+    by the rounding of sums of at most `BLOCK` float32 terms — far below the rounding of the logits themselves — and
+    a token of weight 0 is never drawn."""
+    n, v = weights.shape
+    nb = -(-v // BLOCK)
+    if nb * BLOCK != v:
+        weights = torch.nn.functional.pad(weights, (0, nb * BLOCK - v))
+    w = weights.view(n, nb, BLOCK)
+    mass = w.sum(-1)  # [n, nb] float32
+    cum = mass.double().cumsum(-1)  # [n, nb]
+    rows = torch.arange(n, device=w.device)
+    total = cum[:, -1]
+    u = torch.rand(n, dtype=torch.float64, device=w.device, generator=generator) * total
+    last_block = nb - 1 - (mass > 0).flip(-1).int().argmax(-1)  # the last block with weight
+    b = torch.minimum(torch.searchsorted(cum, u[:, None], right=True)[:, 0], last_block)
+    below = torch.where(b > 0, cum[rows, (b - 1).clamp(min=0)], torch.zeros_like(u))
+    frac = ((u - below) / mass[rows, b].double()).clamp(0, 1)  # where within the block's weight
+    block = w[rows, b]  # [n, BLOCK]
+    within = block.double().cumsum(-1)
+    last_tok = BLOCK - 1 - (block > 0).flip(-1).int().argmax(-1)
+    j = torch.searchsorted(within, (frac * within[:, -1])[:, None], right=True)[:, 0]
+    return b * BLOCK + torch.minimum(j, last_tok), total
+
+
 def _expand(cache, k: int):
     if k > 1:
         cache.batch_repeat_interleave(k)
@@ -109,6 +153,7 @@ def sample_ids(
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # length-aware: least padding
     out_ids: list = [None] * len(prompt_ids)
     out_fin: list = [None] * len(prompt_ids)
+    out_lp: list = [None] * len(prompt_ids)
     for lo in range(0, len(order), per_batch):
         idx = order[lo : lo + per_batch]
         seqs = [prompt_ids[i] for i in idx]
@@ -123,10 +168,13 @@ def sample_ids(
         last = pos[:, -1].repeat_interleave(k, 0)
         n = logits.shape[0]
         done = torch.zeros(n, dtype=torch.bool, device=device)
+        total = torch.zeros(n, dtype=torch.float64, device=device)
         tokens = []
         for _ in range(max_new_tokens):
-            probs = torch.softmax(logits, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            top = logits.max(-1, keepdim=True).values
+            nxt, mass = draw((logits - top).exp_(), generator)
+            logp = logits.gather(1, nxt[:, None])[:, 0].double() - top[:, 0].double() - mass.log()
+            total += torch.where(done, 0.0, logp)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             tokens.append(nxt)
             done = done | torch.isin(nxt, stop_t)
@@ -137,11 +185,12 @@ def sample_ids(
             cache, logits = _next_logits(model, exact_head, input_ids=nxt[:, None], attention_mask=attn,
                                          position_ids=last[:, None], past_key_values=cache)  # fmt: skip
         gen = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(n)]
+        total = total.tolist()
         for b, i in enumerate(idx):
             rows, fins = [], []
             for row in gen[b * k : (b + 1) * k]:
                 cut = next((t + 1 for t, tid in enumerate(row) if tid in stop), None)
                 rows.append(row[:cut] if cut is not None else row)
                 fins.append(cut is not None)
-            out_ids[i], out_fin[i] = rows, fins
-    return Samples(out_ids, out_fin)
+            out_ids[i], out_fin[i], out_lp[i] = rows, fins, total[b * k : (b + 1) * k]
+    return Samples(out_ids, out_fin, out_lp)

@@ -238,6 +238,7 @@ def test_identity_holds_through_label_and_train_on_llama3(zoo_dirs, tmp_path):
     from train.dpo import CanDPOTrainer, SoftPreferenceCollator, load_preferences, make_config
 
     data, meta = load_preferences(prefs)
+    data = data.remove_columns(["logp_ref_chosen", "logp_ref_rejected"])  # TRL's own reference pass, then
     args = make_config(tmp_path / "run", meta["beta"], "fp32", max_length=512, per_device_train_batch_size=4)
     trainer = CanDPOTrainer(model=str(path), ref_model=None, args=args, train_dataset=data, processing_class=tok,
                             data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id))  # fmt: skip

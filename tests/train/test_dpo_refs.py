@@ -1,0 +1,100 @@
+"""`can train` reuses the log π_ref that `can collect` recorded instead of TRL's reference pass (issue 12), only
+where TRL's own reference forward reproduces it. The independent reference is TRL's pass itself."""
+
+import pyarrow.parquet as pq
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+
+@pytest.fixture(scope="module")
+def prefs(tiny_lm, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from train.cli import app
+    from train.collect import CollectConfig, collect
+
+    _, _, path = tiny_lm
+    tmp = tmp_path_factory.mktemp("refs")
+    f = tmp / "prompts.txt"
+    f.write_text("how do i bake bread?\ntell me a joke.\nis it safe to mix bleach?\nwhat is paris?\nhello\n")
+    cfg = CollectConfig(prompts=str(f), policy=str(path), k=4, max_new_tokens=8,
+                        scorers=["len=tests.train.toy_scorers:length", "safe=builtin:harmlessness"])  # fmt: skip
+    scores = collect(cfg, tmp / "scores.parquet")
+    runner = CliRunner()
+    for args in (["dual", scores, "--reward", "len", "--constraint", "safe=0", "--beta", "1.0", "--out",
+                  tmp / "cert.json"], ["label", scores, tmp / "cert.json", "--mode", "soft", "-o",
+                                       tmp / "prefs.parquet"]):  # fmt: skip
+        res = runner.invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+    return tmp / "prefs.parquet", scores
+
+
+def _trainer(path, tok, data, meta, tmp_path, name, **kw):
+    from train.dpo import CanDPOTrainer, SoftPreferenceCollator, make_config
+
+    args = make_config(tmp_path / name, meta["beta"], "fp32", per_device_train_batch_size=4, **kw)
+    return CanDPOTrainer(model=str(path), ref_model=None, args=args, train_dataset=data, processing_class=tok,
+                         data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id,
+                                                              max_length=args.max_length))  # fmt: skip
+
+
+def _refs(trainer):
+    ds = trainer.train_dataset
+    return torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]], dtype=torch.float64)
+
+
+def test_stored_reference_log_probs_replace_trls_pass(prefs, tiny_lm, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    from train.dpo import STORED_REFS, load_preferences
+
+    _, tok, path = tiny_lm
+    pairs = pq.read_table(prefs[0])
+    assert set(STORED_REFS) <= set(pairs.column_names)
+    data, meta = load_preferences(prefs[0])
+    assert len(data) > 4  # more than one batch: TRL's pass would take several forwards
+    calls = []
+    real = DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    trl_pass = _refs(_trainer(path, tok, data.remove_columns(list(STORED_REFS)), meta, tmp_path, "trl"))
+    assert len(calls) == -(-len(data) // 4)
+    calls.clear()
+    stored = _trainer(path, tok, data, meta, tmp_path, "stored")
+    assert len(calls) == 1  # the check on the first batch, nothing more
+    assert torch.allclose(_refs(stored), trl_pass, atol=1e-4)
+    assert not set(STORED_REFS) & set(stored.train_dataset.column_names)
+    stored.train()  # the soft-label loss runs on them
+
+    # A stored value TRL's forward does not reproduce (another policy, bf16 autocast, …): TRL's pass runs.
+    bad = data.map(lambda e, i: {STORED_REFS[0]: e[STORED_REFS[0]] + (0.5 if i == 0 else 0.0)}, with_indices=True)
+    calls.clear()
+    assert torch.allclose(_refs(_trainer(path, tok, bad, meta, tmp_path, "bad")), trl_pass, atol=1e-6)
+    assert len(calls) == 1 + -(-len(data) // 4)
+
+
+def test_pairs_cut_by_max_length_get_trls_pass(prefs, tiny_lm, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    from train.dpo import IDS, load_preferences
+
+    _, tok, path = tiny_lm
+    data, meta = load_preferences(prefs[0])
+    longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(*(data[c] for c in IDS), strict=True))
+    shortest_prompt = min(len(p) for p in data["prompt_ids"])
+    assert longest - 1 > shortest_prompt
+    calls = []
+    real = DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cut = _trainer(path, tok, data, meta, tmp_path, "cut", max_length=longest - 1)
+    n = len(cut.train_dataset)
+    assert len(calls) == -(-n // 4)  # no check: straight to TRL's pass over the (cut) pairs
+    ds = cut.train_dataset
+    assert len(ds) == len(data)  # no prompt fills max_length: the rows line up
+    cut_sides = [(got, want) for side in ("chosen", "rejected")
+                 for p, c, got, want in zip(ds["prompt_ids"], ds[f"{side}_ids"], ds[f"ref_{side}_logps"],
+                                            data.select(range(len(data)))[f"logp_ref_{side}"], strict=True)
+                 if len(p) + len(c) > longest - 1]  # fmt: skip
+    assert cut_sides and any(abs(g - w) > 1e-3 for g, w in cut_sides)  # TRL's values of the cut pairs, not ours
