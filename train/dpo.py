@@ -103,7 +103,15 @@ class CanDPOTrainer(DPOTrainer):
         stored = torch.tensor([first[STORED_REFS[0]], first[STORED_REFS[1]]], dtype=torch.float64)
         got = torch.stack([chosen, rejected]).double().cpu()
         tokens = torch.tensor([[len(c) for c in first["chosen_ids"]], [len(r) for r in first["rejected_ids"]]])
-        return bool(((got - stored).abs() <= STORED_REF_TOL * tokens + 1e-3).all())
+        gap = (got - stored).abs()
+        if bool((gap <= STORED_REF_TOL * tokens + 1e-3).all()):
+            return True
+        import warnings
+
+        warnings.warn(f"the log π_ref recorded by `can collect` differ from this trainer's reference forward by up to "
+                      f"{float(gap.max()):.3g} nats per sequence (another policy than the one that collected, or "
+                      "bf16/fp16 precision): running TRL's reference pass instead", stacklevel=2)  # fmt: skip
+        return False
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

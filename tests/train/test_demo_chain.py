@@ -17,7 +17,7 @@ def mocan_run(tiny_lm, tmp_path_factory):
     prompts = [f"tell me about item {i}." for i in range(24)]
     cfg = DemoConfig(policy=str(path), reward="brev",
                      scorers=["brev=tests.train.toy_scorers:brevity", "e=tests.train.toy_scorers:e_share"],
-                     train_prompts=prompts, eval_prompts=[f"what is thing {i}?" for i in range(24)], k=8,
+                     train_prompts=prompts, eval_prompts=[f"what is thing {i}?" for i in range(96)], k=8,
                      max_new_tokens=12, beta=0.1, margin_frac=0.8, pairs_per_prompt=8, epochs=3, lr=3e-3,
                      batch_size=16, max_length=64)  # fmt: skip
     return cfg, out, run_chain(cfg, out, say=lambda *_: None)
@@ -29,9 +29,11 @@ def test_chain_moves_the_constraint_in_the_predicted_direction(mocan_run):
     assert cert["converged"] and cert["lambda"]["e"] > 0
     row = next(r for r in report["rows"] if r["name"] == "e")
     assert row["predicted_gain"] > 0
-    # Achieved: the 'e' share rose, significantly. Measured with exact samples of π_ref (train.sampling) and DPO on the
-    # sampled ids: predicted +0.050, on the training samples +0.043, held out +0.007 [+0.004, +0.010] (seed 1:
-    # +0.003 [+0.000, +0.005]); at margin_frac 0.5 the held-out gain was +0.002 [−0.000, +0.004].
+    # DPO learned the tilt on the samples the dual saw, and the 'e' share rose on 96 held-out prompts, significantly.
+    # Measured (seeds 0, 1, 2): predicted +0.052/+0.054/+0.049, on the training samples +0.048/+0.043/+0.047, held
+    # out +0.0028 [+0.0003, +0.0053] / +0.0058 [+0.0030, +0.0087] / +0.0026 [+0.0004, +0.0048]; with 24 held-out
+    # prompts the intervals of seeds 0 and 2 included 0.
+    assert row["insample_gain"] >= 0.5 * row["predicted_gain"]
     assert row["ci95"][0] > 0
     assert (out / "evaluation" / "evaluation.md").exists() and (out / "evaluation" / "evaluation.png").exists()
 
