@@ -12,9 +12,10 @@ issue 9/12 (commit cd315cf), reproduced here as `old_collect`: `generate()` on K
 logits. The new path is `train.collect.shard_columns`, what `can collect` runs per shard: our exact loop (one
 prefill per prompt shared by its K samples, one uniform number per draw, log π_ref of each sample read off the
 logits it was drawn from) and the scorers. Both at --batch-size (sequences per batch; cd315cf's default, 16) and at
---big-batch (`can collect`'s default now, 64). DPO: `train.dpo.CanDPOTrainer` with soft labels (what `can train` runs for `can label --mode
-soft`) against TRL's plain `DPOTrainer` on the same pairs with hard labels, the same trainable parameters (top 8 of
-30 blocks, as the demo), the same DPOConfig. Repeats alternate the peers; medians; ratios within the run.
+--big-batch (`can collect`'s default now, 64). DPO: `train.dpo.CanDPOTrainer` with soft labels (what `can train`
+runs for `can label --mode soft`) against TRL's plain `DPOTrainer` on the same pairs with hard labels, the same
+trainable parameters (top 8 of 30 blocks, as the demo), the same DPOConfig. Repeats alternate the peers; medians;
+ratios within the run.
 
 Writes benchmarks/results/lm_throughput_cpu.md and .json (or --out).
 """
@@ -215,57 +216,73 @@ def bench_collect(args, res):
 
 
 def bench_dpo(args, res, workdir: Path):
+    """DPO on pairs of SmolLM2's own samples (8 prompts × K = 8, 4 pairs per prompt), three ways with the same
+    trainable blocks and DPOConfig: `can train`'s trainer on the sampled ids with the log π_ref collect recorded
+    (what `can label` output trains with: no reference pass), the same without them (TRL's reference pass), and
+    TRL's plain `DPOTrainer` on the text of the same pairs (hard labels)."""
     import torch
     from datasets import Dataset
     from trl import DPOTrainer
 
+    from train.collect import sample
     from train.demo import TRAIN_PROMPTS
     from train.dpo import CanDPOTrainer, SoftPreferenceCollator, make_config, train_top_layers
     from train.models import load_policy
+    from train.tokens import as_prompts
 
-    _, tok = load_policy(args.policy)
-    n = args.pairs
+    model, tok = load_policy(args.policy)
+    k, per_prompt = 8, 4
+    drawn = sample(model.eval(), tok, as_prompts(tok, TRAIN_PROMPTS[: args.pairs // per_prompt]), k,
+                   args.max_new_tokens, args.big_batch, seed=1)  # fmt: skip
+    idx = [(i * k + 2 * j, i * k + 2 * j + 1) for i in range(args.pairs // per_prompt) for j in range(per_prompt)]
+    n = len(idx)
     rng = torch.Generator().manual_seed(0)
-    words = "bread water salt yeast bake mix flour oven warm rest knead slice serve kindly please safe".split()
-
-    def text(i, j):
-        idx = torch.randint(len(words), (24 + (i * 7 + j) % 16,), generator=rng).tolist()
-        return " ".join(words[t] for t in idx)
-
-    prompts = [TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(n)]
-    chosen, rejected = [text(i, 0) for i in range(n)], [text(i, 1) for i in range(n)]
     p = torch.rand(n, generator=rng).mul(0.8).add(0.1).tolist()
-    soft = Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected, "p_chosen": p})
-    hard = Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected})
+
+    def col(name, side):
+        return [drawn[name][pair[side]] for pair in idx]
+
+    def turn(texts):  # conversational prompts take conversational completions (TRL's format)
+        return [[{"role": "assistant", "content": t}] for t in texts] if isinstance(drawn["prompt"][0], list) else texts
+
+    text = {"prompt": col("prompt", 0), "chosen": turn(col("response", 0)), "rejected": turn(col("response", 1))}
+    ids = {"prompt_ids": col("prompt_ids", 0), "chosen_ids": col("response_ids", 0),
+           "rejected_ids": col("response_ids", 1)}  # fmt: skip
+    refs = {"logp_ref_chosen": col("logp", 0), "logp_ref_rejected": col("logp", 1)}
+    data = {"recorded": Dataset.from_dict({**text, "p_chosen": p, **ids, **refs}),
+            "pass": Dataset.from_dict({**text, "p_chosen": p, **ids}), "trl": Dataset.from_dict(text)}  # fmt: skip
 
     def run(kind, rep):
         model, _ = load_policy(args.policy)
         train_top_layers(model, 8)
+        t = clocks()  # TRL computes the reference log-probs while the trainer is built: timed from here
         cfg = make_config(workdir / f"{kind}-{rep}", 0.5, num_train_epochs=1.0, learning_rate=1e-4,
                           per_device_train_batch_size=8, max_length=192, seed=0, precompute_ref_log_probs=True,
                           save_strategy="no", logging_steps=1000, disable_tqdm=True)  # fmt: skip
-        if kind == "can":
-            trainer = CanDPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=soft, processing_class=tok,
-                                    data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id,
-                                                                         max_length=192))  # fmt: skip
+        if kind == "trl":
+            trainer = DPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=data[kind], processing_class=tok)
         else:
-            trainer = DPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=hard, processing_class=tok)
-        t = clocks()
+            collator = SoftPreferenceCollator(pad_token_id=tok.pad_token_id, max_length=192)
+            trainer = CanDPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=data[kind],
+                                    processing_class=tok, data_collator=collator)  # fmt: skip
         trainer.train()
         return since(t)
 
-    names = {"can": "can train (CanDPOTrainer, soft labels)", "trl": "plain TRL DPOTrainer (hard labels)"}
-    times = {k: [] for k in names}
+    names = {"recorded": "can train, id pairs with the recorded log π_ref (soft labels)",
+             "pass": "can train, id pairs, TRL's reference pass (soft labels)",
+             "trl": "plain TRL DPOTrainer, text of the same pairs (hard labels)"}  # fmt: skip
+    times = {kind: [] for kind in names}
     for rep in range(args.repeats):
-        for kind in ("can", "trl") if rep % 2 == 0 else ("trl", "can"):
+        for kind in list(names) if rep % 2 == 0 else list(names)[::-1]:
             times[kind].append(run(kind, rep))
             w, c = times[kind][-1]
             print(f"repeat {rep}: {names[kind]}: {w:.1f} s (CPU {c:.1f} s) for {n} pairs", flush=True)
-    rows = [{"trainer": names[k], "pairs_per_s": n / statistics.median(t[0] for t in v),
+    rows = [{"trainer": names[kind], "pairs_per_s": n / statistics.median(t[0] for t in v),
              "pairs_per_cpu_s": n / statistics.median(t[1] for t in v), "wall_cpu_s": v}
-            for k, v in times.items()]  # fmt: skip
-    rows[0]["vs_plain_trl"] = rows[0]["pairs_per_s"] / rows[1]["pairs_per_s"]
-    rows[0]["vs_plain_trl_cpu"] = rows[0]["pairs_per_cpu_s"] / rows[1]["pairs_per_cpu_s"]
+            for kind, v in times.items()]  # fmt: skip
+    for r in rows:
+        r["vs_plain_trl"] = r["pairs_per_s"] / rows[-1]["pairs_per_s"]
+        r["vs_plain_trl_cpu"] = r["pairs_per_cpu_s"] / rows[-1]["pairs_per_cpu_s"]
     res["dpo"] = {"pairs": n, "batch": 8, "max_length": 192, "trainable": "top 8 of 30 blocks",
                   "bf16_autocast": bool(make_config(workdir / "probe", 0.5).bf16), "repeats": args.repeats,
                   "rows": rows}  # fmt: skip
@@ -373,11 +390,12 @@ def markdown(res: dict) -> str:
     if "dpo" in res:
         d = res["dpo"]
         lines += [
-            f"## DPO ({d['pairs']} pairs, batch {d['batch']}, max length {d['max_length']}, {d['trainable']} "
-            f"trainable, bf16 autocast {'on' if d['bf16_autocast'] else 'off'}, reference log-probs precomputed, "
-            f"{d['repeats']} repeats)",
+            f"## DPO ({d['pairs']} pairs of SmolLM2's samples, batch {d['batch']}, max length {d['max_length']}, "
+            f"{d['trainable']} trainable, bf16 autocast {'on' if d['bf16_autocast'] else 'off'}, {d['repeats']} "
+            "repeats)",
             "",
-            "Time of `trainer.train()` (the reference pass and the steps), wall clock and CPU time of the process.",
+            "Time to build the trainer and train (the reference log-probs — TRL's pass, or the check of the "
+            "recorded ones on a first batch — and the steps), wall clock and CPU time of the process.",
             "",
             "| trainer | pairs/s | × plain TRL | pairs per CPU-s | × plain TRL |",
             "|---|---|---|---|---|",
@@ -401,7 +419,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--big-batch", type=int, default=64)
-    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--pairs", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lm_throughput_cpu"))
     args = ap.parse_args()

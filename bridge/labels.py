@@ -199,16 +199,6 @@ def write_preferences(path: str | os.PathLike, table: pa.Table) -> Path:
     return write_parquet(path, table)
 
 
-def read_preferences_meta(path: str | os.PathLike) -> dict:
-    """The β, λ* and labelling settings stored with a preference dataset."""
-    import pyarrow.parquet as pq
-
-    meta = pq.read_schema(path).metadata or {}
-    if META_KEY not in meta:
-        raise CanError(f"{path} has no can metadata: was it written by `can label`?")
-    return json.loads(meta[META_KEY])
-
-
 def score_preferences(
     scores_path: str | os.PathLike, column: str, pairs_per_prompt: int = 1, seed: int = 0, mode: str = "hard"
 ) -> tuple[pa.Table, LabelStats]:

@@ -10,7 +10,6 @@ the implied margin. Under PeCAN the utilities are log-ratios without absolute un
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -22,17 +21,9 @@ KINDS = {"cost": "at most", "utility": "at least"}
 
 def parse_limit(text: str, kind: str) -> tuple[str, float]:
     """`COL=VALUE` → (column, value); `kind` is "cost" (--cost-at-most) or "utility" (--at-least)."""
-    flag = "--cost-at-most" if kind == "cost" else "--at-least"
-    col, sep, value = text.rpartition("=")
-    if not sep or not col:
-        raise CanError(f"{flag} {text!r} is not of the form COL=VALUE")
-    try:
-        v = float(value)
-    except ValueError:
-        raise CanError(f"{flag} {text!r}: {value!r} is not a number") from None
-    if not math.isfinite(v):
-        raise CanError(f"{flag} {text!r}: the limit must be a finite number")
-    return col, v
+    from bridge.tables import parse_column_value
+
+    return parse_column_value(text, "--cost-at-most" if kind == "cost" else "--at-least", "limit")
 
 
 def limit_specs(at_most: list[str], at_least: list[str]) -> tuple[list[ConstraintSpec], dict[str, tuple[str, float]]]:

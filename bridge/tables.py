@@ -44,17 +44,23 @@ class ConstraintSpec:
         return -1.0 if self.kind == "cost" else 1.0
 
 
+def parse_column_value(text: str, flag: str, value_name: str) -> tuple[str, float]:
+    """`COL=VALUE` → (column, finite float); errors name the flag (`--constraint`, `--cost-at-most`, …)."""
+    col, sep, raw = text.rpartition("=")
+    if not sep or not col:
+        raise ScoresFormatError(f"{flag} {text!r} is not of the form COLUMN={value_name.upper()}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ScoresFormatError(f"{flag} {text!r}: {value_name} {raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ScoresFormatError(f"{flag} {text!r}: the {value_name} must be a finite number")
+    return col, value
+
+
 def parse_constraint(text: str, kind: str = "utility") -> ConstraintSpec:
     """Parses `COL=MARGIN` (the CLI's --constraint / --cost)."""
-    col, sep, margin = text.rpartition("=")
-    if not sep or not col:
-        raise ScoresFormatError(f"constraint {text!r} is not of the form COLUMN=MARGIN")
-    try:
-        value = float(margin)
-    except ValueError:
-        raise ScoresFormatError(f"constraint {text!r}: margin {margin!r} is not a number") from None
-    if not math.isfinite(value):
-        raise ScoresFormatError(f"constraint {text!r}: margin must be finite")
+    col, value = parse_column_value(text, "--cost" if kind == "cost" else "--constraint", "margin")
     return ConstraintSpec(col, value, kind)
 
 

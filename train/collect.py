@@ -48,8 +48,9 @@ class CollectConfig:
     dtype: str = "fp32"  # the policies' weights: fp32, bf16 or fp16 (log-probs from a float32 LM head either way)
 
     def scorer_options(self) -> dict:
-        return {"template": self.scorer_template, "dtype": self.scorer_dtype, "max_length": self.scorer_max_length,
-                "batch_size": self.scorer_batch_size}  # fmt: skip
+        from train.scorers import scorer_options
+
+        return scorer_options(self.scorer_template, self.scorer_dtype, self.scorer_max_length, self.scorer_batch_size)
 
 
 def read_prompts(path: str | os.PathLike) -> list:

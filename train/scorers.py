@@ -453,6 +453,16 @@ def _import_from_cwd(module: str):
             sys.path.remove(cwd)
 
 
+def scorer_options(template: str = "auto", dtype: str = "fp32", max_length: int | None = None,
+                   batch_size: int = 16) -> dict:  # fmt: skip
+    """`make_scorer`'s keyword options from the CLI's --scorer-template/-dtype/-max-length/-batch-size (the template
+    left out when "auto": then the scorer's own rule, or the template a certificate recorded, applies)."""
+    opts = {"dtype": dtype, "max_length": max_length, "batch_size": batch_size}
+    if template != "auto":
+        opts["template"] = template
+    return opts
+
+
 def make_scorer(name: str, spec: str, template: str = "auto", *, dtype: str = "fp32", max_length: int | None = None,
                 batch_size: int = 16, device: str | None = None) -> Scorer:  # fmt: skip
     """Builds a scorer from its spec (see the module docstring); the options apply to score models."""

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from bridge.labels import pseudo_preferences, read_preferences_meta
+from bridge.labels import pseudo_preferences
+from bridge.outputs import read_preference_meta
 from can_jax.errors import CanError
 from train.cli import app
 
@@ -78,7 +79,7 @@ def test_refuses_other_table_and_cli_writes_metadata(labelled, tmp_path):
     out = tmp_path / "prefs.parquet"
     res = runner.invoke(app, ["label", str(path), str(d / "cert.json"), "--out", str(out), "--mode", "soft"])
     assert res.exit_code == 0, res.output
-    meta = read_preferences_meta(out)
+    meta, _ = read_preference_meta(out)
     assert meta["beta"] == 1.0 and meta["lambda"] == cert["lambda"] and meta["mode"] == "soft"
     assert set(pq.read_schema(out).names) >= {"prompt", "chosen", "rejected", "score_chosen", "score_rejected",
                                               "p_chosen"}  # fmt: skip

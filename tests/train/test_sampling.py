@@ -75,7 +75,7 @@ def test_draw_follows_the_weights_exactly():
     logits[[0, 5, 255, 256, 999]] = -float("inf")  # weight 0: at block edges and at the end
     logits[300:340] = logits.max() - 12.0  # 40 tokens of probability ~1e-6 each
     w = (logits - logits.max()).exp() * 1e3  # unnormalised
-    p = (w.double() / w.double().sum())
+    p = w.double() / w.double().sum()
     counts = torch.zeros(v, dtype=torch.float64)
     n = 0
     for _ in range(30):

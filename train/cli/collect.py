@@ -48,8 +48,9 @@ def collect_cmd(
     ),
     k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
-    batch_size: Annotated[int, typer.Option(help="Sequences (prompts × K) per sampling batch: larger is faster "
-                                             "until memory runs out.")] = 64,
+    batch_size: Annotated[
+        int, typer.Option(help="Sequences (prompts × K) per sampling batch: larger is faster until memory runs out.")
+    ] = 64,
     shard_size: Annotated[int, typer.Option(help="Prompts per shard (the unit of resumption).")] = 16,
     seed: Annotated[int, typer.Option(help="Random seed (shard s uses seed + s).")] = 0,
     chat_template: ChatTemplateOpt = True,

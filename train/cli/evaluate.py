@@ -42,7 +42,7 @@ def evaluate_cmd(
     from can_jax.errors import CanError
     from train.collect import read_prompts
     from train.evaluate import evaluate, insample_gains
-    from train.scorers import parse_scorer
+    from train.scorers import parse_scorer, scorer_options
 
     try:
         cert = read_certificate(certificate)
@@ -51,9 +51,8 @@ def evaluate_cmd(
             insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
         report = evaluate(aligned, reference, read_prompts(prompts), list(scorer), cert, out, k=k,
                           max_new_tokens=max_new_tokens, seed=seed, insample=insample, chat_template=chat_template,
-                          scorer_options={"template": scorer_template, "dtype": scorer_dtype,
-                                          "max_length": scorer_max_length,
-                                          "batch_size": scorer_batch_size}, dtype=dtype)  # fmt: skip
+                          scorer_options=scorer_options(scorer_template, scorer_dtype, scorer_max_length,
+                                                        scorer_batch_size), dtype=dtype)  # fmt: skip
     except CanError as err:
         _fail(str(err))
     if _is_main_process():

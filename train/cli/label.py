@@ -65,12 +65,11 @@ def label(
 
     if looks_like_pairs(scores):
         from train.relabel import relabel_pairs
+        from train.scorers import scorer_options
 
         try:
             cert = read_certificate(certificate)
-            opts = {"dtype": scorer_dtype, "max_length": scorer_max_length, "batch_size": scorer_batch_size}
-            if scorer_template != "auto":
-                opts["template"] = scorer_template
+            opts = scorer_options(scorer_template, scorer_dtype, scorer_max_length, scorer_batch_size)
             table, stats = relabel_pairs(scores, cert, mode, seed, list(scorer or []), opts)
         except CanError as err:
             _fail(str(err))
