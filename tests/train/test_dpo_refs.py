@@ -1,5 +1,7 @@
-"""`can train` reuses the log π_ref that `can collect` recorded instead of TRL's reference pass (issue 12), only
-where TRL's own reference forward reproduces it. The independent reference is TRL's pass itself."""
+"""`can train`'s two savings over TRL's defaults (issue 12): it reuses the log π_ref that `can collect` recorded
+instead of TRL's reference pass, only where TRL's own reference forward reproduces it (the independent reference is
+TRL's pass itself); and its fused LM head scores only the completion positions on CPU (against the uncompacted
+head and a direct log-softmax)."""
 
 import pyarrow.parquet as pq
 import pytest
@@ -100,3 +102,51 @@ def test_pairs_cut_by_max_length_get_trls_pass(prefs, tiny_lm, tmp_path, monkeyp
                                             data.select(range(len(data)))[f"logp_ref_{side}"], strict=True)
                  if len(p) + len(c) > longest - 1]  # fmt: skip
     assert cut_sides and any(abs(g - w) > 1e-3 for g, w in cut_sides)  # TRL's values of the cut pairs, not ours
+
+
+def test_the_fused_head_scores_only_completion_positions(prefs, tiny_lm, tmp_path, monkeypatch):
+    """The coupling `train.dpo.compact_lm_head` rests on (trl.trainer.utils._use_triton, read by TRL's fused head at
+    each call): inside it the head is applied to the completion positions only, and the per-token log-probs equal
+    the uncompacted head's and a direct float64 log-softmax of the model's logits; a training step of
+    CanDPOTrainer runs compacted."""
+    import trl.trainer.utils as tu
+    from trl.trainer.utils import add_fused_lm_head
+
+    from train.dpo import compact_lm_head, load_preferences
+
+    model, tok, path = tiny_lm
+    rows = []
+    real = tu._ChunkedLogProbFunction
+
+    class Spy:
+        @staticmethod
+        def apply(hidden, *a):
+            rows.append(hidden.shape[0])
+            return real.apply(hidden, *a)
+
+    monkeypatch.setattr(tu, "_ChunkedLogProbFunction", Spy)
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(path).eval()
+    add_fused_lm_head(m)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [0, 0, 11, 12, 13, 14]])
+    labels = ids.clone()
+    labels[:, :3] = -100  # the prompt positions
+    labels[1, :2] = -100
+    with torch.no_grad():
+        plain = m(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        with compact_lm_head():
+            compact = m(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+        direct = torch.log_softmax(m(input_ids=ids).logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    assert rows == [2 * 5, int((labels[:, 1:] != -100).sum())]  # every position, then the completion ones only
+    mask = labels[:, 1:] != -100
+    assert torch.allclose(compact, plain, atol=1e-6)
+    assert torch.allclose(compact[mask].double(), direct[mask], atol=1e-5)
+
+    data, meta = load_preferences(prefs[0])
+    trainer = _trainer(path, tok, data, meta, tmp_path, "compact", max_steps=1)
+    rows.clear()
+    trainer.train()
+    batch_positions = 8 * (max(len(p) + max(len(c), len(r)) for p, c, r in
+                               zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])) - 1)  # fmt: skip
+    assert rows and all(r < batch_positions for r in rows)
