@@ -333,9 +333,9 @@ def markdown(res: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"{'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}. Load average at start "
-        f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])} (1.0 or more on 2 cores: another job shared "
-        "them, and absolute numbers are low and noisy). The ratios compare peers run alternately in the same "
-        "process. Medians over repeats.",
+        f"{', '.join(f'{x:.1f}' for x in m['load_avg_at_start'])} (a trailing average: it counts the job that ran "
+        "just before; a value well above 2 means other jobs shared the 2 cores and the absolute numbers are low and "
+        "noisy). The ratios compare peers run alternately in the same process. Medians over repeats.",
         "",
     ]
     if "collect" in res:

@@ -55,7 +55,7 @@ class DemoConfig:
     pairs_per_prompt: int = 8
     epochs: float = 3.0
     # Full fine-tuning at 1e-4 collapsed SmolLM2 into gibberish; the top 8 of 30 blocks at 1e-4 keep it coherent and
-    # halve the CPU step (with bf16 autocast and no gradient checkpointing: ~5.6 s per 8 pairs). Measured on the
+    # halve the CPU step (no gradient checkpointing; 5.1 s per 8 pairs on 2 cores, fp32, issue 12). Measured on the
     # held-out prompts: lr 5e-5 × 2 epochs moved harmlessness/politeness by +0.008/+0.002 (n.s.), 1e-4 × 3 epochs
     # by +0.033/+0.016 (politeness significant).
     lr: float = 1e-4

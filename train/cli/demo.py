@@ -34,7 +34,7 @@ def demo(
     collect (32 prompts × 8 samples, lexical scorers: reward helpfulness, constraints harmlessness and
     politeness) → dual (β = 0.5, margins at 50% of each constraint's reach) → 256 soft labels → one DPO run (top 8
     blocks) → evaluation: predicted gains beside the aligned model's gains on the training samples and on 16
-    held-out prompts, in OUT/evaluation/evaluation.md (~16 min on 2 CPU cores).
+    held-out prompts, in OUT/evaluation/evaluation.md (~11 min on 2 CPU cores).
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """
     if not synthetic:
