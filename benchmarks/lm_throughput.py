@@ -262,9 +262,21 @@ def bench_dpo(args, res, workdir: Path):
         if kind == "trl":
             trainer = DPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=data[kind], processing_class=tok)
         else:
+            calls, real = [], CanDPOTrainer.compute_ref_log_probs
+
+            def counted(self, *a, **kw):  # one reference forward = the check of the recorded values
+                calls.append(1)
+                return real(self, *a, **kw)
+
             collator = SoftPreferenceCollator(pad_token_id=tok.pad_token_id, max_length=192)
-            trainer = CanDPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=data[kind],
-                                    processing_class=tok, data_collator=collator)  # fmt: skip
+            CanDPOTrainer.compute_ref_log_probs = counted
+            try:
+                trainer = CanDPOTrainer(model=model, ref_model=None, args=cfg, train_dataset=data[kind],
+                                        processing_class=tok, data_collator=collator)  # fmt: skip
+            finally:
+                CanDPOTrainer.compute_ref_log_probs = real
+            if kind == "recorded" and len(calls) != 1:
+                raise SystemExit("the recorded log π_ref were not used: this row would time TRL's pass")
         trainer.train()
         return since(t)
 

@@ -147,7 +147,7 @@ def pseudo_preferences(
         cols["prompt_ids"] = table.column("prompt_ids").take(pa.array(chosen))
         cols["chosen_ids"] = table.column("response_ids").take(pa.array(chosen))
         cols["rejected_ids"] = table.column("response_ids").take(pa.array(rejected))
-        if "logp_ref" in table.column_names:  # log π_ref of those ids: `can train` skips its reference pass
+        if "logp_ref" in table.column_names and _logp_ref_exact(table):  # `can train` skips its reference pass
             cols["logp_ref_chosen"] = table.column("logp_ref").take(pa.array(chosen))
             cols["logp_ref_rejected"] = table.column("logp_ref").take(pa.array(rejected))
     out = pa.table(cols)
@@ -165,6 +165,16 @@ def pseudo_preferences(
     out = out.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     stats = LabelStats(len(chosen), len(usable), int((counts < 2).sum()), ties, capped, int(bad.sum()))
     return out, stats
+
+
+def _logp_ref_exact(table: pa.Table) -> bool:
+    """Whether the table's logp_ref is log π_ref of exactly its sampled ids, uncut, under the float32 policy (its
+    `can collect` metadata says so; `can collect --max-length`, `--dtype bf16` or a table of unknown origin: no)."""
+    raw = (table.schema.metadata or {}).get(b"can.collect")
+    try:
+        return bool(json.loads(raw).get("logp_ref_exact")) if raw else False
+    except (json.JSONDecodeError, AttributeError):
+        return False
 
 
 def _distinct_pairs(rng, usable, counts, starts, order, per_prompt: int):

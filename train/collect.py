@@ -211,6 +211,7 @@ def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os
         table = table.append_column(name, pa.array(values))
     meta = json.loads((table.schema.metadata or {}).get(b"can.collect", b"{}"))
     meta["pecan"] = pecan_meta(parsed)
+    meta["logp_ref_exact"] = ids is not None and max_length is None and dtype == "fp32"  # logp_ref recomputed here
     path = write_parquet(out, table.replace_schema_metadata({b"can.collect": json.dumps(meta).encode()}))
     st.wait_for_everyone()
     return path
@@ -326,6 +327,9 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     from train.tokens import tokenizer_fingerprint
 
     meta = {**asdict(cfg), "scorer_specs": cfg.scorers, "tokenizer_sha256": tokenizer_fingerprint(tok),
+            # logp_ref is log π_ref of exactly the sampled ids, uncut, under the float32 policy: `can train` may
+            # use it in place of TRL's reference pass (bridge.labels carries it only then).
+            "logp_ref_exact": cfg.max_length is None and cfg.dtype == "fp32",
             "scorers": {sc.name: {**sc.record(), "truncated_this_run": sc.truncated} for sc in scorers},
             "samples": table.num_rows, "unfinished": table.num_rows - sum(table.column("finished").to_pylist()),
             "not_retokenizing": table.num_rows - sum(table.column("retokenizes").to_pylist())}  # fmt: skip

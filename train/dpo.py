@@ -41,16 +41,17 @@ STORED_REF_TOL = 1e-4
 
 
 @contextlib.contextmanager
-def compact_lm_head():
+def compact_lm_head(enabled: bool = True):
     """TRL's fused LM head scores only the completion positions on Triton devices and every position elsewhere (fixed
     tile shapes for compiling backends such as Neuron). Eager CPU and CUDA have nothing to recompile: there only the
     completion positions are scored — on the demo's batches (8 pairs, prompts ~40 of ~95 tokens) a CPU DPO step
     took 4.7 s instead of 6.9 s, with identical losses. Private coupling (`trl.trainer.utils._use_triton`, read
-    by the fused head at each call; pinned by trl<2, tested in tests/train/test_dpo_refs.py)."""
+    by the fused head at each call; pinned by trl<2, tested in tests/train/test_dpo_refs.py). Not under
+    `torch_compile`, where varying shapes would recompile."""
     import trl.trainer.utils as tu
 
     original = getattr(tu, "_use_triton", None)
-    if original is None:  # another TRL layout: nothing to change
+    if original is None or not enabled:  # another TRL layout, or a compiled model: nothing to change
         yield
         return
     tu._use_triton = lambda device: device.type in ("cpu", "cuda") or original(device)
@@ -92,19 +93,29 @@ class CanDPOTrainer(DPOTrainer):
 
     def _stored_refs_hold(self, dataset, batch_size) -> bool:
         """Whether the stored reference log-probs are what TRL's reference forward computes for this trainer: the
-        pairs are the sampled ids, none is cut by max_length, no DeepSpeed/FSDP engine is involved, and TRL's own
-        `compute_ref_log_probs` on the first batch agrees (decided on the main process, shared with all)."""
+        pairs are the sampled ids, none is cut, training runs in float32 on plain data parallelism (no
+        DeepSpeed/FSDP engine, no tensor/context parallelism, no bf16/fp16 autocast), and TRL's own
+        `compute_ref_log_probs` on the first batch agrees. Decided on the main process (a failure there counts as
+        no), shared with all."""
         from accelerate.utils import broadcast_object_list
         from torch.utils.data import DataLoader
 
         ok = [False]
         if self.accelerator.is_main_process:
-            ok[0] = self._stored_refs_check(dataset, batch_size, DataLoader)
+            try:
+                ok[0] = self._stored_refs_check(dataset, batch_size, DataLoader)
+            except Exception as err:  # noqa: BLE001 — any failure means TRL's own pass; the verdict must be shared
+                import warnings
+
+                warnings.warn(f"checking the recorded log π_ref failed ({type(err).__name__}: {err}): running TRL's "
+                              "reference pass instead", stacklevel=2)  # fmt: skip
         broadcast_object_list(ok, from_process=0)
         return bool(ok[0])
 
     def _stored_refs_check(self, dataset, batch_size, loader_cls) -> bool:
-        if not set(IDS) <= set(dataset.column_names) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        pc_cfg = getattr(self.accelerator, "parallelism_config", None)
+        if (not set(IDS) <= set(dataset.column_names) or self.is_deepspeed_enabled or self.is_fsdp_enabled
+                or pc_cfg is not None or self.args.bf16 or self.args.fp16):  # fmt: skip
             return False
         import pyarrow.compute as pc
 
@@ -113,7 +124,8 @@ class CanDPOTrainer(DPOTrainer):
         t = dataset.select_columns(list(IDS)).with_format("arrow")[:]
         n = [pc.list_value_length(t[c]) for c in IDS]
         longest = pc.max(pc.add(n[0], pc.max_element_wise(n[1], n[2]))).as_py()
-        if self.args.max_length is not None and longest > self.args.max_length:
+        limits = [m for m in (self.args.max_length, getattr(self.data_collator, "max_length", None)) if m is not None]
+        if any(longest > m for m in limits):
             return False  # TRL cuts some pair: its log-prob is not the stored one's
         first = dataset.select(range(min(batch_size, len(dataset))))
         batch = next(iter(loader_cls(first, batch_size=len(first), collate_fn=self.data_collator)))
@@ -140,11 +152,11 @@ class CanDPOTrainer(DPOTrainer):
             self._signature_columns = [*self._signature_columns, "p_chosen"]
 
     def compute_ref_log_probs(self, model, inputs):
-        with compact_lm_head():
+        with compact_lm_head(not self.args.torch_compile):
             return super().compute_ref_log_probs(model, inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
-        with compact_lm_head():
+        with compact_lm_head(not self.args.torch_compile):
             return self._soft_loss(model, inputs, return_outputs)
 
     def _soft_loss(self, model, inputs, return_outputs):

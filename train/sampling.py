@@ -120,7 +120,8 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> tup
     within = block.double().cumsum(-1)
     last_tok = BLOCK - 1 - (block > 0).flip(-1).int().argmax(-1)
     j = torch.searchsorted(within, (frac * within[:, -1])[:, None], right=True)[:, 0]
-    return b * BLOCK + torch.minimum(j, last_tok), total
+    # Within the vocabulary whatever the weights (NaN rows give a meaningless token and a NaN total: callers check).
+    return (b * BLOCK + torch.minimum(j, last_tok)).clamp_(max=v - 1), total
 
 
 def _expand(cache, k: int):
@@ -169,10 +170,12 @@ def sample_ids(
         n = logits.shape[0]
         done = torch.zeros(n, dtype=torch.bool, device=device)
         total = torch.zeros(n, dtype=torch.float64, device=device)
+        broken = torch.zeros((), dtype=torch.bool, device=device)  # NaN/inf logits seen (checked once per batch)
         tokens = []
         for _ in range(max_new_tokens):
             top = logits.max(-1, keepdim=True).values
             nxt, mass = draw((logits - top).exp_(), generator)
+            broken |= ~torch.isfinite(mass).all()
             logp = logits.gather(1, nxt[:, None])[:, 0].double() - top[:, 0].double() - mass.log()
             total += torch.where(done, 0.0, logp)
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -184,6 +187,11 @@ def sample_ids(
             last = last + 1
             cache, logits = _next_logits(model, exact_head, input_ids=nxt[:, None], attention_mask=attn,
                                          position_ids=last[:, None], past_key_values=cache)  # fmt: skip
+        if bool(broken):
+            from can_jax.errors import CanError
+
+            raise CanError("the policy's next-token logits contain NaN or inf (overflow in fp16? a broken "
+                           "checkpoint?): no valid samples; try --dtype fp32 or bf16")  # fmt: skip
         gen = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(n)]
         total = total.tolist()
         for b, i in enumerate(idx):

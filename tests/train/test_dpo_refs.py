@@ -150,3 +150,57 @@ def test_the_fused_head_scores_only_completion_positions(prefs, tiny_lm, tmp_pat
     batch_positions = 8 * (max(len(p) + max(len(c), len(r)) for p, c, r in
                                zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])) - 1)  # fmt: skip
     assert rows and all(r < batch_positions for r in rows)
+
+
+def test_only_exact_recorded_log_probs_travel_to_the_pairs(tiny_lm, tmp_path):
+    """`can label` carries logp_ref into the pairs only when collect says it is log π_ref of exactly the sampled
+    ids, uncut, under the float32 policy: a --max-length collection (the pass, cut) gives pairs without it."""
+    from typer.testing import CliRunner
+
+    from train.cli import app
+    from train.collect import CollectConfig, collect
+    from train.dpo import STORED_REFS
+
+    _, _, path = tiny_lm
+    f = tmp_path / "prompts.txt"
+    f.write_text("how do i bake bread?\ntell me a joke.\n")
+    scorers = ["len=tests.train.toy_scorers:length", "safe=builtin:harmlessness"]
+    for name, kw in (("exact", {}), ("cut", {"max_length": 12})):
+        cfg = CollectConfig(prompts=str(f), policy=str(path), k=3, max_new_tokens=8, scorers=scorers, **kw)
+        scores = collect(cfg, tmp_path / f"{name}.parquet")
+        for args in (["dual", scores, "--reward", "len", "--constraint", "safe=0", "--beta", "1.0", "--out",
+                      tmp_path / f"{name}.json"], ["label", scores, tmp_path / f"{name}.json", "-o",
+                                                   tmp_path / f"{name}-prefs.parquet"]):  # fmt: skip
+            res = CliRunner().invoke(app, [str(a) for a in args])
+            assert res.exit_code == 0, res.output
+        carried = set(STORED_REFS) <= set(pq.read_schema(tmp_path / f"{name}-prefs.parquet").names)
+        assert carried == (name == "exact")
+
+
+def test_a_failing_check_falls_back_to_trls_pass(prefs, tiny_lm, tmp_path, monkeypatch):
+    from train.dpo import CanDPOTrainer, load_preferences
+
+    _, tok, path = tiny_lm
+    data, meta = load_preferences(prefs[0])
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(CanDPOTrainer, "_stored_refs_check", boom)
+    with pytest.warns(UserWarning, match="out of memory"):
+        trainer = _trainer(path, tok, data, meta, tmp_path, "boom")
+    assert torch.isfinite(_refs(trainer)).all()
+
+
+def test_nan_logits_stop_sampling_with_one_line(tiny_lm):
+    from transformers import AutoModelForCausalLM
+
+    from can_jax.errors import CanError
+    from train.sampling import sample_ids
+
+    _, tok, path = tiny_lm
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+    with pytest.raises(CanError, match="NaN or inf"):
+        sample_ids(model, [tok("hello")["input_ids"]], 2, 3, [tok.eos_token_id], tok.pad_token_id)
