@@ -98,12 +98,11 @@ class CanDPOTrainer(DPOTrainer):
         `compute_ref_log_probs` on the first batch agrees. Decided on the main process (a failure there counts as
         no), shared with all."""
         from accelerate.utils import broadcast_object_list
-        from torch.utils.data import DataLoader
 
         ok = [False]
         if self.accelerator.is_main_process:
             try:
-                ok[0] = self._stored_refs_check(dataset, batch_size, DataLoader)
+                ok[0] = self._stored_refs_check(dataset, batch_size)
             except Exception as err:  # noqa: BLE001 — any failure means TRL's own pass; the verdict must be shared
                 import warnings
 
@@ -112,7 +111,9 @@ class CanDPOTrainer(DPOTrainer):
         broadcast_object_list(ok, from_process=0)
         return bool(ok[0])
 
-    def _stored_refs_check(self, dataset, batch_size, loader_cls) -> bool:
+    def _stored_refs_check(self, dataset, batch_size) -> bool:
+        from torch.utils.data import DataLoader
+
         pc_cfg = getattr(self.accelerator, "parallelism_config", None)
         if (not set(IDS) <= set(dataset.column_names) or self.is_deepspeed_enabled or self.is_fsdp_enabled
                 or pc_cfg is not None or self.args.bf16 or self.args.fp16):  # fmt: skip
@@ -128,7 +129,7 @@ class CanDPOTrainer(DPOTrainer):
         if any(longest > m for m in limits):
             return False  # TRL cuts some pair: its log-prob is not the stored one's
         first = dataset.select(range(min(batch_size, len(dataset))))
-        batch = next(iter(loader_cls(first, batch_size=len(first), collate_fn=self.data_collator)))
+        batch = next(iter(DataLoader(first, batch_size=len(first), collate_fn=self.data_collator)))
         batch.pop("p_chosen", None)
         batch = {k: v.to(self.accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.no_grad():

@@ -162,6 +162,16 @@ def _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, p
     )
 
 
+def _load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out: bool):
+    """`_load`, a user error ending the command with its one line (or JSON status)."""
+    from can_jax.errors import CanError
+
+    try:
+        return _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
+    except CanError as err:
+        _fail(err, json_out=json_out, status=_status_of(err))
+
+
 def _is_main_process() -> bool:
     """False on the other ranks of `accelerate launch`: they print nothing (one report per run)."""
     from train.dist import state

@@ -25,6 +25,7 @@ from train.cli.app import (
     _echo_json,
     _fail,
     _load,
+    _load_or_fail,
     _one_line,
     _print_certificate,
     _setup_jax,
@@ -232,10 +233,7 @@ def sweep(
     from can_jax.errors import CanError
     from can_jax.result import Status
 
-    try:
-        loaded = _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
-    except CanError as err:
-        _fail(err, json_out=json_out, status=_status_of(err))
+    loaded = _load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
     names = loaded.names
     name = vary or names[0]
     if name not in names:

@@ -24,13 +24,10 @@ from train.cli.app import (
     _console,
     _echo_json,
     _fail,
-    _load,
+    _load_or_fail,
     _setup_jax,
-    _status_of,
     app,
 )
-
-SMALL = 0.5  # the bias counts as small below half a standard error (bridge.bias.SMALL)
 
 
 def print_bias(block: dict):
@@ -87,6 +84,8 @@ def subsample_masks(mask, ks, fractions, seed: int = 0):
 def verdict(rows: list[dict], names: list[str]) -> tuple[bool, str]:
     """'Is K enough' from the full-data row: every active λ's and prediction's |bias| ≤ SMALL s.e.; else how many
     responses per prompt would make it so (the bias falls like 1/K, the s.e. hardly moves with K)."""
+    from bridge.bias import SMALL
+
     full = max(rows, key=lambda r: (r["fraction"], r["k"]))
     worst, label = 0.0, None
     for key, items in (("lambda", full["lambda"]), ("gain", full["gain"])):
@@ -113,12 +112,6 @@ def verdict(rows: list[dict], names: list[str]) -> tuple[bool, str]:
         f"falls like 1/K, so about K ≥ {need} would bring it under {SMALL} s.e. — until then use the corrected "
         "estimates (`can dual --bias`)"
     )
-
-
-def _entry(c, j=None):
-    from bridge.bias import _entry as entry
-
-    return entry(c, j)
 
 
 @app.command()
@@ -155,15 +148,12 @@ def stability(
     import jax.numpy as jnp
     import numpy as np
 
+    from bridge.bias import _entry
     from can_jax.bias import finite_k_bias_jit
-    from can_jax.errors import CanError
     from can_jax.result import Status
     from can_jax.solve import solve_dual_jit
 
-    try:
-        loaded = _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
-    except CanError as err:
-        _fail(err, json_out=json_out, status=_status_of(err))
+    loaded = _load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
     sc = loaded.scores
     names = loaded.names
     margins = jnp.asarray(loaded.margins, sc.reward.dtype)
