@@ -35,9 +35,9 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from can_jax.dual import _pass_blocks, auto_block, to_blocks  # noqa: E402
+from can_jax.dual import auto_block, pass_blocks, to_blocks  # noqa: E402
+from can_jax.sim.synthetic import synthetic_scores  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
-from can_jax.synthetic import synthetic_scores  # noqa: E402
 
 BETA = 1.0
 TOL = 1e-9
@@ -202,7 +202,7 @@ def fused_pass(sc, margins, blocks_to_try, reps=5):
     out = {}
     b = jnp.asarray(margins)
     lam = jnp.full((sc.utility.shape[-1],), 0.5)
-    one_pass = jax.jit(lambda lam, blocked: _pass_blocks(lam, blocked, b, BETA, 2))
+    one_pass = jax.jit(lambda lam, blocked: pass_blocks(lam, blocked, b, BETA, 2))
     for blk in blocks_to_try:
         blocked = jax.block_until_ready(to_blocks(sc, blk))
         jax.block_until_ready(one_pass(lam, blocked))
@@ -327,9 +327,9 @@ def write(out: Path, tag: str, info, rows, roofline, cli):
                "cli": cli}  # fmt: skip
     (out / f"dual_{tag}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# Dual solve benchmark — {tag}", "", f"Machine: {info}", "",
-             f"β = {BETA}, KKT tolerance {TOL:g}; synthetic scores (can_jax.synthetic, ρ = −0.5); margins mix active "
-             "and slack constraints. Times are medians after a warm-up; compile time separate. KKT residual of every "
-             "peer is measured by the same independent float64 NumPy gradient.", "",
+             f"β = {BETA}, KKT tolerance {TOL:g}; synthetic scores (can_jax.sim.synthetic, ρ = −0.5); margins mix "
+             "active and slack constraints. Times are medians after a warm-up; compile time separate. KKT residual of "
+             "every peer is measured by the same independent float64 NumPy gradient.", "",
              "| N | K | m | data MB | peer | seconds | KKT residual | speed-up of ours | max abs Δλ vs ours | notes |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 
 from can_jax.labels import pair_targets  # noqa: E402
 from can_jax.pecan import pecan_scores  # noqa: E402
-from can_jax.policy import Pairs, init_policy, policy_log_probs, train_dpo  # noqa: E402
+from can_jax.sim.policy import Pairs, init_policy, policy_log_probs, train_dpo  # noqa: E402
+from can_jax.sim.worlds import evaluate_policy, exact_scores, make_world, prealigned, sample_scores  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
-from can_jax.worlds import evaluate_policy, exact_scores, make_world, prealigned, sample_scores  # noqa: E402
 
 BETA, BETA_PRE, K = 1.0, 1.0, 16
 PAIRS = [1, 4, 16, 64, 256]

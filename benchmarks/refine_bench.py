@@ -39,12 +39,12 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 from bridge.files import atomic_write_text, write_figure  # noqa: E402
-from can_jax.parametric import draw_world, make_family, measure_gains, set_margins  # noqa: E402
-from can_jax.policy import init_policy, make_pairs, policy_log_probs, train_dpo  # noqa: E402
-from can_jax.primal_dual import cdpo, gda  # noqa: E402
-from can_jax.refine import caid_step, on_target, refine_init, refine_step  # noqa: E402
+from can_jax.sim.parametric import draw_world, make_family, measure_gains, set_margins  # noqa: E402
+from can_jax.sim.policy import init_policy, make_pairs, policy_log_probs, train_dpo  # noqa: E402
+from can_jax.sim.primal_dual import cdpo, gda  # noqa: E402
+from can_jax.sim.refine import caid_step, on_target, refine_init, refine_step  # noqa: E402
+from can_jax.sim.worlds import evaluate_policy, exact_scores, sample_scores, tilted_policy  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
-from can_jax.worlds import evaluate_policy, exact_scores, sample_scores, tilted_policy  # noqa: E402
 
 KIND = "linear"
 Z95 = 1.96

@@ -1,66 +1,49 @@
 """can_jax: the numerical core of CAN (arXiv 2405.19544) — the empirical dual, its solver and certificates.
 
-Pure JAX; float64 is switched on by entry points (CLI, tests, benchmarks), never here.
+Pure JAX; float64 is switched on by entry points (CLI, tests, benchmarks), never here. Names are imported lazily
+(PEP 562): `import can_jax` (or `from can_jax.errors import CanError`, which torch-only stages use) loads no JAX
+until a numerical name is first touched. The simulation lab lives in `can_jax.sim`.
 """
 
-from can_jax.bias import BiasReport, Corrected, finite_k_bias, finite_k_bias_jit
-from can_jax.certify import kkt_residual, predicted_outcome, recession_slope, reduced_eigs
-from can_jax.dual import DualEval, dual_grad, dual_hessian, dual_pass, dual_value, prompt_terms
-from can_jax.errors import (
-    CanError,
-    DegenerateDataError,
-    InfeasibleMarginsError,
-    InvalidArgumentError,
-    OutputError,
-    ScoresFormatError,
-    SolverError,
-)
-from can_jax.inference import Bootstrap, bootstrap, sandwich_covariance, standard_error_notes, standard_errors
-from can_jax.result import DualResult, Predicted, Status
-from can_jax.scores import Scores, from_long, from_padded
-from can_jax.solve import solve_dual, solve_dual_jit
-from can_jax.sweep import margin_grid, sweep, sweep_jit
-from can_jax.synthetic import synthetic_scores
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BiasReport",
-    "Corrected",
-    "Bootstrap",
-    "CanError",
-    "DegenerateDataError",
-    "DualEval",
-    "DualResult",
-    "InfeasibleMarginsError",
-    "InvalidArgumentError",
-    "OutputError",
-    "Predicted",
-    "Scores",
-    "ScoresFormatError",
-    "SolverError",
-    "Status",
-    "bootstrap",
-    "dual_grad",
-    "dual_hessian",
-    "dual_pass",
-    "dual_value",
-    "finite_k_bias",
-    "finite_k_bias_jit",
-    "from_long",
-    "from_padded",
-    "kkt_residual",
-    "margin_grid",
-    "predicted_outcome",
-    "prompt_terms",
-    "recession_slope",
-    "reduced_eigs",
-    "sandwich_covariance",
-    "solve_dual",
-    "solve_dual_jit",
-    "standard_error_notes",
-    "standard_errors",
-    "sweep",
-    "sweep_jit",
-    "synthetic_scores",
-]
+_EXPORTS = {
+    "can_jax.bias": ["BiasReport", "Corrected", "finite_k_bias", "finite_k_bias_jit"],
+    "can_jax.certify": ["kkt_residual", "predicted_outcome", "recession_slope", "reduced_eigs"],
+    "can_jax.dual": ["DualEval", "dual_grad", "dual_hessian", "dual_pass", "dual_value", "prompt_terms"],
+    "can_jax.errors": [
+        "CanError",
+        "DegenerateDataError",
+        "InfeasibleMarginsError",
+        "InvalidArgumentError",
+        "OutputError",
+        "ScoresFormatError",
+        "SolverError",
+    ],  # fmt: skip
+    "can_jax.inference": ["Bootstrap", "bootstrap", "sandwich_covariance", "standard_error_notes", "standard_errors"],
+    "can_jax.result": ["DualResult", "Predicted", "Status"],
+    "can_jax.scores": ["Scores", "from_long", "from_padded"],
+    "can_jax.solve": ["solve_dual", "solve_dual_jit"],
+    "can_jax.sweep": ["margin_grid", "sweep", "sweep_jit"],
+    "can_jax.sim.synthetic": ["synthetic_scores"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'can_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

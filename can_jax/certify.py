@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from can_jax.dual import _pass_blocks, block_sum, masked, reference_utility
+from can_jax.dual import block_sum, masked, pass_blocks, reference_utility
 from can_jax.result import Predicted
 from can_jax.scores import Scores
 
@@ -72,7 +72,7 @@ def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray) -> j
 def predicted_outcome(lam: jnp.ndarray, blocks: Scores, beta) -> Predicted:
     """Reward gain, utility gains, KL(π_λ‖π_ref) and effective sample fraction of π_λ on the samples."""
     m = blocks.utility.shape[-1]
-    ev = _pass_blocks(lam, blocks, jnp.zeros((m,), blocks.reward.dtype), beta, 1, predict=True)
+    ev = pass_blocks(lam, blocks, jnp.zeros((m,), blocks.reward.dtype), beta, 1, predict=True)
     return Predicted(ev.reward_gain, ev.grad, ev.kl, ev.ess)
 
 

@@ -132,7 +132,7 @@ def block_sum(fn, blocks: Scores):
     return jax.lax.scan(step, init, blocks)[0]
 
 
-def _pass_blocks(
+def pass_blocks(
     lam, blocks: Scores, margins, beta, order: int, predict: bool = False, reach: bool = False
 ) -> DualEval:
     """Weighted means of the prompt terms over [C, B, ...] blocked scores.
@@ -227,7 +227,7 @@ def dual_pass(lam, scores: Scores, margins, beta, order: int = 2, block: int | N
       order: 0 value only, 1 value + gradient, 2 value + gradient + Hessian (static under jit).
       block: prompts per scan step (static); "auto" (~3 MB blocks, CPU) or None (one block, GPU).
     """
-    return _pass_blocks(lam, to_blocks(scores, block), margins, beta, order)
+    return pass_blocks(lam, to_blocks(scores, block), margins, beta, order)
 
 
 def dual_value(lam, scores: Scores, margins, beta, block: int | None | str = "auto") -> jnp.ndarray:

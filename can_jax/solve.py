@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.certify import predicted_outcome, recession_slope, reduced_eigs
-from can_jax.dual import DualEval, _pass_blocks, masked, to_blocks
+from can_jax.dual import DualEval, masked, pass_blocks, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.numerics import masked_log_softmax
 from can_jax.result import DualResult, Status
@@ -134,7 +134,7 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, scale: _Sca
     eps = jnp.finfo(lam0.dtype).eps
 
     def evaluate(lam, reach=False):
-        return _pass_blocks(lam, blocks, margins, beta, 2, reach=reach)
+        return pass_blocks(lam, blocks, margins, beta, 2, reach=reach)
 
     def converged(lam, ev):
         return jnp.all(_scaled_kkt(lam, ev.grad, scale) <= _floor(lam, ev, margins, scale, tol))
@@ -319,6 +319,6 @@ def kkt_at(scores: Scores, margins, beta, lam, tol=None):
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     lam = jnp.asarray(lam, dtype)
     centred, scale = _centre(scores, margins)
-    ev = _pass_blocks(lam, to_blocks(centred), margins, jnp.asarray(beta, dtype), 2)
+    ev = pass_blocks(lam, to_blocks(centred), margins, jnp.asarray(beta, dtype), 2)
     tol = default_tol(dtype) if tol is None else tol
     return jnp.max(_scaled_kkt(lam, ev.grad, scale)), _floor(lam, ev, margins, scale, tol)

@@ -4,8 +4,8 @@ import numpy as np
 
 from can_jax.inference import bootstrap, standard_errors
 from can_jax.result import Status
+from can_jax.sim.synthetic import synthetic_scores
 from can_jax.solve import solve_dual_jit
-from can_jax.synthetic import synthetic_scores
 
 MARGINS = jnp.array([0.3, 0.1, -2.0])  # two active, one slack
 

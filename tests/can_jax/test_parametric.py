@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from can_jax.parametric import draw_world, make_family, measure_gains, set_margins
-from can_jax.policy import init_policy, linear_features, make_pairs, policy_log_probs, train_dpo
-from can_jax.primal_dual import gda
-from can_jax.worlds import evaluate_policy, exact_reach, sample_scores
+from can_jax.sim.parametric import draw_world, make_family, measure_gains, set_margins
+from can_jax.sim.policy import init_policy, linear_features, make_pairs, policy_log_probs, train_dpo
+from can_jax.sim.primal_dual import gda
+from can_jax.sim.worlds import evaluate_policy, exact_reach, sample_scores
 
 BETA = 1.0
 # One family shape and two world shapes throughout (here and in test_refine), so each jitted function compiles once.

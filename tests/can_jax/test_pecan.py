@@ -8,8 +8,8 @@ from can_jax.inference import standard_errors
 from can_jax.pecan import pecan_scores
 from can_jax.result import Status
 from can_jax.scores import Scores
+from can_jax.sim.worlds import exact_scores, make_world, prealigned, sample_scores
 from can_jax.solve import solve_dual_jit
-from can_jax.worlds import exact_scores, make_world, prealigned, sample_scores
 
 BETA, BETA_R, BETA_G = 1.0, 0.5, jnp.array([0.3, 2.0])
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq, nnls
 
-from can_jax.policy import init_policy, make_pairs, policy_log_probs, train_dpo
-from can_jax.refine import box_qp, caid_step, newton_step, on_target, refine_init, refine_step, secant_update
-from can_jax.worlds import make_world, sample_scores
+from can_jax.sim.policy import init_policy, make_pairs, policy_log_probs, train_dpo
+from can_jax.sim.refine import box_qp, caid_step, newton_step, on_target, refine_init, refine_step, secant_update
+from can_jax.sim.worlds import make_world, sample_scores
 
 BETA = 1.0
 newton_jit = jax.jit(newton_step)
@@ -166,7 +166,7 @@ def test_continuing_dpo_keeps_pi_ref_as_the_reference():
     """Continuing from a policy aligned at λ1 and training on labels at λ2 reaches the same policy as a fresh run
     from π_ref (the linear policy's DPO loss is convex): the loss measures log-ratios against π_ref, not against
     the previous policy (which would shift the answer by the first run's residual)."""
-    from can_jax.parametric import draw_world, make_family
+    from can_jax.sim.parametric import draw_world, make_family
 
     fam = make_family(jax.random.key(0), 2)
     world = draw_world(jax.random.key(1), fam, 300, 12)  # the shapes of test_parametric: compiled once

@@ -7,11 +7,10 @@ import pytest
 
 from can_jax.inference import standard_errors
 from can_jax.labels import pair_targets
-from can_jax.policy import Pairs, init_policy, make_pairs, policy_log_probs, train_dpo, train_lagrangian
-from can_jax.primal_dual import gda
 from can_jax.result import Status
-from can_jax.solve import solve_dual_jit
-from can_jax.worlds import (
+from can_jax.sim.policy import Pairs, init_policy, make_pairs, policy_log_probs, train_dpo, train_lagrangian
+from can_jax.sim.primal_dual import gda
+from can_jax.sim.worlds import (
     evaluate_policy,
     exact_reach,
     exact_scores,
@@ -20,6 +19,7 @@ from can_jax.worlds import (
     sample_scores,
     tilted_policy,
 )
+from can_jax.solve import solve_dual_jit
 
 BETA = 1.0
 
@@ -132,7 +132,7 @@ def test_primal_dual_with_a_small_step_converges_to_lambda_star(world, exact):
 
 
 def test_mlp_policy_starts_at_reference_and_dpo_moves_it_towards_pi_star():
-    from can_jax.policy import all_pairs
+    from can_jax.sim.policy import all_pairs
 
     w = make_world(jax.random.key(4), 60, 6, 2)
     lam = solve_dual_jit(exact_scores(w), w.margins, BETA).x

@@ -48,7 +48,7 @@ def test_cli_is_one_package_run_every_way():
     for res in (_can("--help"), _can("train", "--help"), _can("collect", "--help")):
         assert "Usage" in res.stdout
     listing = _can("--help").stdout
-    for cmd in ("collect", "logratios", "dual", "sweep", "label", "train", "prealign", "evaluate", "demo", "bench"):
+    for cmd in ("collect", "logratios", "dual", "sweep", "label", "train", "prealign", "evaluate", "demo"):
         assert cmd in listing
     exe = Path(sys.executable).with_name("can")
     if exe.exists():

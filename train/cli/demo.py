@@ -1,4 +1,4 @@
-"""`can demo` (the whole chain on the embedded default) and `can bench` (one-shot vs primal-dual in exact worlds)."""
+"""`can demo`: the whole chain on the embedded default."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def demo(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from can_jax.synthetic import synthetic_scores
+    from can_jax.sim.synthetic import synthetic_scores
 
     out.mkdir(parents=True, exist_ok=True)
     sc = synthetic_scores(jax.random.key(seed), prompts, responses, 3, rho=-0.6, ragged=True)
@@ -112,29 +112,3 @@ def demo(
         "harmlessness and honesty must rise by 0.3 and 0.1 over the reference policy; toxicity may rise by up "
         f"to 0.2. λ* prices each constraint; see {cert_path} and {out / 'sweep.png'}."
     )
-
-
-@app.command()
-def bench(
-    out: Annotated[Path, typer.Option(help="Folder for report.md, report.json and the plots.")] = Path("can-bench"),
-    quick: Annotated[
-        bool, typer.Option("--quick", help="Smaller worlds and budgets (a few minutes on 2 cores).")
-    ] = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-):
-    """One-shot CAN vs iterative primal-dual (GDA, C-DPO) in synthetic worlds with exact answers.
-
-    Measures the dual estimate's error and interval coverage, the policy-gradient steps each method needs to reach
-    the constrained optimum for m = 1..16 constraints, and the bias of bt/soft/hard labels; writes OUT/report.md.
-    """
-    _setup_jax()
-    from rich.progress import Progress
-
-    from train.bench import BenchConfig, run
-
-    cfg = BenchConfig.quick() if quick else BenchConfig()
-    cfg.seed = seed
-    with Progress(transient=True) as bar:
-        task = bar.add_task("benchmark", total=len(cfg.ms) + 3)
-        path = run(cfg, out, progress=lambda _: bar.advance(task))
-    typer.echo(f"report written to {path}")

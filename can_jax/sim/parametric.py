@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from can_jax.worlds import World, exact_reach
+from can_jax.sim.worlds import World, exact_reach
 
 
 class Family(NamedTuple):

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from can_jax.policy import all_pairs, init_policy, lagrangian, make_pairs, policy_log_probs, train_dpo
-from can_jax.worlds import Samples, World, evaluate_policy, kl_between
+from can_jax.sim.policy import all_pairs, init_policy, lagrangian, make_pairs, policy_log_probs, train_dpo
+from can_jax.sim.worlds import Samples, World, evaluate_policy, kl_between
 
 
 class Trace(NamedTuple):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from can_jax.labels import pair_targets
-from can_jax.worlds import Samples, World
+from can_jax.sim.worlds import Samples, World
 
 
 class MLP(nn.Module):

@@ -1,6 +1,6 @@
 import json
 
-from train.bench import BenchConfig, run, steps_to_target
+from benchmarks.worlds_bench import BenchConfig, run, steps_to_target
 
 
 def test_steps_to_target_requires_staying_inside():
