@@ -1,0 +1,159 @@
+"""Scorers: (prompts, responses) → one float per response (docs/DESIGN.md, "Ecosystem facts").
+
+A scorer spec is one of
+- `builtin:NAME` — the demo's download-free lexical scorers (`train.scorers.builtin`);
+- `module:function` — any Python callable taking (prompts, responses) lists and returning floats. The module is
+  imported as `python -m` would: the working directory comes first on the import path, so `-s x=myscorer:fn` finds
+  `./myscorer.py` under the `can` console script too;
+- a model directory, or a Hugging Face Hub id (`org/name`) already in the local Hugging Face cache (offline only, see
+  `train.models.resolve_model_dir`) — a score model (`train.scorers.models`: Safe-RLHF score models and one-output
+  sequence classifiers, truncation, dtype).
+
+Prompts are strings or conversations in TRL's conversational format; how each kind of scorer reads them, and the
+templates (`template=`) that turn a prompt and a response into a score model's text, are in
+`train.scorers.templates`.
+
+This package's modules, one concept each: `builtin` (lexical scorers), `templates` (conversations and templates),
+`models` (score-model loading and scoring); here, the public face: the `Scorer` every stage calls, `make_scorer`
+from a spec, `parse_scorer` for `NAME=SPEC`, and `scorer_options` from the CLI's options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from can_jax.errors import CanError
+from train.scorers.builtin import BUILTINS, builtin_scorer, harmlessness, helpfulness, politeness
+from train.scorers.models import DTYPES, ClassifierScore, ModelScore
+from train.scorers.templates import (
+    SAFE_RLHF,
+    SAFE_RLHF_TEMPLATE,
+    as_messages,
+    last_user_text,
+    render_prompt,
+    render_safe_rlhf,
+)
+
+__all__ = [
+    "BUILTINS",
+    "DTYPES",
+    "SAFE_RLHF",
+    "SAFE_RLHF_TEMPLATE",
+    "ClassifierScore",
+    "ModelScore",
+    "Scorer",
+    "as_messages",
+    "harmlessness",
+    "helpfulness",
+    "last_user_text",
+    "make_scorer",
+    "parse_scorer",
+    "politeness",
+    "render_prompt",
+    "render_safe_rlhf",
+    "scorer_options",
+]
+
+
+@dataclass
+class Scorer:
+    """One named scorer as every stage calls it: checks lengths and finiteness, turns a failing user function into
+    one CanError line, and records its settings (`record`) for certificates and scores files."""
+
+    name: str
+    spec: str
+    template: str = "{prompt} / {response}"
+    fn: object = field(default=None, repr=False)
+    score_type: str | None = None  # "reward" / "cost" where the model says so (Safe-RLHF's config.score_type)
+
+    def __call__(self, prompts: list, responses: list[str]) -> np.ndarray:
+        if len(prompts) != len(responses):
+            raise CanError(f"scorer {self.name!r}: {len(prompts)} prompts for {len(responses)} responses")
+        try:
+            values = np.asarray(self.fn(list(prompts), list(responses)), dtype=float).reshape(-1)
+        except CanError:
+            raise
+        except Exception as err:  # a user's scorer failing is a user error, reported in one line
+            raise CanError(f"scorer {self.name!r} ({self.spec}) raised {type(err).__name__}: {err}") from None
+        if values.shape != (len(responses),):
+            raise CanError(f"scorer {self.name!r} returned {values.shape[0]} values for {len(responses)} responses")
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise CanError(f"scorer {self.name!r} returned NaN/inf for responses {bad[:8].tolist()} of this batch")
+        return values
+
+    def record(self) -> dict:
+        """This scorer's settings, for a certificate or a scores file (fixed for its life: comparable on resume)."""
+        out = {"spec": self.spec, "template": self.template}
+        if self.score_type:
+            out["score_type"] = self.score_type
+        if isinstance(self.fn, ModelScore):
+            out.update(self.fn.record())
+        return out
+
+    @property
+    def truncated(self) -> int:
+        """How many texts a score model has truncated so far (0 for other scorers)."""
+        return self.fn.truncated if isinstance(self.fn, ModelScore) else 0
+
+
+def _import_from_cwd(module: str):
+    """Imports `module` with the working directory first on the path, as `python -m` does."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        importlib.invalidate_caches()
+        return importlib.import_module(module)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
+
+
+def scorer_options(template: str = "auto", dtype: str = "fp32", max_length: int | None = None,
+                   batch_size: int = 16) -> dict:  # fmt: skip
+    """`make_scorer`'s keyword options from the CLI's --scorer-template/-dtype/-max-length/-batch-size (the template
+    left out when "auto": then the scorer's own rule, or the template a certificate recorded, applies)."""
+    opts = {"dtype": dtype, "max_length": max_length, "batch_size": batch_size}
+    if template != "auto":
+        opts["template"] = template
+    return opts
+
+
+def make_scorer(name: str, spec: str, template: str = "auto", *, dtype: str = "fp32", max_length: int | None = None,
+                batch_size: int = 16, device: str | None = None) -> Scorer:  # fmt: skip
+    """Builds a scorer from its spec (see the package docstring); the options apply to score models."""
+    from train.models import is_hub_id, resolve_model_dir
+
+    if spec.startswith("builtin:"):
+        return Scorer(name, spec, "lexical, on the response text", builtin_scorer(spec.split(":", 1)[1]))
+    if Path(spec).is_dir() or is_hub_id(spec):
+        path = resolve_model_dir(spec, f"scorer {name!r}")
+        if not (path / "config.json").exists():
+            raise CanError(f"scorer {name!r}: {spec} has no config.json (not a Transformers model directory)")
+        model = ModelScore(str(path), template, device, batch_size, dtype=dtype, max_length=max_length)
+        return Scorer(name, spec, model.template, model, model.score_type)
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise CanError(f"scorer {name!r}: {spec!r} is not builtin:NAME, module:function, a model directory "
+                       "or a Hugging Face Hub id")  # fmt: skip
+    try:
+        fn = getattr(_import_from_cwd(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise CanError(f"scorer {name!r}: cannot import {spec!r}: {err}") from None
+    return Scorer(name, spec, f"python callable {spec}", fn)
+
+
+def parse_scorer(text: str) -> tuple[str, str]:
+    """`NAME=SPEC` → (name, spec)."""
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise CanError(f"scorer {text!r} is not of the form NAME=SPEC (e.g. harm=builtin:harmlessness)")
+    return name, spec
