@@ -1,11 +1,23 @@
-"""The dual certificate (DESIGN §6): everything a GPU job needs to trust and reproduce λ*, as JSON."""
+"""The dual certificate ② as an artifact (DESIGN: formats): everything a GPU job needs to trust and reproduce λ*.
+
+`Certificate` is the one owner of the certificate's JSON: `Certificate.build` makes it from a solved dual (the CLI,
+the demos and correction rounds all call it), `Certificate.read` validates a file, `write`/`write_checked` write
+it atomically, and every other module reads it through its properties — never through its keys. Its `sha256`
+(of the canonical JSON) is how a preference set and an aligned policy refer to it.
+
+Versions: 1 lacked the `scorers`, `limits`, `round` and `bias` blocks (read with them empty); 2 is written now.
+A version this can does not know is refused in one line.
+"""
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +27,10 @@ from bridge.tables import printable
 from can_jax.errors import CanError
 from can_jax.result import Status
 
-FORMAT = "can.dual-certificate"
-# Version 2 (issue 10) adds, designed once for what is coming: `scorers` (name → spec, template, sign: what made
-# each column), `limits` (absolute limits with E_ref and the implied margin), `round` (a correction round's index
-# and its parent certificate's hash, DESIGN §5c) and `bias` (finite-K bias estimates, null until computed).
-# Readers accept version 1 and read it as version 2 with those blocks empty.
+_FORMAT = "can.dual-certificate"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+FILE_NAME = "certificate.json"  # its name beside a preference set's data or an aligned policy's weights
 
 
 def _clean(x):
@@ -40,7 +49,7 @@ def _clean(x):
     return x
 
 
-def build_certificate(
+def _body(
     result,
     names: list[str],
     kinds: list[str],
@@ -52,11 +61,7 @@ def build_certificate(
     dtype: str = "float64",
     standard_error_notes: list | None = None,
 ) -> dict:
-    """The certificate dict for one solved dual. `result` is a (non-vmapped) `DualResult`.
-
-    A standard error that is undefined (or not computed) is null, with `standard_error_note` saying why. Estimates
-    live in per-constraint entries and the `predicted` block, so bias-corrected variants can be added beside them.
-    """
+    """The certificate's JSON body for one solved dual (see `Certificate.build`)."""
     from can_jax import __version__
 
     lam = np.asarray(result.x, float)
@@ -90,7 +95,7 @@ def build_certificate(
             entry["predicted_cost_change"] = -gains[j]
         constraints.append(entry)
     cert = {
-        "format": FORMAT,
+        "format": _FORMAT,
         "format_version": FORMAT_VERSION,
         "can_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -123,9 +128,7 @@ def build_certificate(
         "round": {"index": 0, "parent_sha256": None},
         "bias": None,
     }
-    cert = _clean(cert)
-    cert["diagnostics"] = diagnose(cert)
-    return cert
+    return _clean(cert)
 
 
 ESS_WARN = 0.05
@@ -164,8 +167,315 @@ def diagnose(cert: dict) -> list[str]:
     return notes
 
 
-def write_certificate(path: str | os.PathLike, cert: dict) -> Path:
-    return atomic_write_text(path, json.dumps(cert, indent=2) + "\n")
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def sha256_of(body: dict) -> str:
+    """SHA-256 of a certificate body's canonical JSON (sorted keys): what preference sets and policies refer to."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Certificate:
+    """A validated dual certificate. Build one with `Certificate.build`, read one with `Certificate.read`; its
+    blocks are read through the properties below (copies: the certificate itself never changes)."""
+
+    _body: dict = field(repr=False)
+
+    # -- making, reading, writing ---------------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        result,
+        names: list[str],
+        kinds: list[str],
+        margins,
+        beta: float,
+        data: dict,
+        standard_errors=None,
+        tol: float | None = None,
+        dtype: str = "float64",
+        standard_error_notes: list | None = None,
+        *,
+        bias: dict | None = None,
+        limits: dict | None = None,
+        scorers: dict | None = None,
+        pecan: dict | None = None,
+        round: dict | None = None,
+        timing: dict | None = None,
+        devices: dict | None = None,
+    ) -> Certificate:
+        """The certificate of one solved dual; `result` is a (non-vmapped) `DualResult`.
+
+        A standard error that is undefined (or not computed) is null, with `standard_error_note` saying why.
+        Optional blocks: `bias` (`bridge.bias.bias_block`, its warnings join the diagnostics), `limits`
+        (`bridge.limits`), `scorers` (`CollectRecord.scorer_block`), `pecan` (`bridge.pecan.certificate_block`),
+        `round` (a correction round's index and parent hash), `timing` and `devices`.
+        """
+        body = _body(result, names, kinds, margins, beta, data, standard_errors, tol, dtype, standard_error_notes)
+        if bias is not None:
+            body["bias"] = bias
+        if limits:
+            body["limits"] = limits
+        if scorers:
+            body["scorers"] = scorers
+        if round is not None:
+            body["round"] = round
+        body["diagnostics"] = diagnose(body) + (list(bias.get("warnings", [])) if bias else [])
+        if pecan is not None:
+            body["pecan"] = pecan
+        if timing is not None:
+            body["timing"] = timing
+        if devices is not None:
+            body["devices"] = devices
+        return cls.from_dict(_clean(body), require_converged=False)
+
+    @classmethod
+    def from_dict(cls, body: dict, where: str = "certificate", require_converged: bool = True) -> Certificate:
+        """Checks a certificate body (format, version, β, constraints, λ, margins, data block) and wraps it."""
+        if not isinstance(body, dict) or body.get("format") != _FORMAT:
+            raise CanError(f"{where} is not a can dual certificate")
+        if body.get("format_version") not in READABLE_VERSIONS:
+            raise CanError(
+                f"{where}: certificate format version {printable(body.get('format_version'), 20)} is not supported "
+                f"(this can reads versions {', '.join(map(str, READABLE_VERSIONS))})"
+            )
+        if body["format_version"] == 1:  # read as version 2: the blocks version 1 did not have, empty
+            body = {**body, "scorers": {}, "limits": {}, "round": {"index": 0, "parent_sha256": None}, "bias": None}
+        if require_converged and body.get("converged") is not True:
+            raise CanError(f"{where}: the dual solve did not converge ({printable(body.get('message'))})")
+        if require_converged and body.get("status") != "converged":
+            raise CanError(f"{where}: status {printable(body.get('status'), 30)!r} is not 'converged' (was it edited?)")
+        return cls(_validate(copy.deepcopy(body), where))
+
+    @classmethod
+    def read(cls, path: str | os.PathLike, require_converged: bool = True) -> Certificate:
+        """Reads and checks a certificate file; refuses one that did not converge unless told otherwise."""
+        path = Path(path)
+        if path.is_dir():
+            raise CanError(f"{path} is a directory, not a certificate")
+        try:
+            body = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CanError(f"certificate not found: {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+            raise CanError(f"{path} is not a JSON certificate: {printable(err)}") from None
+        except OSError as err:
+            raise CanError(f"cannot read {path}: {printable(err.strerror or err)}") from None
+        return cls.from_dict(body, str(path), require_converged)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self._body)
+
+    def to_json(self) -> str:
+        return json.dumps(self._body, indent=2) + "\n"
+
+    def write(self, path: str | os.PathLike) -> Path:
+        return atomic_write_text(path, self.to_json())
+
+    def write_checked(self, path: str | os.PathLike) -> Path:
+        """Writes a converged certificate to PATH; any other goes beside it (`failed_path`), so a good certificate
+        already at PATH is never replaced by a failed solve. Returns the path written."""
+        return self.write(Path(path) if self.converged else failed_path(path))
+
+    @property
+    def sha256(self) -> str:
+        return sha256_of(self._body)
+
+    # -- what the stages read -------------------------------------------------------------------------------------
+    @property
+    def beta(self) -> float:
+        return float(self._body["beta"])
+
+    @property
+    def names(self) -> list[str]:
+        return [c["name"] for c in self._body["constraints"]]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [c["kind"] for c in self._body["constraints"]]
+
+    @property
+    def lam(self) -> dict[str, float]:
+        """λ* by constraint name."""
+        return {c["name"]: float(c["lambda"]) for c in self._body["constraints"]}
+
+    def score_weights(self) -> list[tuple[str, float]]:
+        """[(reward, 1), (constraint, λ_j · sign_j), …]: the signed score s = r + λᵀg is Σ weight · column, with a
+        cost column read negated as `can dual` read it (`bridge.tables.sign_of`). The one place labels, pair
+        relabelling and evaluation take s from."""
+        from bridge.tables import sign_of
+
+        return [(self.reward, 1.0)] + [(c["name"], float(c["lambda"]) * sign_of(c["kind"]))
+                                       for c in self._body["constraints"]]  # fmt: skip
+
+    @property
+    def margins(self) -> dict[str, float]:
+        return {c["name"]: float(c["margin"]) for c in self._body["constraints"]}
+
+    @property
+    def constraints(self) -> list[dict]:
+        """Per constraint: name, kind, margin, lambda, active, gradient, reach, predicted_gain, standard_error, …"""
+        return copy.deepcopy(self._body["constraints"])
+
+    @property
+    def predicted(self) -> dict:
+        """reward_gain, utility_gains (by name), kl, ess_fraction of π_λ* on the samples."""
+        return copy.deepcopy(self._body["predicted"])
+
+    @property
+    def predicted_gains(self) -> dict[str, float]:
+        return dict(self._body["predicted"]["utility_gains"])
+
+    @property
+    def predicted_reward_gain(self) -> float:
+        return self._body["predicted"]["reward_gain"]
+
+    @property
+    def reward(self) -> str:
+        """The reward column of the scores table."""
+        return self._body["data"]["reward"]
+
+    @property
+    def prompt_id(self) -> str:
+        return self._body["data"]["prompt_id"]
+
+    @property
+    def scores_sha256(self) -> str | None:
+        return self._body["data"].get("sha256")
+
+    @property
+    def drops_bad_rows(self) -> bool:
+        """Whether `can dual --drop-bad-rows` made it (the rule `label` must apply again)."""
+        return self._body["data"].get("bad_rows") == "dropped"
+
+    @property
+    def reference_columns(self) -> dict[str, str]:
+        """Constraint → the column that gave E_ref[g | x] (PeCAN's −β·KL); constraints using the sample mean are
+        left out."""
+        refs = self._body["data"].get("reference_expectation") or {}
+        return {n: col for n, col in refs.items() if col != "sample mean"}
+
+    @property
+    def data(self) -> dict:
+        """The data summary: path, sha256, columns, n_prompts, n_responses, …"""
+        return copy.deepcopy(self._body["data"])
+
+    @property
+    def converged(self) -> bool:
+        return self._body.get("converged") is True
+
+    @property
+    def status(self) -> str:
+        return self._body["status"]
+
+    @property
+    def message(self) -> str:
+        return self._body.get("message", "")
+
+    @property
+    def kkt_residual(self) -> float:
+        return self._body["kkt_residual"]
+
+    @property
+    def created(self) -> str | None:
+        return self._body.get("created")
+
+    @property
+    def limits(self) -> dict:
+        return copy.deepcopy(self._body.get("limits") or {})
+
+    @property
+    def scorers(self) -> dict:
+        return copy.deepcopy(self._body.get("scorers") or {})
+
+    @property
+    def pecan(self) -> dict | None:
+        return copy.deepcopy(self._body.get("pecan"))
+
+    @property
+    def bias(self) -> dict | None:
+        return copy.deepcopy(self._body.get("bias"))
+
+    @property
+    def round(self) -> dict:
+        return copy.deepcopy(self._body.get("round") or {"index": 0, "parent_sha256": None})
+
+    @property
+    def diagnostics(self) -> list[str]:
+        return list(self._body.get("diagnostics", []))
+
+    @property
+    def devices(self) -> dict | None:
+        return copy.deepcopy(self._body.get("devices"))
+
+
+    def summary(self) -> tuple[list[list[str]], list[str], list[str]]:
+        """What `can dual` prints: (rows of constraint, kind, margin, λ*, s.e., active, predicted gain, reach as
+        text; summary lines; warnings)."""
+
+        def num(x, fmt=".6g"):
+            return "—" if x is None else format(x, fmt)
+
+        b = self._body
+        rows = [[c["name"], c["kind"], num(c["margin"]), num(c["lambda"]), num(c["standard_error"], ".2g"),
+                 "yes" if c["active"] else "no", num(c["predicted_gain"]), num(c["reach"])]
+                for c in b["constraints"]]  # fmt: skip
+        p, d = b["predicted"], b["data"]
+        lines = [
+            f"status: {b['status']} — {b['message']}",
+            f"β = {b['beta']:g}; {b['iterations']} Newton iterations ({b['function_evaluations']} passes), KKT "
+            f"residual {b['kkt_residual']:.2e}; Hessian on the active set: least eigenvalue "
+            f"{num(b['min_hessian_eig'], '.3g')}, condition {num(b['hessian_condition'], '.3g')}",
+            f"predicted for π_λ*: reward gain {p['reward_gain']:+.4g}, KL(π‖π_ref) {p['kl']:.4g} nats, effective "
+            f"sample fraction {p['ess_fraction']:.3f}",
+            f"data: {d['n_prompts']} prompts, {d['n_responses']} responses"
+            + (f", {d['dropped_rows']} bad rows dropped" if d.get("dropped_rows") else ""),
+        ]
+        if "pecan" in b:
+            lines.append(f"PeCAN: E_ref[g̃ | x] from the {b['pecan']['reference']} KL estimate")
+            for name, row in b["pecan"]["kl"].items():
+                lines.append(
+                    f"  KL(π_ref ‖ π_{name}) per prompt: token-level {row['token']:.4g} (± {row['token_se']:.2g}), "
+                    f"sample mean {row['sample']:.4g} (± {row['sample_se']:.2g}), correlation "
+                    f"{row['correlation']:.2f}"
+                )
+        return rows, lines, self.diagnostics
+
+
+    def markdown(self) -> list[str]:
+        """Markdown lines for a model card: reward, status, and per constraint its kind, margin, limit, λ* and
+        predicted gain; then the predicted reward gain and KL."""
+        b = self._body
+        lines = [f"- reward: `{b['data'].get('reward')}`; dual status: {b.get('status')} (KKT residual "
+                 f"{b.get('kkt_residual')})", "", "| constraint | kind | margin | limit | λ* | predicted gain |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
+        limits = b.get("limits") or {}
+        for c in b["constraints"]:
+            lim = limits.get(c["name"])
+            lim_text = "—" if not lim else f"{lim.get('kind')} {lim.get('value')}"
+            lines.append(f"| {c['name']} | {c['kind']} | {c['margin']:+.4g} | {lim_text} | {c['lambda']:.4g} | "
+                         f"{c['predicted_gain']:+.4g} |")  # fmt: skip
+        pred = b.get("predicted", {})
+        lines += ["", f"Predicted reward gain {pred.get('reward_gain')}, KL(π‖π_ref) {pred.get('kl')} (on the "
+                  f"samples the dual saw). `{FILE_NAME}` beside the weights is the full dual certificate.",
+                  ""]  # fmt: skip
+        return lines
+
+
+def write_beside(folder: str | os.PathLike, cert: Certificate) -> Path:
+    """The certificate as `certificate.json` in a folder (an aligned policy's, a preference set's)."""
+    return cert.write(Path(folder) / FILE_NAME)
+
+
+def read_beside(folder: str | os.PathLike) -> Certificate | None:
+    """The certificate an aligned policy folder carries (`can train` writes it beside the weights); None when the
+    folder has none (a policy trained elsewhere)."""
+    path = Path(folder) / FILE_NAME
+    return Certificate.read(path) if path.is_file() else None
 
 
 def failed_path(path: str | os.PathLike) -> Path:
@@ -174,18 +484,7 @@ def failed_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.stem}.failed{path.suffix or '.json'}")
 
 
-def write_certificate_checked(path: str | os.PathLike, cert: dict) -> Path:
-    """Writes a converged certificate to PATH; any other goes beside it (`failed_path`), so a good certificate
-    already at PATH is never replaced by a failed solve. Returns the path written."""
-    target = Path(path) if cert.get("converged") else failed_path(path)
-    return write_certificate(target, cert)
-
-
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def validate_certificate(cert, where: str = "certificate") -> dict:
+def _validate(cert, where: str = "certificate") -> dict:
     """Checks what `label` relies on (issue #13): β > 0 and finite; each constraint named once, of a known kind,
     with a finite margin and a finite λ ≥ 0; the top-level λ and margin maps equal the constraints' own; the data
     block names the reward and prompt-id columns. One line per problem, naming the field."""
@@ -229,131 +528,3 @@ def validate_certificate(cert, where: str = "certificate") -> dict:
         if not isinstance(data.get(key), str) or not data[key]:
             raise CanError(f"{where}: data.{key} must name a column, found {data.get(key)!r}")
     return cert
-
-
-def read_certificate(path: str | os.PathLike, require_converged: bool = True) -> dict:
-    """Reads and checks a certificate; refuses one that did not converge unless told otherwise."""
-    path = Path(path)
-    if path.is_dir():
-        raise CanError(f"{path} is a directory, not a certificate")
-    try:
-        cert = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CanError(f"certificate not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
-        raise CanError(f"{path} is not a JSON certificate: {printable(err)}") from None
-    except OSError as err:
-        raise CanError(f"cannot read {path}: {printable(err.strerror or err)}") from None
-    if not isinstance(cert, dict) or cert.get("format") != FORMAT:
-        raise CanError(f"{path} is not a can dual certificate")
-    if cert.get("format_version") not in READABLE_VERSIONS:
-        raise CanError(
-            f"{path}: certificate format version {printable(cert.get('format_version'), 20)} is not supported "
-            f"(this can reads versions {', '.join(map(str, READABLE_VERSIONS))})"
-        )
-    if cert["format_version"] == 1:  # read as version 2: the blocks version 1 did not have, empty
-        cert = {**cert, "scorers": {}, "limits": {}, "round": {"index": 0, "parent_sha256": None}, "bias": None}
-    if require_converged and cert.get("converged") is not True:
-        raise CanError(f"{path}: the dual solve did not converge ({printable(cert.get('message'))})")
-    if require_converged and cert.get("status") != "converged":
-        raise CanError(f"{path}: status {printable(cert.get('status'), 30)!r} is not 'converged' (was it edited?)")
-    return validate_certificate(cert, str(path))
-
-
-def loaded_for(scores_path, cert: dict, dtype=None):
-    """The scores table read exactly as `can dual` read it for this certificate (same columns, kinds, margins,
-    reference columns and bad-row rule)."""
-    from bridge.tables import ConstraintSpec, load_scores
-
-    data = cert["data"]
-    specs = [ConstraintSpec(c["name"], float(c["margin"]), c["kind"]) for c in cert["constraints"]]
-    refs = {n: col for n, col in (data.get("reference_expectation") or {}).items() if col != "sample mean"}
-    drop = data.get("bad_rows") == "dropped"
-    return load_scores(
-        scores_path, data["reward"], specs, data["prompt_id"], drop_bad_rows=drop, dtype=dtype, ref_columns=refs or None
-    )
-
-
-def check_solution(scores_path, cert: dict) -> float:
-    """Re-evaluates the dual at the certificate's λ and β on the table and refuses a λ that is not its solution
-    (a hand-edited β or λ): the scaled KKT residual must be within 100× the tolerance the solve reached.
-    Returns the residual."""
-    import jax.numpy as jnp
-
-    from can_jax.solve import kkt_at
-
-    loaded = loaded_for(scores_path, cert)
-    dtype = loaded.scores.reward.dtype
-    lam = jnp.asarray([c["lambda"] for c in cert["constraints"]], dtype)
-    res, floor = kkt_at(loaded.scores, jnp.asarray(loaded.margins, dtype), cert["beta"], lam)
-    reached = [c.get("kkt_tolerance") for c in cert["constraints"]]
-    reached = max([float(x) for x in reached if _number(x)] + [float(np.max(np.asarray(floor))), 1e-9])
-    res = float(res)
-    if not res <= 100 * reached:
-        raise CanError(
-            f"the certificate's λ {cert['lambda']} is not the solution of the dual at its β = {cert['beta']:g} on "
-            f"{scores_path} (KKT residual {res:.3g}, tolerance {reached:.2g}): was it edited? re-run `can dual`"
-        )
-    return res
-
-
-def data_summary(loaded, reward: str, prompt_id: str) -> dict:
-    """The certificate's `data` block for a `bridge.tables.LoadedScores`."""
-    k = np.asarray(loaded.scores.mask.sum(axis=1))
-    return {
-        "path": loaded.path,
-        "sha256": loaded.sha256,
-        "reward": reward,
-        "prompt_id": prompt_id,
-        "n_prompts": int(k.size),
-        "n_responses": int(k.sum()),
-        "n_rows": loaded.n_rows,
-        "dropped_rows": loaded.dropped_rows,
-        # The bad-row rule `label` must apply to this table: "refused" (none were present) or "dropped".
-        "bad_rows": loaded.bad_rows,
-        "prompts_with_one_response": int((k < 2).sum()),
-        # Where E_ref[g_j | x] came from: a reference column (PeCAN's −β·KL) or the responses' sample mean.
-        "reference_expectation": {n: (loaded.ref_columns or {}).get(n, "sample mean") for n in loaded.names},
-    }
-
-
-def solve_and_certify(loaded, beta: float, tol, max_iter: int, se: bool, data: dict):
-    """Solves the dual of a loaded table and builds its certificate: (DualResult, certificate dict).
-
-    Out-of-reach margins raise `InfeasibleMarginsError` with the one-line diagnosis (never a huge λ).
-    """
-    import jax.numpy as jnp
-
-    from can_jax.certify import infeasibility_message
-    from can_jax.errors import InfeasibleMarginsError, InvalidArgumentError
-    from can_jax.inference import solve_with_errors, standard_error_notes
-    from can_jax.solve import default_tol, solve_dual_jit
-
-    dtype = loaded.scores.reward.dtype
-    margins = jnp.asarray(loaded.margins, dtype)
-    tol = default_tol(dtype) if tol is None else tol
-    if se:
-        result, errs = solve_with_errors(loaded.scores, margins, beta, tol=tol, max_iter=max_iter)
-    else:
-        result, errs = solve_dual_jit(loaded.scores, margins, beta, tol=tol, max_iter=max_iter), None
-    if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
-        raise InfeasibleMarginsError(infeasibility_message(result, loaded.names, loaded.margins))
-    if int(result.status) == Status.INVALID:
-        raise InvalidArgumentError(result.message)
-    notes = None
-    if errs is not None:
-        errs = np.asarray(errs)
-        notes = standard_error_notes(result, loaded.scores)
-    cert = build_certificate(
-        result,
-        loaded.names,
-        loaded.kinds,
-        loaded.margins,
-        beta,
-        data=data,
-        standard_errors=errs,
-        tol=tol,
-        dtype=str(jnp.dtype(dtype)),
-        standard_error_notes=notes,
-    )
-    return result, cert

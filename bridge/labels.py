@@ -9,20 +9,17 @@ GPU job needs nothing else. A conversational prompt keeps its messages, and the 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from bridge.files import sha256_file, write_parquet
-from bridge.tables import bad_rows, check_one_prompt_per_id, prompt_keys, read_table
+from bridge.files import sha256_file
+from bridge.scores_table import collect_record
+from bridge.tables import bad_rows, check_one_prompt_per_id, group_prompts, prompt_keys, read_table
 from can_jax.errors import CanError, ScoresFormatError
 from can_jax.labels import MODES
-
-META_KEY = b"can"
 
 
 @dataclass(frozen=True)
@@ -35,83 +32,119 @@ class LabelStats:
     rows_dropped: int = 0  # bad rows dropped by the certificate's --drop-bad-rows rule
 
 
-def scores_of(table: pa.Table, cert: dict) -> np.ndarray:
-    """s = r + Σ_j λ_j g_j per row, with cost columns negated exactly as `can dual` read them."""
-    data = cert["data"]
-    s = np.asarray(table.column(data["reward"]).to_numpy(zero_copy_only=False), float).copy()
-    for c in cert["constraints"]:
-        col = np.asarray(table.column(c["name"]).to_numpy(zero_copy_only=False), float)
-        s += c["lambda"] * (-col if c["kind"] == "cost" else col)
+def scores_of(table: pa.Table, cert) -> np.ndarray:
+    """s = r + Σ_j λ_j g_j per row of a table, for a `Certificate` (`Certificate.score_weights`)."""
+    return signed_scores(table, cert.score_weights())
+
+
+def signed_scores(table: pa.Table, weights: list[tuple[str, float]]) -> np.ndarray:
+    """Σ weight · column per row, the reward (weight 1) first: the one computation of s = r + λᵀg."""
+    (reward, _), *terms = weights
+    s = np.asarray(table.column(reward).to_numpy(zero_copy_only=False), float).copy()
+    for name, weight in terms:
+        s += weight * np.asarray(table.column(name).to_numpy(zero_copy_only=False), float)
     return s
 
 
 def pseudo_preferences(
     scores_path: str | os.PathLike,
-    cert: dict,
+    cert,
     mode: str = "bt",
     pairs_per_prompt: int = 1,
     seed: int = 0,
     prompt_col: str = "prompt",
     response_col: str = "response",
     check_hash: bool = True,
-) -> tuple[pa.Table, LabelStats]:
-    """Builds the preference table: per prompt, `pairs_per_prompt` distinct pairs of distinct responses (all of
-    a prompt's K(K−1)/2 pairs where it has fewer; counted in `pairs_capped`).
+    check_solution: bool = True,
+):
+    """The preference set of a scores table and its `Certificate`: per prompt, `pairs_per_prompt` distinct pairs
+    of distinct responses (all of a prompt's K(K−1)/2 pairs where it has fewer; counted in `pairs_capped`), labelled
+    from s = r + λ*ᵀg. Returns (`PreferenceSet`, `LabelStats`).
 
-    A certificate is validated first (β, λ ≥ 0, the two λ views, the columns it names); with `check_hash` its λ is
-    also re-checked as the dual's solution on this table. Rows `can dual --drop-bad-rows` dropped are dropped
-    again; one prompt id must carry one prompt.
+    With `check_hash` the table must be the one the certificate was solved on; with `check_solution` its λ is also
+    re-checked as the dual's solution on this table (a hand-edited β or λ is refused). Rows `can dual
+    --drop-bad-rows` dropped are dropped again; one prompt id must carry one prompt.
     """
-    import jax
+    from bridge.dual import check_solution as kkt_check
+    from bridge.preferences import PreferenceSet
 
-    from bridge.certificate import FORMAT, check_solution, validate_certificate
-    from can_jax.labels import pair_targets
+    _check_options(mode, pairs_per_prompt)
+    if check_hash and sha256_file(scores_path) != cert.scores_sha256:
+        raise CanError(
+            f"the certificate was computed on another scores table (sha256 {str(cert.scores_sha256)[:12]}…, "
+            f"{scores_path} has another); re-run `can dual` on this table or pass --no-check-hash"
+        )
+    table = read_table(scores_path)
+    weights = cert.score_weights()
+    _require(table, [cert.prompt_id, prompt_col, response_col, *(n for n, _ in weights)], scores_path)
+    if check_solution:
+        kkt_check(scores_path, cert)
+    refs = [c for c in cert.reference_columns.values() if c in table.column_names]
+    out, stats = _label(table, str(scores_path), weights, cert.prompt_id, refs, cert.drops_bad_rows, mode,
+                        pairs_per_prompt, seed, prompt_col, response_col)  # fmt: skip
+    record = {"mode": mode, "pairs_per_prompt": pairs_per_prompt, "seed": seed, "pairs_capped": stats.pairs_capped,
+              "rows_dropped": stats.rows_dropped}  # fmt: skip
+    collected = collect_record(table)
+    if collected.tokenizer_sha256 and "chosen_ids" in out.column_names:
+        record["tokenizer_sha256"] = collected.tokenizer_sha256  # `can train` refuses ids of another tokenizer
+    return PreferenceSet(out, record, cert), stats
 
+
+def score_preferences(
+    scores_path: str | os.PathLike, column: str, pairs_per_prompt: int = 1, seed: int = 0, mode: str = "hard"
+) -> tuple[pa.Table, LabelStats]:
+    """Preference pairs labelled by one score column alone — a stand-in for human preference data on one aspect,
+    the input of PeCAN's pre-alignment (DESIGN §3). The rule of `pseudo_preferences` with no constraint; a plain
+    table without can metadata (so a DPO run on it needs its β given explicitly)."""
+    _check_options(mode, pairs_per_prompt)
+    table = read_table(scores_path)
+    _require(table, ["prompt_id", "prompt", "response", column], scores_path)
+    return _label(table, str(scores_path), [(column, 1.0)], "prompt_id", [], False, mode, pairs_per_prompt, seed,
+                  "prompt", "response")  # fmt: skip
+
+
+def _check_options(mode: str, pairs_per_prompt: int) -> None:
     if mode not in MODES:
         raise CanError(f"unknown labelling mode {mode!r}: use one of {', '.join(MODES)}")
     if pairs_per_prompt < 1:
         raise CanError("--pairs-per-prompt must be at least 1")
-    real = isinstance(cert, dict) and cert.get("format") == FORMAT
-    if real:
-        validate_certificate(cert)
-    if check_hash and sha256_file(scores_path) != cert["data"]["sha256"]:
-        raise CanError(
-            f"the certificate was computed on another scores table (sha256 {cert['data']['sha256'][:12]}…, "
-            f"{scores_path} has another); re-run `can dual` on this table or pass --no-check-hash"
-        )
-    table = read_table(scores_path)
-    pid_col = cert["data"].get("prompt_id", "prompt_id")
-    names = [c["name"] for c in cert["constraints"]]
-    needed = [pid_col, prompt_col, response_col, cert["data"]["reward"], *names]
+
+
+def _require(table: pa.Table, needed: list[str], where) -> None:
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        raise ScoresFormatError(f"{scores_path}: missing column(s) {missing} needed for labels")
-    if real and check_hash:
-        check_solution(scores_path, cert)
+        raise ScoresFormatError(f"{where}: missing column(s) {missing} needed for labels")
+
+
+def _label(table, where: str, weights, pid_col: str, refs: list[str], drops_bad: bool, mode: str,
+           pairs_per_prompt: int, seed: int, prompt_col: str, response_col: str):  # fmt: skip
+    """(pairs table, LabelStats) of one table under s = Σ weight · column (the reward first)."""
+    import jax
+
+    from can_jax.labels import pair_targets
+
     # The certificate's bad-row rule, on the same columns `can dual` checked (plus the prompt column used here).
-    refs = [c for c in (cert["data"].get("reference_expectation") or {}).values() if c in table.column_names]
+    (reward, _), *terms = weights
     keys, empty = prompt_keys(table.column(prompt_col), prompt_col)
-    bad = bad_rows(table, cert["data"]["reward"], names, pid_col, refs) | empty
-    if bad.any() and cert["data"].get("bad_rows") != "dropped":
+    bad = bad_rows(table, reward, [n for n, _ in terms], pid_col, refs) | empty
+    if bad.any() and not drops_bad:
         rows = np.flatnonzero(bad)
         raise ScoresFormatError(
-            f"{scores_path}: {rows.size} row(s) with NaN/inf/missing scores, a missing prompt id or an empty prompt "
+            f"{where}: {rows.size} row(s) with NaN/inf/missing scores, a missing prompt id or an empty prompt "
             f"(rows {rows[:8].tolist()}, 0-based), and the certificate was not made with --drop-bad-rows"
         )
     keep = np.flatnonzero(~bad)
-    check_one_prompt_per_id(table.column(pid_col).take(pa.array(keep)), keys[keep], str(scores_path), pid_col,
-                            prompt_col)  # fmt: skip
-    s = scores_of(table, cert)
+    check_one_prompt_per_id(table.column(pid_col).take(pa.array(keep)), keys[keep], where, pid_col, prompt_col)
+    s = signed_scores(table, weights)
 
     # Rows of each prompt, grouped (kept rows only); ids numbered by first appearance.
-    index = pa.chunked_array(table.column(pid_col)).take(pa.array(keep)).combine_chunks().dictionary_encode().indices
-    index = index.to_numpy(zero_copy_only=False).astype(np.int64)
+    index, _ = group_prompts(pa.chunked_array(table.column(pid_col)).take(pa.array(keep)))
     order = keep[np.argsort(index, kind="stable")]
     counts = np.bincount(index) if index.size else np.zeros(0, np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     usable = np.flatnonzero(counts >= 2)
     if usable.size == 0:
-        raise CanError(f"{scores_path}: no prompt has two usable responses: there is nothing to pair")
+        raise CanError(f"{where}: no prompt has two usable responses: there is nothing to pair")
     rng = np.random.default_rng(seed)
     row_a, row_b, capped = _distinct_pairs(rng, usable, counts, starts, order, pairs_per_prompt)
     s_a, s_b = s[row_a], s[row_b]
@@ -147,34 +180,13 @@ def pseudo_preferences(
         cols["prompt_ids"] = table.column("prompt_ids").take(pa.array(chosen))
         cols["chosen_ids"] = table.column("response_ids").take(pa.array(chosen))
         cols["rejected_ids"] = table.column("response_ids").take(pa.array(rejected))
-        if "logp_ref" in table.column_names and _logp_ref_exact(table):  # `can train` skips its reference pass
+        # `can train` skips its reference pass with them
+        if "logp_ref" in table.column_names and collect_record(table).logp_ref_exact:
             cols["logp_ref_chosen"] = table.column("logp_ref").take(pa.array(chosen))
             cols["logp_ref_rejected"] = table.column("logp_ref").take(pa.array(rejected))
     out = pa.table(cols)
-    meta = {
-        "beta": cert["beta"],
-        "lambda": cert["lambda"],
-        "mode": mode,
-        "pairs_per_prompt": pairs_per_prompt,
-        "seed": seed,
-        "scores_sha256": cert["data"]["sha256"],
-        "certificate_created": cert.get("created"),
-    }
-    meta["pairs_capped"] = capped
-    meta["rows_dropped"] = int(bad.sum())
-    out = out.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     stats = LabelStats(len(chosen), len(usable), int((counts < 2).sum()), ties, capped, int(bad.sum()))
     return out, stats
-
-
-def _logp_ref_exact(table: pa.Table) -> bool:
-    """Whether the table's logp_ref is log π_ref of exactly its sampled ids, uncut, under the float32 policy (its
-    `can collect` metadata says so; `can collect --max-length`, `--dtype bf16` or a table of unknown origin: no)."""
-    raw = (table.schema.metadata or {}).get(b"can.collect")
-    try:
-        return bool(json.loads(raw).get("logp_ref_exact")) if raw else False
-    except (json.JSONDecodeError, AttributeError):
-        return False
 
 
 def _distinct_pairs(rng, usable, counts, starts, order, per_prompt: int):
@@ -202,20 +214,3 @@ def _distinct_pairs(rng, usable, counts, starts, order, per_prompt: int):
         second = np.concatenate(seconds) if seconds else np.zeros(0, np.int64)
     base = np.repeat(starts[usable], take)
     return order[base + first], order[base + second], capped
-
-
-def write_preferences(path: str | os.PathLike, table: pa.Table) -> Path:
-    """Atomic Parquet write (the metadata travels in the schema)."""
-    return write_parquet(path, table)
-
-
-def score_preferences(
-    scores_path: str | os.PathLike, column: str, pairs_per_prompt: int = 1, seed: int = 0, mode: str = "hard"
-) -> tuple[pa.Table, LabelStats]:
-    """Preference pairs labelled by one score column alone — a stand-in for human preference data on one aspect,
-    the input of PeCAN's pre-alignment (DESIGN §3). The rule of `pseudo_preferences` with no constraint; the
-    table carries no can metadata (so a DPO run on it needs its β given explicitly)."""
-    cert = {"data": {"reward": column, "prompt_id": "prompt_id", "sha256": None}, "constraints": [], "beta": None,
-            "lambda": {}}  # fmt: skip
-    table, stats = pseudo_preferences(scores_path, cert, mode, pairs_per_prompt, seed, check_hash=False)
-    return table.replace_schema_metadata(None), stats

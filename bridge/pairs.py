@@ -11,7 +11,6 @@ computed by the scorers (`train.relabel`). Each pair is labelled from s = r + λ
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,25 +74,17 @@ def completion_text(value) -> str:
     raise CanError(f"a completion is text or a list of messages, got {value!r:.80}")
 
 
-def score_names(cert: dict) -> list[tuple[str, float, float]]:
-    """(column, λ, sign) for the reward (λ = 1) and each constraint; sign −1 for a cost (read negated)."""
-    out = [(cert["data"]["reward"], 1.0, 1.0)]
-    for c in cert["constraints"]:
-        out.append((c["name"], float(c["lambda"]), -1.0 if c["kind"] == "cost" else 1.0))
-    return out
-
-
-def missing_scores(table: pa.Table, layout: str, cert: dict) -> list[str]:
+def missing_scores(table: pa.Table, layout: str, cert) -> list[str]:
     """The score names whose two columns the table lacks."""
     _, _, sa, sb = LAYOUTS[layout]
     cols = set(table.column_names)
-    return [n for n, _, _ in score_names(cert) if not {n + sa, n + sb} <= cols]
+    return [n for n, _ in cert.score_weights() if not {n + sa, n + sb} <= cols]
 
 
 def relabel(
     table: pa.Table,
     layout: str,
-    cert: dict,
+    cert,
     mode: str = "soft",
     seed: int = 0,
     scores: dict | None = None,
@@ -111,7 +102,7 @@ def relabel(
     a_col, b_col, sa, sb = LAYOUTS[layout]
     scores = dict(scores or {})
     s = np.zeros((2, table.num_rows))
-    for name, lam, sign in score_names(cert):
+    for name, weight in cert.score_weights():
         if name in scores:
             pair = [np.asarray(v, float) for v in scores[name]]
         else:
@@ -124,7 +115,7 @@ def relabel(
             if bad.size:
                 raise ScoresFormatError(f"{where}: NaN/inf {name!r} scores of the {'first' if side == 0 else 'second'} "
                                         f"response in rows {bad[:8].tolist()} (0-based)")  # fmt: skip
-            s[side] += lam * sign * pair[side]
+            s[side] += weight * pair[side]
     target = np.asarray(pair_targets(jax.random.key(seed), s[0], s[1], mode), float)  # P(first ≻ second)
     keep = np.ones(table.num_rows, bool)
     if mode == "hard":
@@ -145,16 +136,11 @@ def relabel(
     return out, PairsStats(len(rows), int((~first_wins[rows]).sum()), int((~keep).sum()))
 
 
-def pairs_meta(cert: dict, mode: str, seed: int, pairs_path) -> dict:
-    """The metadata `can train` reads from a relabelled dataset (β, λ*, mode) and where it came from."""
+def pairs_meta(mode: str, seed: int, pairs_path) -> dict:
+    """What a relabelled dataset records of where it came from (β and λ* are its certificate's)."""
     path = Path(pairs_path)
-    return {"beta": cert["beta"], "lambda": cert["lambda"], "mode": mode, "seed": seed, "source": "pairs",
-            "pairs": str(path), "pairs_sha256": sha256_file(path) if path.is_file() else None,
-            "scores_sha256": cert["data"].get("sha256"), "certificate_created": cert.get("created")}  # fmt: skip
-
-
-def dumps(meta: dict) -> bytes:
-    return json.dumps(meta).encode()
+    return {"mode": mode, "seed": seed, "source": "pairs", "pairs": str(path),
+            "pairs_sha256": sha256_file(path) if path.is_file() else None}  # fmt: skip
 
 
 def looks_like_pairs(path: str | os.PathLike) -> bool:

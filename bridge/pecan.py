@@ -2,18 +2,18 @@
 
 A PeCAN scores table has, per pre-aligned model NAME, the column NAME = β·ℓ (ℓ = log π_NAME − log π_ref of the
 sampled response), logp_NAME, kl_NAME (Σ_t KL(π_ref ‖ π_NAME) along the sample) and ref_NAME = −β·kl_NAME, and the
-models' β in the table's `can.collect` metadata. The dual is the MoCAN dual on these columns (`bridge.tables`,
-`can_jax.dual`), with E_ref[g̃_j | x] taken from ref_NAME (token-level KL) or from the sample mean of g̃_j.
+models' β in the table's collect record (`bridge.scores_table`). The dual is the MoCAN dual on these columns
+(`bridge.tables`, `can_jax.dual`), with E_ref[g̃_j | x] taken from ref_NAME (token-level KL)
+or from the sample mean of g̃_j.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from bridge.tables import read_table
+from bridge.tables import group_prompts, read_table
 from can_jax.errors import ScoresFormatError
 
 KL_ESTIMATES = ("token", "sample")
@@ -21,10 +21,9 @@ KL_ESTIMATES = ("token", "sample")
 
 def pecan_models(path: str | os.PathLike) -> dict:
     """{NAME: {"policy", "beta"}} of the pre-aligned models a PeCAN table was collected with."""
-    import pyarrow.parquet as pq
+    from bridge.scores_table import collect_record
 
-    meta = (pq.read_schema(path).metadata or {}).get(b"can.collect") if str(path).endswith(".parquet") else None
-    models = json.loads(meta).get("pecan") if meta else None
+    models = collect_record(path).pecan
     if not models:
         raise ScoresFormatError(f"{path} is not a PeCAN table: collect it with `can collect --aligned NAME=DIR ...`")
     return models
@@ -59,7 +58,7 @@ def kl_summary(path: str | os.PathLike, names: list[str], prompt_id: str = "prom
     per-prompt estimates.
     """
     table = read_table(path)
-    ids = np.unique(np.asarray(table.column(prompt_id).to_numpy(zero_copy_only=False)), return_inverse=True)[1]
+    ids, _ = group_prompts(table.column(prompt_id))
     counts = np.bincount(ids)
     logp_ref = np.asarray(table.column("logp_ref").to_numpy(zero_copy_only=False), float)
     out = {}

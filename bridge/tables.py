@@ -41,7 +41,20 @@ class ConstraintSpec:
 
     @property
     def sign(self) -> float:
-        return -1.0 if self.kind == "cost" else 1.0
+        return sign_of(self.kind)
+
+
+def sign_of(kind: str) -> float:
+    """The one cost-sign rule: a cost column is read negated (g = −c), a utility or the reward as it is."""
+    return -1.0 if kind == "cost" else 1.0
+
+
+def group_prompts(ids) -> tuple[np.ndarray, np.ndarray]:
+    """(index [R] int64, unique ids [N]): each row's prompt number, prompts numbered by first appearance (hash
+    encoding: O(rows), and a table grouped by prompt keeps its order). The one prompt grouping of every stage."""
+    encoded = pa.chunked_array(ids).combine_chunks().dictionary_encode()
+    index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return index, encoded.dictionary.to_numpy(zero_copy_only=False)
 
 
 def parse_column_value(text: str, flag: str, value_name: str) -> tuple[str, float]:
@@ -206,12 +219,23 @@ def check_one_prompt_per_id(ids, keys: np.ndarray, where: str, prompt_id: str, n
 def bad_rows(table: pa.Table, reward: str, columns: list[str], prompt_id: str, extra: list[str] = ()) -> np.ndarray:
     """[R] bool: rows `can dual` refuses (or drops with --drop-bad-rows): NaN/inf/missing reward, constraint or
     reference scores, a missing prompt id, an empty prompt. The one rule `dual` and `label` share."""
-    bad = ~np.isfinite(_numeric_column(table, reward))
-    for c in [*columns, *extra]:
-        bad |= ~np.isfinite(_numeric_column(table, c))
-    bad |= np.asarray(table.column(prompt_id).is_null().to_numpy(zero_copy_only=False), bool)
-    if "prompt" in table.column_names:
-        bad |= prompt_keys(table.column("prompt"))[1]
+    values = [_numeric_column(table, c) for c in [reward, *columns, *extra]]
+    empty = prompt_keys(table.column("prompt"))[1] if "prompt" in table.column_names else None
+    return bad_mask(values, _null(table.column(prompt_id)), empty)
+
+
+def _null(column) -> np.ndarray:
+    return np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
+
+
+def bad_mask(values: list[np.ndarray], pid_null: np.ndarray, empty: np.ndarray | None = None) -> np.ndarray:
+    """[R] bool: the bad-row rule on arrays already read — any non-finite score (values: [R] or [R, c] arrays),
+    a missing prompt id, an empty prompt."""
+    bad = pid_null.copy()
+    for v in values:
+        bad |= ~np.isfinite(v) if v.ndim == 1 else ~np.isfinite(v).all(axis=1)
+    if empty is not None:
+        bad |= empty
     return bad
 
 
@@ -260,13 +284,8 @@ def load_scores(
             ref[:, j] = c.sign * _numeric_column(table, ref_columns[c.column])
     has_ref = np.array([c.column in ref_columns for c in constraints])
     pid_col = table.column(prompt_id)
-    bad = ~np.isfinite(r) | ~np.isfinite(g).all(axis=1) | ~np.isfinite(ref[:, has_ref]).all(axis=1)
-    pid_null = np.asarray(pid_col.is_null().to_numpy(zero_copy_only=False), bool)
-    bad |= pid_null
-    keys = None
-    if "prompt" in table.column_names:
-        keys, empty = prompt_keys(table.column("prompt"))
-        bad |= empty
+    keys, empty = prompt_keys(table.column("prompt")) if "prompt" in table.column_names else (None, None)
+    bad = bad_mask([r, g, ref[:, has_ref]], _null(pid_col), empty)
     rows_bad = np.flatnonzero(bad)
     if len(rows_bad) and not drop_bad_rows:
         raise ScoresFormatError(
@@ -278,10 +297,7 @@ def load_scores(
         raise ScoresFormatError(f"{path}: every row is bad; nothing left to solve on")
     if keys is not None:
         check_one_prompt_per_id(pa.chunked_array(pid_col).filter(pa.array(keep)), keys[keep], str(path), prompt_id)
-    # Hash-based encoding (ids numbered by first appearance): O(rows), and grouped tables stay sorted.
-    encoded = pa.chunked_array(pid_col).filter(pa.array(keep)).combine_chunks().dictionary_encode()
-    index = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    uniq = encoded.dictionary.to_numpy(zero_copy_only=False)
+    index, uniq = group_prompts(pa.chunked_array(pid_col).filter(pa.array(keep)))
     if keep.all():
         scores = from_long(index, r, g, dtype=dtype)
     else:

@@ -18,9 +18,9 @@ def to_jax(t) -> jax.Array:
     return jnp.from_dlpack(t.detach())
 
 
-def lambda_tensor(cert: dict, device=None, dtype=None):
+def lambda_tensor(cert, device=None, dtype=None):
     """λ* from a certificate as a torch tensor, in the certificate's constraint order."""
     import torch
 
-    values = [c["lambda"] for c in cert["constraints"]]
+    values = list(cert.lam.values())
     return torch.tensor(values, device=device, dtype=dtype or torch.float64)

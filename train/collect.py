@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bridge.files import atomic_write_text, write_parquet
+from bridge.scores_table import CollectRecord, collect_record, write_scores_table
 from can_jax.errors import CanError
 
 
@@ -161,7 +162,7 @@ def pecan_columns(reference, others, tok, aligned, prompts, responses, finished,
 
 
 def pecan_meta(aligned) -> dict:
-    """The `pecan` entry of a table's `can.collect` metadata (read by `bridge.pecan.pecan_models`)."""
+    """The PeCAN models of a collect record: NAME → {policy, beta} (`bridge.scores_table.CollectRecord.pecan`)."""
     return {name: {"policy": path, "beta": beta} for name, path, beta in aligned}
 
 
@@ -209,10 +210,9 @@ def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os
         if name in table.column_names:
             table = table.drop_columns([name])
         table = table.append_column(name, pa.array(values))
-    meta = json.loads((table.schema.metadata or {}).get(b"can.collect", b"{}"))
-    meta["pecan"] = pecan_meta(parsed)
-    meta["logp_ref_exact"] = ids is not None and max_length is None and dtype == "fp32"  # logp_ref recomputed here
-    path = write_parquet(out, table.replace_schema_metadata({b"can.collect": json.dumps(meta).encode()}))
+    exact = ids is not None and max_length is None and dtype == "fp32"  # logp_ref recomputed here
+    record = collect_record(table).with_pecan(pecan_meta(parsed), exact)
+    path = write_scores_table(out, table, record)
     st.wait_for_everyone()
     return path
 
@@ -322,19 +322,18 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
         raise CanError(f"shards {missing[:10]} are missing from {shard_dir}: rerun to resume")
     tables = [pq.read_table(shard_dir / f"shard-{s:05d}.parquet") for s in range(n_shards)]
     table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    # `scorers`: each scorer's record (spec, template, …) by name — after the config, whose `scorers` is the list of
-    # NAME=SPEC texts (kept as `scorer_specs`).
     from train.tokens import tokenizer_fingerprint
 
-    meta = {**asdict(cfg), "scorer_specs": cfg.scorers, "tokenizer_sha256": tokenizer_fingerprint(tok),
-            # logp_ref is log π_ref of exactly the sampled ids, uncut, under the float32 policy: `can train` may
-            # use it in place of TRL's reference pass (bridge.labels carries it only then).
-            "logp_ref_exact": cfg.max_length is None and cfg.dtype == "fp32",
-            "scorers": {sc.name: {**sc.record(), "truncated_this_run": sc.truncated} for sc in scorers},
-            "samples": table.num_rows, "unfinished": table.num_rows - sum(table.column("finished").to_pylist()),
-            "not_retokenizing": table.num_rows - sum(table.column("retokenizes").to_pylist())}  # fmt: skip
-    if aligned:
-        meta["pecan"] = pecan_meta(aligned)
-    write_parquet(out, table.replace_schema_metadata({b"can.collect": json.dumps(meta).encode()}))
+    record = CollectRecord.build(
+        asdict(cfg), cfg.scorers, tokenizer_fingerprint(tok),
+        # logp_ref is log π_ref of exactly the sampled ids, uncut, under the float32 policy: `can train` may use it
+        # in place of TRL's reference pass (bridge.labels carries it only then).
+        logp_ref_exact=cfg.max_length is None and cfg.dtype == "fp32",
+        scorers={sc.name: {**sc.record(), "truncated_this_run": sc.truncated} for sc in scorers},
+        samples=table.num_rows, unfinished=table.num_rows - sum(table.column("finished").to_pylist()),
+        not_retokenizing=table.num_rows - sum(table.column("retokenizes").to_pylist()),
+        pecan=pecan_meta(aligned) if aligned else None,
+    )  # fmt: skip
+    write_scores_table(out, table, record)
     st.wait_for_everyone()
     return out

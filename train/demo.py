@@ -72,36 +72,16 @@ class DemoConfig:
                 "lora": self.lora, "train_top": self.train_top, "seed": self.seed, **override}  # fmt: skip
 
 
-def certify_at_reach(scores_path, reward: str, names: list[str], beta: float, margin_frac: float,
-                     ref_columns: dict | None = None) -> dict:  # fmt: skip
-    """The demo's margins: each constraint's margin is `margin_frac` of its reach on the samples (the most any
-    policy on them can gain); then the dual is solved and certified at those margins."""
-    import jax.numpy as jnp
-
-    from bridge.certificate import data_summary, solve_and_certify
-    from bridge.tables import ConstraintSpec, load_scores
-    from can_jax.errors import CanError
-    from can_jax.solve import solve_dual_jit
-
-    probe = load_scores(scores_path, reward, [ConstraintSpec(n, 0.0) for n in names], ref_columns=ref_columns)
-    reach = solve_dual_jit(probe.scores, jnp.zeros(len(names)), beta).reach
-    stuck = [f"{n} ({float(r):+.3g})" for n, r in zip(names, reach, strict=True) if not r > 0]
-    if stuck:
-        raise CanError(f"no policy on these samples improves {', '.join(stuck)} over the reference expectation")
-    specs = [ConstraintSpec(n, round(float(margin_frac * r), 4)) for n, r in zip(names, reach, strict=True)]
-    loaded = load_scores(scores_path, reward, specs, ref_columns=ref_columns)
-    _, cert = solve_and_certify(loaded, beta, None, 100, True, data_summary(loaded, reward, "prompt_id"))
-    return cert
-
-
 def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     """Runs the chain into OUT and returns the evaluation report."""
-    from bridge.certificate import write_certificate
-    from bridge.labels import pseudo_preferences
-    from bridge.outputs import write_preference_outputs
+    from bridge.dual import DualConfig, margins_at_reach
+    from bridge.dual import run as run_dual
+    from can_jax.errors import CanError
     from train.collect import CollectConfig, collect
     from train.dpo import train
     from train.evaluate import evaluate, insample_gains
+    from train.label import LabelConfig
+    from train.label import run as run_label
     from train.scorers import parse_scorer
 
     out = Path(out)
@@ -119,21 +99,25 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
 
     t = time.perf_counter()
     names = [parse_scorer(s)[0] for s in cfg.scorers if parse_scorer(s)[0] != cfg.reward]
-    cert = certify_at_reach(scores_path, cfg.reward, names, cfg.beta, cfg.margin_frac)
-    write_certificate(out / "certificate.json", cert)
+    margins = margins_at_reach(scores_path, cfg.reward, names, cfg.beta, cfg.margin_frac)
+    cert = run_dual(DualConfig(scores=str(scores_path), reward=cfg.reward, beta=cfg.beta, constraint=margins))
+    if not cert.converged:
+        raise CanError(f"the demo's dual did not converge: {cert.message}")
+    cert.write(out / "certificate.json")
     times["dual"] = time.perf_counter() - t
     say(
-        f"② dual: margins {cert['margins']} → λ* { ({k: round(v, 4) for k, v in cert['lambda'].items()}) }, "
-        f"{cert['status']} (KKT {cert['kkt_residual']:.1e}); predicted gains {cert['predicted']['utility_gains']}"
+        f"② dual: margins {cert.margins} → λ* { ({k: round(v, 4) for k, v in cert.lam.items()}) }, "
+        f"{cert.status} (KKT {cert.kkt_residual:.1e}); predicted gains {cert.predicted_gains}"
     )
 
     t = time.perf_counter()
-    prefs, stats = pseudo_preferences(scores_path, cert, cfg.mode, cfg.pairs_per_prompt, cfg.seed)
-    write_preference_outputs(out / "preferences.parquet", prefs, cert)
+    _, stats = run_label(LabelConfig(scores=str(scores_path), certificate=str(out / "certificate.json"),
+                                     out=str(out / "preferences.parquet"), mode=cfg.mode,
+                                     pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed))  # fmt: skip
     say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
     final = train(out / "preferences.parquet", cfg.policy, out / "run", **cfg.dpo_settings())
     times["label+train"] = time.perf_counter() - t
-    say(f"④ DPO (β = {cert['beta']:g}) → {final} ({times['label+train']:.0f} s)")
+    say(f"④ DPO (β = {cert.beta:g}) → {final} ({times['label+train']:.0f} s)")
 
     t = time.perf_counter()
     insample = insample_gains(str(final), scores_path, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from bridge.files import atomic_write_text, write_figure
+from can_jax.errors import CanError
 
 
-def implied_gains(scores_path, cert: dict, scorers: list[str]) -> dict:
+def implied_gains(scores_path, cert, scorers: list[str]) -> dict:
     """What π_λ* of a PeCAN certificate does to the scorers' means on the samples: the self-normalised weights of
     s̃ = r̃ + λ*ᵀg̃ (DESIGN §2) applied to the scorer columns — the prediction in the units evaluation measures."""
     from bridge.labels import scores_of
@@ -28,21 +29,23 @@ def implied_gains(scores_path, cert: dict, scorers: list[str]) -> dict:
 
     table = read_table(scores_path)
     g = np.stack([np.asarray(table.column(n).to_numpy(zero_copy_only=False), float) for n in scorers], 1)
-    gains = tilt_gains(table.column("prompt_id").to_numpy(), scores_of(table, cert), g, cert["beta"])
+    gains = tilt_gains(table.column("prompt_id").to_numpy(), scores_of(table, cert), g, cert.beta)
     return {n: float(v) for n, v in zip(scorers, gains, strict=True)}
 
 
 def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_pairs: int = 4,
               prealign_epochs: float = 1.0, prealign_lr: float | None = None, kl: str = "token") -> dict:  # fmt: skip
     """PeCAN into OUT, reusing the reference samples of the MoCAN run in MOCAN_DIR; returns the comparison."""
-    from bridge.certificate import write_certificate
-    from bridge.labels import pseudo_preferences, score_preferences, write_preferences
-    from bridge.outputs import write_preference_outputs
-    from bridge.pecan import certificate_block
+    from bridge.certificate import Certificate
+    from bridge.dual import DualConfig, margins_at_reach
+    from bridge.dual import run as run_dual
+    from bridge.files import write_parquet
+    from bridge.labels import score_preferences
     from train.collect import add_aligned
-    from train.demo import certify_at_reach
     from train.dpo import prealign, train
     from train.evaluate import evaluate, insample_gains
+    from train.label import LabelConfig
+    from train.label import run as run_label
     from train.scorers import parse_scorer
 
     out, mocan_dir = Path(out), Path(mocan_dir)
@@ -56,7 +59,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     aligned = []
     for i, name in enumerate(aspects):
         prefs, stats = score_preferences(samples, name, prealign_pairs, cfg.seed + i)
-        write_preferences(out / f"prefs_{name}.parquet", prefs)
+        write_parquet(out / f"prefs_{name}.parquet", prefs)
         policy = prealign(out / f"prefs_{name}.parquet", cfg.policy, out / f"pre_{name}", cfg.beta,
                           **cfg.dpo_settings(epochs=prealign_epochs, lr=prealign_lr or cfg.lr))  # fmt: skip
         aligned.append(f"pre_{name}={policy}")
@@ -67,24 +70,28 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     table = add_aligned(samples, aligned, out / "pecan_scores.parquet", cfg.policy, cfg.max_length, cfg.gen_batch_size)
     names = [f"pre_{n}" for n in aspects]
     refs = {n: f"ref_{n}" for n in names[1:]} if kl == "token" else None
-    cert = certify_at_reach(table, names[0], names[1:], cfg.beta, cfg.margin_frac, ref_columns=refs)
-    cert["pecan"] = certificate_block(table, names[0], names[1:], kl)
-    write_certificate(out / "certificate.json", cert)
+    margins = margins_at_reach(table, names[0], names[1:], cfg.beta, cfg.margin_frac, ref_columns=refs)
+    cert = run_dual(DualConfig(scores=str(table), reward=names[0], beta=cfg.beta, constraint=margins, pecan=True,
+                               kl=kl))  # fmt: skip
+    if not cert.converged:
+        raise CanError(f"the PeCAN dual did not converge: {cert.message}")
+    cert.write(out / "certificate.json")
     times["logps+dual"] = time.perf_counter() - t
-    say(f"Ⓑ PeCAN dual on the MoCAN samples' log-ratios: λ* { ({k: round(v, 4) for k, v in cert['lambda'].items()}) }"
-        f", {cert['status']}; KL(π_ref‖π_g) token vs sample: "
+    say(f"Ⓑ PeCAN dual on the MoCAN samples' log-ratios: λ* { ({k: round(v, 4) for k, v in cert.lam.items()}) }"
+        f", {cert.status}; KL(π_ref‖π_g) token vs sample: "
         + ", ".join(f"{n} {r['token']:.3f}±{r['token_se']:.3f} / {r['sample']:.3f}±{r['sample_se']:.3f}"
-                    for n, r in cert["pecan"]["kl"].items()))  # fmt: skip
+                    for n, r in cert.pecan["kl"].items()))  # fmt: skip
 
     t = time.perf_counter()
-    prefs, stats = pseudo_preferences(table, cert, cfg.mode, cfg.pairs_per_prompt, cfg.seed)
-    write_preference_outputs(out / "preferences.parquet", prefs, cert)
+    _, stats = run_label(LabelConfig(scores=str(table), certificate=str(out / "certificate.json"),
+                                     out=str(out / "preferences.parquet"), mode=cfg.mode,
+                                     pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed))  # fmt: skip
     final = train(out / "preferences.parquet", cfg.policy, out / "run", **cfg.dpo_settings())
     times["label+train"] = time.perf_counter() - t
     say(f"Ⓒ {stats.pairs} {cfg.mode} pairs from s̃ = r̃ + λ*ᵀg̃, one DPO run → {final}")
 
     t = time.perf_counter()
-    mocan_cert = json.loads((mocan_dir / "certificate.json").read_text())
+    mocan_cert = Certificate.read(mocan_dir / "certificate.json")
     insample = insample_gains(str(final), table, scorer_names, cfg.gen_batch_size, cfg.max_length)
     report = evaluate(str(final), cfg.policy, cfg.eval_prompts, cfg.scorers, mocan_cert, out / "evaluation", k=cfg.k,
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
@@ -100,7 +107,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     return comparison
 
 
-def compare(mocan: dict, pecan: dict, mocan_cert: dict, pecan_cert: dict, implied: dict, times: dict) -> dict:
+def compare(mocan: dict, pecan: dict, mocan_cert, pecan_cert, implied: dict, times: dict) -> dict:
     rows = []
     by_name = {r["name"]: r for r in pecan["rows"]}
     for r in mocan["rows"]:
@@ -111,8 +118,8 @@ def compare(mocan: dict, pecan: dict, mocan_cert: dict, pecan_cert: dict, implie
                      "pecan_insample": p.get("insample_gain"), "pecan_achieved": p["achieved_gain"],
                      "pecan_ci95": p["ci95"]})  # fmt: skip
     return {"prompts": mocan["prompts"], "samples_per_prompt": mocan["samples_per_prompt"], "beta": mocan["beta"],
-            "mocan_lambda": mocan_cert["lambda"], "pecan_lambda": pecan_cert["lambda"],
-            "pecan_margins": pecan_cert["margins"], "pecan_kl": pecan_cert["pecan"]["kl"], "rows": rows,
+            "mocan_lambda": mocan_cert.lam, "pecan_lambda": pecan_cert.lam,
+            "pecan_margins": pecan_cert.margins, "pecan_kl": pecan_cert.pecan["kl"], "rows": rows,
             "pecan_seconds": times}  # fmt: skip
 
 

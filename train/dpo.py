@@ -297,22 +297,23 @@ def train_top_layers(model, n: int) -> None:
 
 
 def load_preferences(path: str | Path, beta: float | None = None):
-    """(datasets.Dataset, metadata) from a preference dataset.
+    """(datasets.Dataset, PreferenceSet) from a preference dataset.
 
-    A `can label` output — Parquet, or a `datasets` directory — carries β, λ*, the labelling mode and the
-    certificate. Any other preference table (Parquet, JSON Lines, CSV or a `datasets` directory with prompt,
-    chosen, rejected — TRL's standard format, e.g. a human-labelled dataset for `can prealign`) is read as hard
-    labels, and then `beta` must be given.
+    A `can label` output — Parquet, or a `datasets` directory — carries its certificate (checked against the hash
+    it was labelled with): β and λ* come from it. Any other preference table (Parquet, JSON Lines, CSV or a
+    `datasets` directory with prompt, chosen, rejected — TRL's standard format, e.g. a human-labelled dataset for
+    `can prealign`) is read as hard labels, and then `beta` must be given. The set's `table` holds no rows (the
+    Dataset does).
     """
     from datasets import Dataset
 
-    from bridge.outputs import read_preference_meta
+    from bridge.preferences import PreferenceSet
     from bridge.tables import read_table
 
     path = Path(path)
     if not path.exists():
         raise CanError(f"preference dataset not found: {path}")
-    meta, cert = read_preference_meta(path)
+    record, cert = PreferenceSet.read_metadata(path)
     if path.is_dir():
         from datasets import load_from_disk
 
@@ -322,12 +323,10 @@ def load_preferences(path: str | Path, beta: float | None = None):
             raise CanError(f"{path}: not a `datasets` directory ({err})") from None
     else:
         table = read_table(path)
-    if not meta:
-        if beta is None:
-            raise CanError(f"{path} was not written by `can label` (no β in its metadata): give the DPO β")
-        meta = {"beta": beta, "mode": "plain", "lambda": {}}
-    meta["certificate"] = cert
-    keep = ["prompt", "chosen", "rejected"] + (["p_chosen"] if meta["mode"] == "soft" else [])
+    if cert is None and beta is None:
+        raise CanError(f"{path} was not written by `can label` (it carries no certificate): give the DPO β")
+    prefs = PreferenceSet(table.schema.empty_table(), record, cert)
+    keep = ["prompt", "chosen", "rejected"] + (["p_chosen"] if prefs.mode == "soft" else [])
     if set(IDS) <= set(table.column_names):
         keep += list(IDS)  # sampled ids: trained as they are
         if set(STORED_REFS) <= set(table.column_names):
@@ -337,7 +336,7 @@ def load_preferences(path: str | Path, beta: float | None = None):
         raise CanError(f"{path}: missing column(s) {missing}; a preference table has prompt, chosen, rejected")
     if table.num_rows == 0:
         raise CanError(f"{path}: no preference pairs")
-    return Dataset.from_dict({c: table.column(c).to_pylist() for c in keep}), meta
+    return Dataset.from_dict({c: table.column(c).to_pylist() for c in keep}), prefs
 
 
 def _apply_chat_template(data, tok, policy: str, chat_template: bool | None):
@@ -421,19 +420,20 @@ def train(
     """
     from train.models import load_policy
 
-    data, meta = load_preferences(preferences, beta_override if beta_override is not None else beta)
+    data, prefs = load_preferences(preferences, beta_override if beta_override is not None else beta)
+    cert_beta = prefs.beta if prefs.beta is not None else beta  # a plain table: the β given
     if beta_override is not None:
-        beta = meta["beta"] = beta_override
-    if beta is not None and abs(beta - meta["beta"]) > 1e-12 * max(1.0, abs(beta)):
+        beta = cert_beta = beta_override
+    if beta is not None and abs(beta - cert_beta) > 1e-12 * max(1.0, abs(beta)):
         raise CanError(
-            f"--beta {beta} differs from the certificate's β = {meta['beta']}: the dual and DPO must use the same β "
+            f"--beta {beta} differs from the certificate's β = {cert_beta}: the dual and DPO must use the same β "
             "(DESIGN §4); drop --beta, or pass --allow-beta-mismatch"
         )
     model, tok = load_policy(policy)
-    if set(IDS) <= set(data.column_names) and meta.get("tokenizer_sha256"):
+    if set(IDS) <= set(data.column_names) and prefs.tokenizer_sha256:
         from train.tokens import tokenizer_fingerprint
 
-        if tokenizer_fingerprint(tok) != meta["tokenizer_sha256"]:
+        if tokenizer_fingerprint(tok) != prefs.tokenizer_sha256:
             raise CanError(f"the pairs carry token ids sampled with another tokenizer than {policy!r}'s: train the "
                            "policy they were collected from")  # fmt: skip
     data = _apply_chat_template(data, tok, policy, chat_template)
@@ -452,12 +452,12 @@ def train(
     data = _shared_on_disk(data, out_dir / "data")
     given = {"num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
              "max_length": max_length, "seed": seed}  # fmt: skip
-    args = make_config(out_dir / "checkpoints", meta["beta"] if beta is None else beta, precision, config_file,
+    args = make_config(out_dir / "checkpoints", cert_beta if beta is None else beta, precision, config_file,
                        extra_args, **{k: v for k, v in given.items() if v is not None}, **config_kw)  # fmt: skip
-    if meta["mode"] == "soft" and not args.precompute_ref_log_probs:
+    if prefs.mode == "soft" and not args.precompute_ref_log_probs:
         raise CanError("DPO option precompute_ref_log_probs=False is not allowed with soft labels: the soft-label "
                        "term needs the reference log-probs in the batch")  # fmt: skip
-    intended = meta["beta"] if beta is None else beta
+    intended = cert_beta if beta is None else beta
     if abs(args.beta - intended) > 1e-12 * max(1.0, abs(intended)):
         raise CanError(
             f"DPO option beta={args.beta} differs from the certificate's β = {intended}: the dual and DPO must "
@@ -494,21 +494,19 @@ def train(
         trainer.save_model(str(final))  # main process only (TRL/Trainer's rule; gathers ZeRO-3/FSDP shards)
     if trainer.accelerator.is_main_process:
         tok.save_pretrained(final)
-        _write_card(final, meta, policy, preferences, args)
+        _write_card(final, prefs, policy, preferences, args)
     trainer.accelerator.wait_for_everyone()
     return final
 
 
-def _write_card(final: Path, meta: dict, policy: str, preferences, args) -> None:
-    """The model card (README.md) and a copy of the certificate beside the aligned weights."""
-    import json
-
+def _write_card(final: Path, prefs, policy: str, preferences, args) -> None:
+    """The model card (README.md) and a copy of the certificate beside the aligned weights (`can evaluate` reads
+    it from there)."""
+    from bridge.certificate import write_beside
     from bridge.files import atomic_write_text
-    from bridge.outputs import CERT_FILE, model_card
+    from train.card import model_card
 
-    cert = meta.get("certificate")
-    record = {k: v for k, v in meta.items() if k != "certificate"}
-    record["dataset"] = str(preferences)
+    record = {**prefs.record, "dataset": str(preferences)}
     keys = (
         "beta",
         "learning_rate",
@@ -519,9 +517,9 @@ def _write_card(final: Path, meta: dict, policy: str, preferences, args) -> None
         "seed",
     )
     settings = {k: getattr(args, k) for k in keys}
-    atomic_write_text(final / "README.md", model_card(cert, record, policy, settings))
-    if cert is not None:
-        atomic_write_text(final / CERT_FILE, json.dumps(cert, indent=2) + "\n")
+    atomic_write_text(final / "README.md", model_card(prefs.certificate, record, policy, settings))
+    if prefs.certificate is not None:
+        write_beside(final, prefs.certificate)
 
 
 def prealign(preferences: str | Path, policy: str, out_dir: str | Path, beta: float, **train_kw) -> Path:

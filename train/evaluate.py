@@ -51,7 +51,7 @@ def evaluate(
     reference: str,
     prompts: list[str],
     scorer_specs: list[str],
-    cert: dict,
+    cert,
     out: str | Path,
     k: int = 4,
     max_new_tokens: int = 48,
@@ -74,26 +74,29 @@ def evaluate(
                                      dtype)  # fmt: skip
     base, samples_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size, seed, chat_template,
                                      dtype)  # fmt: skip
-    reward_col = cert["data"]["reward"]
-    kinds = {c["name"]: c["kind"] for c in cert["constraints"]}
+    from bridge.tables import sign_of
+
+    reward_col = cert.reward
+    kinds = dict(zip(cert.names, cert.kinds, strict=True))
+    gains = cert.predicted_gains
     rows = []
     for sc in scorers:
         diff = ours[sc.name] - base[sc.name]  # per prompt, in the column's own direction
-        sign = -1.0 if kinds.get(sc.name) == "cost" else 1.0  # report constraints as utility gains, like the dual
+        sign = sign_of(kinds.get(sc.name, "utility"))  # report constraints as utility gains, like the dual
         gain, lo, hi = paired_interval(sign * diff)
         if sc.name == reward_col:
-            predicted, role = cert["predicted"]["reward_gain"], "reward"
+            predicted, role = cert.predicted_reward_gain, "reward"
         elif sc.name in kinds:
-            predicted, role = cert["predicted"]["utility_gains"][sc.name], f"constraint ({kinds[sc.name]})"
+            predicted, role = gains[sc.name], f"constraint ({kinds[sc.name]})"
         else:
             predicted, role = None, "extra"
-        margin = cert["margins"].get(sc.name)
+        margin = cert.margins.get(sc.name)
         rows.append({"name": sc.name, "role": role, "predicted_gain": predicted, "achieved_gain": float(gain),
                      "ci95": [lo, hi], "margin": margin,
                      "reference_mean": float(sign * base[sc.name].mean()),
                      "insample_gain": None if insample is None else sign * insample[sc.name]})  # fmt: skip
     report = {"aligned": aligned, "reference": reference, "prompts": len(prompts), "samples_per_prompt": k,
-              "beta": cert["beta"], "lambda": cert["lambda"], "rows": rows,
+              "beta": cert.beta, "lambda": cert.lam, "rows": rows,
               "examples": [{"prompt": p, "reference": r[0], "aligned": a[0]}
                            for p, r, a in list(zip(prompts, samples_r, samples_a))[:5]]}  # fmt: skip
     if st.is_main_process:  # one writer

@@ -9,12 +9,12 @@ import os
 from can_jax.errors import CanError
 
 
-def scorer_specs(cert: dict, given: list[str] | None, needed: list[str]) -> dict[str, dict]:
+def scorer_specs(cert, given: list[str] | None, needed: list[str]) -> dict[str, dict]:
     """name → {"spec", "template"} for the scores to compute, checked against the certificate's record."""
     from train.scorers import parse_scorer
 
-    recorded = cert.get("scorers") or {}
-    names = {cert["data"]["reward"], *(c["name"] for c in cert["constraints"])}
+    recorded = cert.scorers
+    names = {n for n, _ in cert.score_weights()}
     out = {}
     for text in given or []:
         name, spec = parse_scorer(text)
@@ -36,13 +36,13 @@ def scorer_specs(cert: dict, given: list[str] | None, needed: list[str]) -> dict
     return out
 
 
-def relabel_pairs(pairs_path: str | os.PathLike, cert: dict, mode: str = "soft", seed: int = 0,
+def relabel_pairs(pairs_path: str | os.PathLike, cert, mode: str = "soft", seed: int = 0,
                   scorers: list[str] | None = None, scorer_options: dict | None = None):  # fmt: skip
-    """(table with metadata, stats): the pairs relabelled from r + λ*ᵀg, missing scores computed."""
+    """(PreferenceSet, stats): the pairs relabelled from r + λ*ᵀg under a `Certificate`, missing scores computed."""
     import numpy as np
 
-    from bridge.labels import META_KEY
-    from bridge.pairs import LAYOUTS, completion_text, dumps, missing_scores, pairs_meta, read_pairs, relabel
+    from bridge.pairs import LAYOUTS, completion_text, missing_scores, pairs_meta, read_pairs, relabel
+    from bridge.preferences import PreferenceSet
     from train.tokens import check_prompt
 
     table, layout = read_pairs(pairs_path)
@@ -66,10 +66,9 @@ def relabel_pairs(pairs_path: str | os.PathLike, cert: dict, mode: str = "soft",
             sc = make_scorer(name, rec["spec"], **kw)
             scores[name] = (np.asarray(sc(prompts, sides[0])), np.asarray(sc(prompts, sides[1])))
     out, stats = relabel(table, layout, cert, mode, seed, scores, where=str(pairs_path))
-    meta = pairs_meta(cert, mode, seed, pairs_path)
-    meta["layout"] = layout
-    meta["scored_by"] = {n: r["spec"] for n, r in specs.items()}
-    return out.replace_schema_metadata({META_KEY: dumps(meta)}), stats
+    record = {**pairs_meta(mode, seed, pairs_path), "layout": layout,
+              "scored_by": {n: r["spec"] for n, r in specs.items()}}  # fmt: skip
+    return PreferenceSet(out, record, cert), stats
 
 
 def _is_model_template(template: str) -> bool:

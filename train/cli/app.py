@@ -29,12 +29,12 @@ class _CanGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CanError as err:
-            typer.echo(f"error: {_one_line(err)}", err=True)
+            typer.echo(f"error: {one_line(err)}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except Exception as err:
             # typer vendors click from 0.29 on: recognise its UsageError (and subclasses) by name.
             if "--json" in args and any(c.__name__ == "UsageError" for c in type(err).__mro__):
-                _echo_json({"status": "usage_error", "message": _one_line(err.format_message()), "converged": False})
+                echo_json({"status": "usage_error", "message": one_line(err.format_message()), "converged": False})
             raise
 
 
@@ -88,17 +88,17 @@ DropOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON certificate to stdout.")]
 
 
-def _one_line(message) -> str:
+def one_line(message) -> str:
     return " ".join(str(message).split())
 
 
-def _echo_json(obj: dict):
+def echo_json(obj: dict):
     import json
 
     typer.echo(json.dumps(obj, indent=2, allow_nan=False))
 
 
-def _status_of(err) -> str:
+def status_of(err) -> str:
     """The `status` a --json consumer sees for an error."""
     from can_jax.errors import InfeasibleMarginsError, InvalidArgumentError, OutputError, ScoresFormatError
 
@@ -109,16 +109,16 @@ def _status_of(err) -> str:
     return "error"
 
 
-def _fail(message, code: int = EXIT_USER_ERROR, json_out: bool = False, status: str = "error"):
+def fail(message, code: int = EXIT_USER_ERROR, json_out: bool = False, status: str = "error"):
     """One `error: …` line on stderr and exit `code`; with --json also {status, message} on stdout."""
-    message = _one_line(message)
+    message = one_line(message)
     if json_out:
-        _echo_json({"status": status, "message": message, "converged": False})
+        echo_json({"status": status, "message": message, "converged": False})
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _setup_jax():
+def setup_jax():
     """float64 on (DESIGN §2) and a persistent compile cache, before any array exists."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX may share a GPU with torch
     import jax
@@ -133,53 +133,30 @@ def _setup_jax():
         pass  # a read-only home only costs the compile time
 
 
-def _check_beta(beta: float, json_out: bool = False):
+def check_beta(beta: float, json_out: bool = False):
     if not (math.isfinite(beta) and beta > 0):
-        _fail(f"--beta must be a positive finite number, got {beta}", json_out=json_out, status="invalid")
+        fail(f"--beta must be a positive finite number, got {beta}", json_out=json_out, status="invalid")
 
 
-def _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, pecan_kl=None, extra_specs=()):
-    import jax.numpy as jnp
-
-    from bridge.tables import load_scores, parse_constraint
-
-    specs = [parse_constraint(c, "utility") for c in constraint or []]
-    specs += [parse_constraint(c, "cost") for c in cost or []]
-    specs += list(extra_specs)  # absolute limits (bridge.limits), margins set after loading
-    ref_columns = None
-    if pecan_kl is not None:
-        from bridge.pecan import reference_columns
-
-        ref_columns = reference_columns(scores, reward, [c.column for c in specs], pecan_kl)
-    return load_scores(
-        scores,
-        reward,
-        specs,
-        prompt_id=prompt_id,
-        drop_bad_rows=drop_bad_rows,
-        dtype=jnp.float32 if float32 else jnp.float64,
-        ref_columns=ref_columns,
-    )
-
-
-def _load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out: bool):
-    """`_load`, a user error ending the command with its one line (or JSON status)."""
+def load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out: bool):
+    """`bridge.dual.load_table`, a user error ending the command with its one line (or JSON status)."""
+    from bridge.dual import load_table
     from can_jax.errors import CanError
 
     try:
-        return _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
+        return load_table(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
     except CanError as err:
-        _fail(err, json_out=json_out, status=_status_of(err))
+        fail(err, json_out=json_out, status=status_of(err))
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """False on the other ranks of `accelerate launch`: they print nothing (one report per run)."""
     from train.dist import state
 
     return state().is_main_process
 
 
-def _console():
+def console():
     """Rich console no narrower than the tables (a pipe or CI log otherwise truncates them to 80 columns)."""
     from rich.console import Console
 
@@ -187,48 +164,19 @@ def _console():
     return Console(width=max(console.width, 140)) if console.width < 140 else console
 
 
-def _print_certificate(cert: dict, title: str):
+def print_certificate(cert, title: str):
+    """A `Certificate` as a table of constraints and its summary lines (`Certificate.summary`)."""
     from rich.markup import escape
     from rich.table import Table
 
-    console = _console()
+    rows, lines, warnings = cert.summary()
+    out = console()
     table = Table(title=title)
     for col in ("constraint", "kind", "margin b", "λ*", "± s.e.", "active", "predicted gain", "reach"):
         table.add_column(col, justify="left" if col in ("constraint", "kind") else "right")
-
-    def num(x, fmt=".6g"):
-        return "—" if x is None else format(x, fmt)
-
-    for c in cert["constraints"]:
-        table.add_row(
-            escape(c["name"]),
-            c["kind"],
-            num(c["margin"]),
-            num(c["lambda"]),
-            num(c["standard_error"], ".2g"),
-            "yes" if c["active"] else "no",
-            num(c["predicted_gain"]),
-            num(c["reach"]),
-        )
-    console.print(table)
-    p = cert["predicted"]
-    d = cert["data"]
-    console.print(
-        f"status: {cert['status']} — {cert['message']}\n"
-        f"β = {cert['beta']:g}; {cert['iterations']} Newton iterations ({cert['function_evaluations']} passes), "
-        f"KKT residual {cert['kkt_residual']:.2e}; Hessian on the active set: least eigenvalue "
-        f"{num(cert['min_hessian_eig'], '.3g')}, condition {num(cert['hessian_condition'], '.3g')}\n"
-        f"predicted for π_λ*: reward gain {p['reward_gain']:+.4g}, KL(π‖π_ref) {p['kl']:.4g} nats, "
-        f"effective sample fraction {p['ess_fraction']:.3f}\n"
-        f"data: {d['n_prompts']} prompts, {d['n_responses']} responses"
-        + (f", {d['dropped_rows']} bad rows dropped" if d.get("dropped_rows") else "")
-    )
-    if "pecan" in cert:
-        console.print(f"PeCAN: E_ref[g̃ | x] from the {cert['pecan']['reference']} KL estimate")
-        for name, row in cert["pecan"]["kl"].items():
-            console.print(
-                f"  KL(π_ref ‖ π_{escape(name)}) per prompt: token-level {row['token']:.4g} (± {row['token_se']:.2g}), "
-                f"sample mean {row['sample']:.4g} (± {row['sample_se']:.2g}), correlation {row['correlation']:.2f}"
-            )
-    for note in cert.get("diagnostics", []):
-        console.print(f"[yellow]warning:[/yellow] {escape(note)}")
+    for row in rows:
+        table.add_row(escape(row[0]), *row[1:])
+    out.print(table)
+    out.print(escape("\n".join(lines)))
+    for note in warnings:
+        out.print(f"[yellow]warning:[/yellow] {escape(note)}")

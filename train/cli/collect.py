@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import _fail, _is_main_process, app
+from train.cli.app import app, fail, is_main_process
 from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
 
 DtypeOpt = Annotated[
@@ -86,17 +86,16 @@ def collect_cmd(
 
             path = collect(cfg, out, progress=step)
     except CanError as err:
-        _fail(str(err))
-    if not _is_main_process():
+        fail(str(err))
+    if not is_main_process():
         return
-    import json
+    from bridge.scores_table import collect_record
 
-    import pyarrow.parquet as pq
-
-    meta = json.loads(pq.read_schema(path).metadata[b"can.collect"])
+    rec = collect_record(path)
     typer.echo(
-        f"scores written to {path}: {meta['samples']} samples, {meta['unfinished']} cut at --max-new-tokens, "
-        f"{meta['not_retokenizing']} whose text does not re-tokenise to the sampled ids (trained on the ids)"
+        f"scores written to {path}: {rec.count('samples')} samples, {rec.count('unfinished')} cut at "
+        f"--max-new-tokens, {rec.count('not_retokenizing')} whose text does not re-tokenise to the sampled ids "
+        "(trained on the ids)"
     )
 
 
@@ -126,6 +125,6 @@ def logratios(
     try:
         path = add_aligned(table, list(aligned), out, policy, max_length, batch_size, dtype)
     except (CanError, FileNotFoundError, KeyError) as err:
-        _fail(str(err))
-    if _is_main_process():
+        fail(str(err))
+    if is_main_process():
         typer.echo(f"PeCAN table written to {path}")

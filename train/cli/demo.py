@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from train.cli.app import _fail, _setup_jax, app
+from train.cli.app import app, fail, setup_jax
 
 
 @app.command()
@@ -38,7 +38,7 @@ def demo(
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """
     if not synthetic:
-        _setup_jax()
+        setup_jax()
         from can_jax.errors import CanError
         from train.cli.evaluate import _print_evaluation
         from train.demo import DemoConfig, run_chain
@@ -55,9 +55,9 @@ def demo(
                 run_pecan(cfg, out / "pecan", out, say=typer.echo)
                 typer.echo((out / "pecan" / "comparison.md").read_text())
         except CanError as err:
-            _fail(str(err))
+            fail(str(err))
         return
-    _setup_jax()
+    setup_jax()
     import jax
     import numpy as np
     import pyarrow as pa

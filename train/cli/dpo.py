@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import _fail, _is_main_process, app
+from train.cli.app import app, fail, is_main_process
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 TemplateOpt = Annotated[
@@ -75,16 +75,16 @@ def train_cmd(
         from train.dpo import load_preferences, train
 
         if beta is not None and allow_beta_mismatch:
-            _, meta = load_preferences(preferences)
-            typer.echo(f"warning: β = {beta} instead of the certificate's {meta['beta']}", err=True)
+            _, prefs = load_preferences(preferences, beta)
+            typer.echo(f"warning: β = {beta} instead of the certificate's {prefs.beta}", err=True)
         final = train(preferences, policy, out, beta=None if allow_beta_mismatch else beta, epochs=epochs, lr=lr,
                       batch_size=batch_size, max_length=max_length, lora=lora, train_top=train_top,
                       precision=precision, resume=resume, seed=seed, config_file=config, extra_args=list(ctx.args),
                       chat_template=chat_template,
                       **({"beta_override": beta} if allow_beta_mismatch and beta is not None else {}))  # fmt: skip
     except (CanError, FileNotFoundError) as err:
-        _fail(str(err))
-    if _is_main_process():
+        fail(str(err))
+    if is_main_process():
         typer.echo(f"aligned policy written to {final}")
 
 
@@ -122,6 +122,6 @@ def prealign(
                     max_length=max_length, lora=lora, train_top=train_top, chat_template=chat_template, resume=resume,
                     seed=seed, config_file=config, extra_args=list(ctx.args))  # fmt: skip
     except (CanError, FileNotFoundError) as err:
-        _fail(str(err))
-    if _is_main_process():
+        fail(str(err))
+    if is_main_process():
         typer.echo(f"pre-aligned policy (β = {beta:g}) written to {final}")

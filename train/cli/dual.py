@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,17 +19,16 @@ from train.cli.app import (
     PromptIdOpt,
     RewardOpt,
     ScoresArg,
-    _check_beta,
-    _console,
-    _echo_json,
-    _fail,
-    _load,
-    _load_or_fail,
-    _one_line,
-    _print_certificate,
-    _setup_jax,
-    _status_of,
     app,
+    check_beta,
+    console,
+    echo_json,
+    fail,
+    load_or_fail,
+    one_line,
+    print_certificate,
+    setup_jax,
+    status_of,
 )
 
 
@@ -98,78 +96,47 @@ def dual(
     PeCAN: can dual pecan.parquet --pecan --reward helpful --constraint harmless=0.05 --beta 0.1
     Safe-RLHF-style limit: can dual scores.parquet --reward reward --cost-at-most cost=0 --beta 0.1
     """
-    _check_beta(beta, json_out)
-    if max_iter < 1:
-        _fail(f"--max-iter must be at least 1, got {max_iter}", json_out=json_out, status="invalid")
-    if tol is not None and not (math.isfinite(tol) and tol > 0):
-        _fail(f"--tol must be a positive finite number, got {tol}", json_out=json_out, status="invalid")
-    _setup_jax()
-    from bridge.certificate import data_summary, solve_and_certify, write_certificate_checked
+    from bridge.dual import DualConfig, run
     from can_jax.errors import CanError
 
-    t0 = time.perf_counter()
+    cfg = DualConfig(scores=str(scores), reward=reward, beta=beta, constraint=list(constraint or []),
+                     cost=list(cost or []), cost_at_most=list(cost_at_most or []), at_least=list(at_least or []),
+                     prompt_id=prompt_id, float32=float32, tol=tol, max_iter=max_iter, se=se, bias=bias,
+                     drop_bad_rows=drop_bad_rows, pecan=pecan, kl=kl)  # fmt: skip
     try:
-        from bridge.limits import apply_limits, limit_specs
-        from bridge.outputs import scorer_records
-
-        lim_specs, limits = limit_specs(list(cost_at_most or []), list(at_least or []))
-        if limits and pecan:
-            raise CanError(
-                "--cost-at-most/--at-least are absolute limits; under --pecan the utilities are β·log-ratios "
-                "without absolute units: give relative margins (--constraint/--cost)"
-            )
-        loaded = _load(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, kl if pecan else None,
-                       lim_specs)  # fmt: skip
-        loaded, limit_block = apply_limits(loaded, limits)
-        data = data_summary(loaded, reward, prompt_id)
-        t1 = time.perf_counter()
-        result, cert = solve_and_certify(loaded, beta, tol, max_iter, se, data)
-        t2 = time.perf_counter()
-        if bias and cert["converged"]:
-            from train.cli.stability import certificate_bias
-
-            cert["bias"] = certificate_bias(result, loaded, beta)
-            cert["diagnostics"] = cert.get("diagnostics", []) + cert["bias"]["warnings"]
-        t3 = time.perf_counter()
-        cert["limits"] = limit_block
-        cert["scorers"] = scorer_records(scores, reward, loaded.names, loaded.kinds)
-        if pecan:
-            from bridge.pecan import certificate_block
-
-            cert["pecan"] = certificate_block(scores, reward, loaded.names, kl, prompt_id)
+        cfg.check()
+        setup_jax()
+        cert = run(cfg)
     except CanError as err:
-        _fail(err, json_out=json_out, status=_status_of(err))
-    cert["timing"] = {"load_s": round(t1 - t0, 4), "solve_s": round(time.perf_counter() - t1 - (t3 - t2), 4)}
-    if cert.get("bias"):
-        cert["timing"]["bias_s"] = round(t3 - t2, 4)
+        fail(err, json_out=json_out, status=status_of(err))
     # A certificate is replaced only by a converged one; a failed solve goes beside it (cert.failed.json).
     written, write_error = None, None
     if out is not None:
         try:
-            written = write_certificate_checked(out, cert)
+            written = cert.write_checked(out)
         except CanError as err:
-            write_error = _one_line(err)
+            write_error = one_line(err)
     if json_out:
-        shown = dict(cert)
+        shown = cert.to_dict()
         if out is not None:
             shown["written_to"] = None if written is None else str(written)
         if write_error:
             shown["output_error"] = write_error
-        _echo_json(shown)
+        echo_json(shown)
     else:
-        _print_certificate(cert, f"CAN dual certificate — {scores.name}")
-        if cert.get("bias"):
+        print_certificate(cert, f"CAN dual certificate — {scores.name}")
+        if cert.bias:
             from train.cli.stability import print_bias
 
-            print_bias(cert["bias"])
-        if written is not None and cert["converged"]:
+            print_bias(cert.bias)
+        if written is not None and cert.converged:
             typer.echo(f"certificate written to {written}")
         elif written is not None:
             typer.echo(f"not converged: the certificate went to {written}; {out} was left as it was")
     if write_error:
-        _fail(write_error)
-    if not cert["converged"]:
-        typer.echo(f"error: not converged: {cert['message']}", err=True)
+        fail(write_error)
+    if not cert.converged:
+        typer.echo(f"error: not converged: {cert.message}", err=True)
         raise typer.Exit(EXIT_NOT_CONVERGED)
 
 
@@ -181,7 +148,7 @@ def _parse_values(text: str, json_out: bool = False):
     import numpy as np
 
     def bad(why):
-        _fail(f"--values {text!r}: {why}", json_out=json_out, status="invalid")
+        fail(f"--values {text!r}: {why}", json_out=json_out, status="invalid")
 
     try:
         if ":" in text:
@@ -225,19 +192,19 @@ def sweep(
     Grid points are solved CHUNK at a time (vmapped), with a progress bar for long sweeps. Points beyond the
     reachable edge are marked infeasible.
     """
-    _check_beta(beta, json_out)
+    check_beta(beta, json_out)
     grid_values = _parse_values(values, json_out)
     if chunk < 1:
-        _fail(f"--chunk must be at least 1, got {chunk}", json_out=json_out, status="invalid")
-    _setup_jax()
+        fail(f"--chunk must be at least 1, got {chunk}", json_out=json_out, status="invalid")
+    setup_jax()
     from can_jax.errors import CanError
     from can_jax.result import Status
 
-    loaded = _load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
+    loaded = load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
     names = loaded.names
     name = vary or names[0]
     if name not in names:
-        _fail(f"--vary {name!r} is not one of the constraints {names}", json_out=json_out, status="invalid")
+        fail(f"--vary {name!r} is not one of the constraints {names}", json_out=json_out, status="invalid")
     j = names.index(name)
     res = _sweep_chunks(loaded, j, grid_values, beta, chunk, show_progress=not json_out)
     status = res["status"]
@@ -266,19 +233,19 @@ def sweep(
         try:
             _plot_sweep(plot, name, labels, grid_values, lam, gains, res, ok)
         except CanError as err:
-            plot_error = _one_line(err)
+            plot_error = one_line(err)
     if json_out:
         payload = {"status": "ok", "message": f"{int(ok.sum())} of {len(rows)} points converged", "vary": name,
                    "beta": beta, "points": rows}  # fmt: skip
         if plot_error:
             payload["output_error"] = plot_error
-        _echo_json(payload)
+        echo_json(payload)
     else:
         _print_sweep(rows, names, name, beta, lam, ok)
         if not no_plot and plot_error is None:
             typer.echo(f"plot written to {plot}")
     if plot_error:
-        _fail(plot_error)
+        fail(plot_error)
 
 
 def _sweep_chunks(loaded, j: int, values, beta: float, chunk: int, show_progress: bool = True) -> dict:
@@ -325,7 +292,7 @@ def _print_sweep(rows, names, name, beta, lam, ok):
         cells += [f"{lam[i, k]:.5g}" if ok[i] else "—" for k in range(len(names))]
         cells += [f"{row['reward_gain']:+.4g}", f"{row['kl']:.4g}"] if ok[i] else ["—", "—"]
         table.add_row(*cells)
-    _console().print(table)
+    console().print(table)
 
 
 def _plot_sweep(path, name, names, values, lam, gains, res, ok):

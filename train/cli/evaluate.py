@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import _console, _fail, _is_main_process, app
+from train.cli.app import app, console, fail, is_main_process
 from train.cli.collect import DtypeOpt
 from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
 
@@ -15,9 +15,20 @@ from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, S
 @app.command("evaluate")
 def evaluate_cmd(
     aligned: Annotated[str, typer.Argument(help="Aligned policy directory (e.g. RUN/policy from `can train`).")],
-    certificate: Annotated[Path, typer.Argument(help="The certificate the alignment used.")],
-    prompts: Annotated[Path, typer.Argument(help="Held-out prompts (.txt, one per line, or .jsonl).")],
-    scorer: Annotated[list[str], typer.Option("--scorer", "-s", help="NAME=SPEC, as for `can collect`.")],
+    certificate_or_prompts: Annotated[
+        Path,
+        typer.Argument(
+            metavar="[CERTIFICATE] PROMPTS",
+            help="Held-out prompts (.txt, one per line, or .jsonl). The certificate comes from the policy folder "
+            "(`can train` writes it beside the weights); naming one first (CERTIFICATE PROMPTS) checks it is that "
+            "one, or supplies it for a policy aligned elsewhere.",
+            show_default=False,
+        ),
+    ],
+    prompts: Annotated[Optional[Path], typer.Argument(hidden=True, show_default=False)] = None,
+    scorer: Annotated[
+        Optional[list[str]], typer.Option("--scorer", "-s", help="NAME=SPEC, as for `can collect` (required).")
+    ] = None,
     reference: Annotated[str, typer.Option(help="Reference policy: a directory or 'smollm2'.")] = "smollm2",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for evaluation.md/.json/.png.")] = Path("can-eval"),
     k: Annotated[int, typer.Option("--k", help="Samples per prompt and policy.")] = 4,
@@ -38,14 +49,16 @@ def evaluate_cmd(
     ] = None,
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
-    from bridge.certificate import read_certificate
     from can_jax.errors import CanError
     from train.collect import read_prompts
     from train.evaluate import evaluate, insample_gains
     from train.scorers import parse_scorer, scorer_options
 
+    if not scorer:
+        fail("give the scorers: -s NAME=SPEC for the reward and every constraint (as for `can collect`)")
     try:
-        cert = read_certificate(certificate)
+        certificate, prompts = (None, certificate_or_prompts) if prompts is None else (certificate_or_prompts, prompts)
+        cert = policy_certificate(aligned, certificate)
         insample = None
         if train_scores is not None:
             insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
@@ -54,10 +67,30 @@ def evaluate_cmd(
                           scorer_options=scorer_options(scorer_template, scorer_dtype, scorer_max_length,
                                                         scorer_batch_size), dtype=dtype)  # fmt: skip
     except CanError as err:
-        _fail(str(err))
-    if _is_main_process():
+        fail(str(err))
+    if is_main_process():
         _print_evaluation(report)
         typer.echo(f"report written to {out / 'evaluation.md'}")
+
+
+def policy_certificate(aligned: str, certificate: Path | None):
+    """The certificate of an aligned policy: the one its folder carries, checked against CERTIFICATE when given;
+    CERTIFICATE alone for a policy aligned elsewhere."""
+    from pathlib import Path as _Path
+
+    from bridge.certificate import Certificate, read_beside
+    from can_jax.errors import CanError
+
+    carried = read_beside(aligned) if _Path(aligned).is_dir() else None
+    given = None if certificate is None else Certificate.read(certificate)
+    if carried is None and given is None:
+        raise CanError(f"{aligned} carries no certificate.json (was it trained by `can train`?): name the certificate "
+                       "it was aligned under: can evaluate POLICY CERTIFICATE PROMPTS ...")  # fmt: skip
+    if carried is not None and given is not None and carried.sha256 != given.sha256:
+        raise CanError(f"{certificate} is not the certificate {aligned} was aligned under (its certificate.json has "
+                       f"λ* {carried.lam}, β = {carried.beta:g}): drop it, or evaluate the policy it "
+                       "belongs to")  # fmt: skip
+    return carried if carried is not None else given
 
 
 def _print_evaluation(report: dict):
@@ -71,4 +104,4 @@ def _print_evaluation(report: dict):
                       "—" if r["predicted_gain"] is None else f"{r['predicted_gain']:+.3f}",
                       "—" if r.get("insample_gain") is None else f"{r['insample_gain']:+.3f}",
                       f"{r['achieved_gain']:+.3f}", f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")  # fmt: skip
-    _console().print(table)
+    console().print(table)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import ScoresArg, _fail, app
+from train.cli.app import ScoresArg, app, fail
 from train.cli.options import ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
 
 
@@ -33,6 +33,13 @@ def label(
     check_hash: Annotated[
         bool, typer.Option("--check-hash/--no-check-hash", help="Refuse a certificate made for another table.")
     ] = True,
+    check_solution: Annotated[
+        bool,
+        typer.Option(
+            "--check-solution/--no-check-solution",
+            help="Re-evaluate the dual on the table and refuse a λ that is not its solution (an edited certificate).",
+        ),
+    ] = True,
     scorer: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -57,42 +64,25 @@ def label(
     relabelled from r + λ*ᵀg, with the scores taken from its NAME_0/NAME_1 (or NAME_chosen/NAME_rejected) columns
     or computed by the scorers (the certificate's, or -s NAME=SPEC).
     """
-    from bridge.certificate import read_certificate
-    from bridge.labels import pseudo_preferences
-    from bridge.outputs import write_preference_outputs
-    from bridge.pairs import looks_like_pairs
     from can_jax.errors import CanError
+    from train.label import LabelConfig, run
 
-    if looks_like_pairs(scores):
-        from train.relabel import relabel_pairs
-        from train.scorers import scorer_options
-
-        try:
-            cert = read_certificate(certificate)
-            opts = scorer_options(scorer_template, scorer_dtype, scorer_max_length, scorer_batch_size)
-            table, stats = relabel_pairs(scores, cert, mode, seed, list(scorer or []), opts)
-        except CanError as err:
-            _fail(str(err))
-        try:
-            write_preference_outputs(out, table, cert)
-        except CanError as err:
-            _fail(str(err))
+    cfg = LabelConfig(scores=str(scores), certificate=str(certificate), out=str(out), mode=mode,
+                      pairs_per_prompt=pairs_per_prompt, seed=seed, prompt_col=prompt_col, response_col=response_col,
+                      check_hash=check_hash, check_solution=check_solution, scorer=list(scorer or []),
+                      scorer_template=scorer_template, scorer_dtype=scorer_dtype, scorer_max_length=scorer_max_length,
+                      scorer_batch_size=scorer_batch_size)  # fmt: skip
+    try:
+        prefs, stats = run(cfg)
+    except CanError as err:
+        fail(str(err))
+    if prefs.record.get("source") == "pairs":
         ties = f", {stats.ties_dropped} tied pairs dropped" if stats.ties_dropped else ""
-        typer.echo(f"{stats.pairs} {mode} pairs relabelled from r + λ*ᵀg, written to {out} (β = {cert['beta']:g}); "
+        typer.echo(f"{stats.pairs} {mode} pairs relabelled from r + λ*ᵀg, written to {out} (β = {prefs.beta:g}); "
                    f"{stats.swapped} swapped sides{ties}")  # fmt: skip
         return
-    try:
-        cert = read_certificate(certificate)
-        table, stats = pseudo_preferences(scores, cert, mode, pairs_per_prompt, seed, prompt_col, response_col,
-                                          check_hash)  # fmt: skip
-    except CanError as err:
-        _fail(str(err))
-    try:
-        write_preference_outputs(out, _with_tokenizer(table, scores), cert)
-    except CanError as err:
-        _fail(str(err))
     typer.echo(
-        f"{stats.pairs} {mode} pairs from {stats.prompts_used} prompts written to {out} (β = {cert['beta']:g}); "
+        f"{stats.pairs} {mode} pairs from {stats.prompts_used} prompts written to {out} (β = {prefs.beta:g}); "
         f"{stats.prompts_skipped} prompts with < 2 responses skipped"
         + (f", {stats.ties_dropped} tied pairs dropped" if stats.ties_dropped else "")
         + (f", {stats.rows_dropped} bad rows dropped (as `can dual --drop-bad-rows` did)" if stats.rows_dropped else "")
@@ -102,22 +92,3 @@ def label(
             else ""
         )
     )
-
-
-def _with_tokenizer(table, scores_path):
-    """The pairs' metadata gains the collection tokenizer's fingerprint (`can train` refuses sampled ids from
-    another tokenizer)."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    from bridge.labels import META_KEY
-
-    try:
-        collected = json.loads((pq.read_schema(scores_path).metadata or {}).get(b"can.collect", b"{}"))
-    except Exception:  # not a Parquet table from `can collect`: nothing to carry
-        return table
-    if "tokenizer_sha256" not in collected or META_KEY not in (table.schema.metadata or {}):
-        return table
-    meta = {**json.loads(table.schema.metadata[META_KEY]), "tokenizer_sha256": collected["tokenizer_sha256"]}
-    return table.replace_schema_metadata({**table.schema.metadata, META_KEY: json.dumps(meta).encode()})

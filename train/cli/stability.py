@@ -20,13 +20,13 @@ from train.cli.app import (
     PromptIdOpt,
     RewardOpt,
     ScoresArg,
-    _check_beta,
-    _console,
-    _echo_json,
-    _fail,
-    _load_or_fail,
-    _setup_jax,
     app,
+    check_beta,
+    console,
+    echo_json,
+    fail,
+    load_or_fail,
+    setup_jax,
 )
 
 
@@ -56,7 +56,7 @@ def print_bias(block: dict):
             "—" if iv is None or None in iv else f"[{iv[0]:.4g}, {iv[1]:.4g}]",
             num(e["bias_over_se"], ".2f"),
         )
-    _console().print(table)  # its warnings are among the certificate's diagnostics, printed with them
+    console().print(table)  # its warnings are among the certificate's diagnostics, printed with them
 
 
 def subsample_masks(mask, ks, fractions, seed: int = 0):
@@ -137,14 +137,14 @@ def stability(
 
     Example: can stability scores.parquet --reward helpful --cost harm=0.5 --beta 0.1
     """
-    _check_beta(beta, json_out)
+    check_beta(beta, json_out)
     try:
         fracs = sorted({float(f) for f in fractions.split(",")})
     except ValueError:
-        _fail(f"--fractions {fractions!r}: use comma-separated numbers in (0, 1]", json_out=json_out, status="invalid")
+        fail(f"--fractions {fractions!r}: use comma-separated numbers in (0, 1]", json_out=json_out, status="invalid")
     if not fracs or not all(0 < f <= 1 for f in fracs):
-        _fail(f"--fractions {fractions!r}: every fraction must be in (0, 1]", json_out=json_out, status="invalid")
-    _setup_jax()
+        fail(f"--fractions {fractions!r}: every fraction must be in (0, 1]", json_out=json_out, status="invalid")
+    setup_jax()
     import jax.numpy as jnp
     import numpy as np
 
@@ -153,14 +153,14 @@ def stability(
     from can_jax.result import Status
     from can_jax.solve import solve_dual_jit
 
-    loaded = _load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
+    loaded = load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
     sc = loaded.scores
     names = loaded.names
     margins = jnp.asarray(loaded.margins, sc.reward.dtype)
     k_max = int(sc.mask.shape[1])
     ks = sorted({k for k in (2, 4, 8, 16, 32, 64, 128, 256, 512) if k < k_max} | {k_max})
     if k_max < 2:
-        _fail("every prompt has one response: nothing to subsample (K ≥ 2 needed)", json_out=json_out)
+        fail("every prompt has one response: nothing to subsample (K ≥ 2 needed)", json_out=json_out)
     rows = []
     for k, f, mask, weight in subsample_masks(np.asarray(sc.mask), ks, fracs, seed):
         sub = sc._replace(mask=jnp.asarray(mask), weight=jnp.asarray(weight, sc.reward.dtype) * sc.weight)
@@ -179,12 +179,12 @@ def stability(
     solved = [r for r in rows if "lambda" in r]
     full = [r for r in solved if r["k"] == k_max and r["fraction"] == max(fracs)]
     if not full:
-        _fail("the dual on the full table did not converge: run `can dual` first", json_out=json_out)
+        fail("the dual on the full table did not converge: run `can dual` first", json_out=json_out)
     ok, reason = verdict(full, names)
     if not no_plot:
         _plot(plot, solved, names, max(fracs))
     if json_out:
-        _echo_json({"enough": ok, "verdict": reason, "points": rows, "plot": None if no_plot else str(plot)})
+        echo_json({"enough": ok, "verdict": reason, "points": rows, "plot": None if no_plot else str(plot)})
         return
     _print_rows(rows, names)
     typer.echo(("" if ok else "warning: ") + reason)
@@ -212,7 +212,7 @@ def _print_rows(rows, names):
         else:
             cells += ["—"] * (2 * len(names) + 1)
         table.add_row(*cells, r["status"])
-    _console().print(table)
+    console().print(table)
 
 
 def _plot(path: Path, rows, names, frac):
@@ -247,14 +247,3 @@ def _plot(path: Path, rows, names, frac):
     fig.tight_layout()
     write_figure(path, fig)
     plt.close(fig)
-
-
-def certificate_bias(result, loaded, beta: float) -> dict:
-    """The certificate's `bias` block for a converged solve of a loaded table (`can dual --bias`)."""
-    import jax.numpy as jnp
-
-    from bridge.bias import bias_block
-    from can_jax.bias import finite_k_bias_jit
-
-    margins = jnp.asarray(loaded.margins, loaded.scores.reward.dtype)
-    return bias_block(finite_k_bias_jit(result.x, loaded.scores, margins, beta), loaded.names)

@@ -1,0 +1,225 @@
+"""The dual stage ② (`can dual`; DESIGN §2): a scores table and margins in, a `Certificate` out.
+
+`DualConfig` holds every option with its default (the CLI's `can dual` is a thin wrapper checked against it), and
+`run(config)` is the stage: load and validate the table, turn absolute limits into margins, solve, estimate the
+finite-K bias, and build the certificate with its scorers, limits and PeCAN blocks. The CLI, the demos and the
+correction rounds call this same function, so their certificates cannot diverge.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bridge.certificate import Certificate
+from bridge.tables import ConstraintSpec, load_scores, parse_constraint
+from can_jax.errors import CanError, InvalidArgumentError
+from can_jax.result import Status
+
+
+@dataclass
+class DualConfig:
+    """Options of the dual stage (the defaults of `can dual`)."""
+
+    scores: str  # the scores table
+    reward: str  # its reward column
+    beta: float  # KL weight β > 0
+    constraint: list = field(default_factory=list)  # COL=MARGIN utilities
+    cost: list = field(default_factory=list)  # COL=MARGIN costs (negated on the way in)
+    cost_at_most: list = field(default_factory=list)  # COL=d: E[cost] ≤ d (margin E_ref[cost] − d)
+    at_least: list = field(default_factory=list)  # COL=τ: E[utility] ≥ τ (margin τ − E_ref[utility])
+    prompt_id: str = "prompt_id"
+    float32: bool = False
+    tol: float | None = None  # KKT tolerance (default 1e-9 float64, 1e-5 float32)
+    max_iter: int = 100
+    se: bool = True  # sandwich standard errors
+    bias: bool = True  # finite-K bias block (within-prompt jackknife)
+    drop_bad_rows: bool = False
+    pecan: bool = False  # a PeCAN table (`can collect --aligned`)
+    kl: str = "token"  # PeCAN: E_ref[g̃ | x] from the token-level KL or the sample mean
+
+    def check(self) -> None:
+        """Refuses options no solve could use (one line each)."""
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta > 0):
+            raise InvalidArgumentError(f"--beta must be a positive finite number, got {self.beta}")
+        if self.max_iter < 1:
+            raise InvalidArgumentError(f"--max-iter must be at least 1, got {self.max_iter}")
+        if self.tol is not None and not (math.isfinite(self.tol) and self.tol > 0):
+            raise InvalidArgumentError(f"--tol must be a positive finite number, got {self.tol}")
+
+
+def load_table(scores, reward, constraint=(), cost=(), prompt_id="prompt_id", float32=False, drop_bad_rows=False,
+               pecan_kl=None, extra_specs=()):  # fmt: skip
+    """A scores table read for the dual: --constraint/--cost texts parsed, PeCAN reference columns found."""
+    import jax.numpy as jnp
+
+    specs = [parse_constraint(c, "utility") for c in constraint or []]
+    specs += [parse_constraint(c, "cost") for c in cost or []]
+    specs += list(extra_specs)  # absolute limits (bridge.limits), margins set after loading
+    ref_columns = None
+    if pecan_kl is not None:
+        from bridge.pecan import reference_columns
+
+        ref_columns = reference_columns(scores, reward, [c.column for c in specs], pecan_kl)
+    return load_scores(scores, reward, specs, prompt_id=prompt_id, drop_bad_rows=drop_bad_rows,
+                       dtype=jnp.float32 if float32 else jnp.float64, ref_columns=ref_columns)  # fmt: skip
+
+
+def run(cfg: DualConfig) -> Certificate:
+    """The dual stage: the certificate of λ* for `cfg` (converged or not: `Certificate.converged` says).
+
+    Out-of-reach margins raise `InfeasibleMarginsError` naming them; bad tables and options raise `CanError`.
+    """
+    import jax.numpy as jnp
+
+    from bridge.limits import apply_limits, limit_specs
+    from bridge.scores_table import collect_record
+
+    cfg.check()
+    t0 = time.perf_counter()
+    lim_specs, limits = limit_specs(list(cfg.cost_at_most or []), list(cfg.at_least or []))
+    if limits and cfg.pecan:
+        raise CanError(
+            "--cost-at-most/--at-least are absolute limits; under --pecan the utilities are β·log-ratios "
+            "without absolute units: give relative margins (--constraint/--cost)"
+        )
+    loaded = load_table(cfg.scores, cfg.reward, cfg.constraint, cfg.cost, cfg.prompt_id, cfg.float32,
+                        cfg.drop_bad_rows, cfg.kl if cfg.pecan else None, lim_specs)  # fmt: skip
+    loaded, limit_block = apply_limits(loaded, limits)
+    t1 = time.perf_counter()
+    result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se)
+    t2 = time.perf_counter()
+    bias = None
+    if cfg.bias and int(result.status) == Status.CONVERGED:
+        bias = certificate_bias(result, loaded, cfg.beta)
+    t3 = time.perf_counter()
+    pecan = None
+    if cfg.pecan:
+        from bridge.pecan import certificate_block
+
+        pecan = certificate_block(cfg.scores, cfg.reward, loaded.names, cfg.kl, cfg.prompt_id)
+    timing = {"load_s": round(t1 - t0, 4), "solve_s": round(time.perf_counter() - t1 - (t3 - t2), 4)}
+    if bias is not None:
+        timing["bias_s"] = round(t3 - t2, 4)
+    return Certificate.build(
+        result, loaded.names, loaded.kinds, loaded.margins, cfg.beta, data_summary(loaded, cfg.reward, cfg.prompt_id),
+        standard_errors=errs, tol=tol, dtype=str(jnp.dtype(loaded.scores.reward.dtype)), standard_error_notes=notes,
+        bias=bias, limits=limit_block,
+        scorers=collect_record(cfg.scores).scorer_block(cfg.reward, loaded.names, loaded.kinds), pecan=pecan,
+        timing=timing,
+    )  # fmt: skip
+
+
+def margins_at_reach(scores, reward: str, names: list[str], beta: float, fraction: float, ref_columns=None) -> list:
+    """`--constraint NAME=MARGIN` texts with each margin `fraction` of the constraint's reach on the samples (the
+    most any policy on them can gain): how the demos choose margins."""
+    import jax.numpy as jnp
+
+    from can_jax.solve import solve_dual_jit
+
+    probe = load_scores(scores, reward, [ConstraintSpec(n, 0.0) for n in names], ref_columns=ref_columns)
+    reach = solve_dual_jit(probe.scores, jnp.zeros(len(names)), beta).reach
+    stuck = [f"{n} ({float(r):+.3g})" for n, r in zip(names, reach, strict=True) if not r > 0]
+    if stuck:
+        raise CanError(f"no policy on these samples improves {', '.join(stuck)} over the reference expectation")
+    return [f"{n}={round(float(fraction * r), 4)}" for n, r in zip(names, reach, strict=True)]
+
+
+def certificate_bias(result, loaded, beta: float) -> dict:
+    """The certificate's `bias` block for a converged solve of a loaded table (`can dual --bias`)."""
+    import jax.numpy as jnp
+
+    from bridge.bias import bias_block
+    from can_jax.bias import finite_k_bias_jit
+
+    margins = jnp.asarray(loaded.margins, loaded.scores.reward.dtype)
+    return bias_block(finite_k_bias_jit(result.x, loaded.scores, margins, beta), loaded.names)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def loaded_for(scores_path, cert: Certificate, dtype=None):
+    """The scores table read exactly as `can dual` read it for this certificate (same columns, kinds, margins,
+    reference columns and bad-row rule)."""
+    specs = [ConstraintSpec(n, m, k) for (n, m), k in zip(cert.margins.items(), cert.kinds, strict=True)]
+    refs = cert.reference_columns
+    return load_scores(scores_path, cert.reward, specs, cert.prompt_id, drop_bad_rows=cert.drops_bad_rows, dtype=dtype,
+                       ref_columns=refs or None)  # fmt: skip
+
+
+def check_solution(scores_path, cert: Certificate) -> float:
+    """Re-evaluates the dual at the certificate's λ and β on the table and refuses a λ that is not its solution
+    (a hand-edited β or λ): the scaled KKT residual must be within 100× the tolerance the solve reached.
+    Returns the residual."""
+    import jax.numpy as jnp
+
+    from can_jax.solve import kkt_at
+
+    loaded = loaded_for(scores_path, cert)
+    dtype = loaded.scores.reward.dtype
+    lam = jnp.asarray(list(cert.lam.values()), dtype)
+    res, floor = kkt_at(loaded.scores, jnp.asarray(loaded.margins, dtype), cert.beta, lam)
+    reached = [c.get("kkt_tolerance") for c in cert.constraints]
+    reached = max([float(x) for x in reached if _number(x)] + [float(np.max(np.asarray(floor))), 1e-9])
+    res = float(res)
+    if not res <= 100 * reached:
+        raise CanError(
+            f"the certificate's λ {cert.lam} is not the solution of the dual at its β = {cert.beta:g} on "
+            f"{scores_path} (KKT residual {res:.3g}, tolerance {reached:.2g}): was it edited? re-run `can dual`"
+        )
+    return res
+
+
+def data_summary(loaded, reward: str, prompt_id: str) -> dict:
+    """The certificate's `data` block for a `bridge.tables.LoadedScores`."""
+    k = np.asarray(loaded.scores.mask.sum(axis=1))
+    return {
+        "path": loaded.path,
+        "sha256": loaded.sha256,
+        "reward": reward,
+        "prompt_id": prompt_id,
+        "n_prompts": int(k.size),
+        "n_responses": int(k.sum()),
+        "n_rows": loaded.n_rows,
+        "dropped_rows": loaded.dropped_rows,
+        # The bad-row rule `label` must apply to this table: "refused" (none were present) or "dropped".
+        "bad_rows": loaded.bad_rows,
+        "prompts_with_one_response": int((k < 2).sum()),
+        # Where E_ref[g_j | x] came from: a reference column (PeCAN's −β·KL) or the responses' sample mean.
+        "reference_expectation": {n: (loaded.ref_columns or {}).get(n, "sample mean") for n in loaded.names},
+    }
+
+
+def solve(loaded, beta: float, tol, max_iter: int, se: bool):
+    """Solves the dual of a loaded table: (DualResult, standard errors or None, their notes, tol used).
+
+    Out-of-reach margins raise `InfeasibleMarginsError` with the one-line diagnosis (never a huge λ).
+    """
+    import jax.numpy as jnp
+
+    from can_jax.certify import infeasibility_message
+    from can_jax.errors import InfeasibleMarginsError, InvalidArgumentError
+    from can_jax.inference import solve_with_errors, standard_error_notes
+    from can_jax.solve import default_tol, solve_dual_jit
+
+    dtype = loaded.scores.reward.dtype
+    margins = jnp.asarray(loaded.margins, dtype)
+    tol = default_tol(dtype) if tol is None else tol
+    if se:
+        result, errs = solve_with_errors(loaded.scores, margins, beta, tol=tol, max_iter=max_iter)
+    else:
+        result, errs = solve_dual_jit(loaded.scores, margins, beta, tol=tol, max_iter=max_iter), None
+    if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
+        raise InfeasibleMarginsError(infeasibility_message(result, loaded.names, loaded.margins))
+    if int(result.status) == Status.INVALID:
+        raise InvalidArgumentError(result.message)
+    notes = None
+    if errs is not None:
+        errs = np.asarray(errs)
+        notes = standard_error_notes(result, loaded.scores)
+    return result, errs, notes, tol

@@ -1,0 +1,141 @@
+"""The artifact restructuring (issue 19) changed no result: on fixed inputs — a synthetic table, and the tiny LM of
+conftest collected with two toy scorers — the scores table, the certificates and the pairs equal those the code
+before it wrote (tests/data/before_restructuring/, recorded with commit b4a178a), apart from fields changed on
+purpose; and the files written then still load.
+
+On purpose: the preference set's record no longer copies β, λ*, the table hash and the certificate's creation time
+(they are its certificate's) and gains `format_version`; the collect record gains `format_version`; the hash of the
+certificate changes with its `created` time. The bias block is compared to 1e-9 relative (the blocked jackknife of
+issue 22 sums in another order).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+BEFORE = Path(__file__).resolve().parents[1] / "data" / "before_restructuring"
+# Fields that differ by design: when and where a certificate was made, how long it took, the table's bytes.
+VOLATILE = {"created", "timing", "path", "sha256", "can_version"}
+
+
+def _run(args):
+    from train.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def _same(old, new, where="", rel=0.0):
+    """Recursive equality; numbers within `rel` relative when given."""
+    if isinstance(old, dict):
+        assert isinstance(new, dict), where
+        keys = set(old) - VOLATILE
+        assert keys <= set(new), f"{where}: lost {sorted(keys - set(new))}"
+        for k in keys:
+            _same(old[k], new[k], f"{where}.{k}", 1e-9 if k == "bias" else rel)
+    elif isinstance(old, list):
+        assert isinstance(new, list) and len(old) == len(new), where
+        for i, (a, b) in enumerate(zip(old, new)):
+            _same(a, b, f"{where}[{i}]", rel)
+    elif isinstance(old, float) and rel:
+        assert math.isclose(old, new, rel_tol=rel, abs_tol=1e-15), f"{where}: {old} → {new}"
+    else:
+        assert old == new, f"{where}: {old!r} → {new!r}"
+
+
+def _same_table(old_path, new_path):
+    old, new = pq.read_table(old_path), pq.read_table(new_path)
+    assert old.column_names == new.column_names
+    assert old.replace_schema_metadata(None).equals(new.replace_schema_metadata(None))
+
+
+def test_synthetic_table_gives_the_same_certificates_and_pairs(tmp_path):
+    table = BEFORE / "synth.parquet"
+    _run(["dual", table, "--reward", "helpful", "--cost", "harm=0.1", "--constraint", "polite=0.05", "--beta", "0.5",
+          "--out", tmp_path / "cert.json"])  # fmt: skip
+    _same(json.loads((BEFORE / "synth_cert.json").read_text()), json.loads((tmp_path / "cert.json").read_text()))
+    _run(["dual", table, "--reward", "helpful", "--cost-at-most", "harm=-0.05", "--beta", "0.5", "--out",
+          tmp_path / "lim.json"])  # fmt: skip
+    _same(json.loads((BEFORE / "synth_cert_lim.json").read_text()), json.loads((tmp_path / "lim.json").read_text()))
+    _run(["label", table, tmp_path / "cert.json", "--mode", "soft", "--pairs-per-prompt", "3", "-o",
+          tmp_path / "prefs.parquet"])  # fmt: skip
+    _same_table(BEFORE / "synth_prefs.parquet", tmp_path / "prefs.parquet")
+
+
+def test_tiny_lm_chain_gives_the_same_table_certificate_and_pairs(tiny_lm, tmp_path):
+    pytest.importorskip("trl")
+    from bridge.preferences import PreferenceSet
+    from bridge.scores_table import collect_record
+
+    _, _, lm = tiny_lm
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"tell me about item {i}." for i in range(12)) + "\n")
+    _run(["collect", prompts, "--policy", lm, "-s", "brev=tests.train.toy_scorers:brevity", "-s",
+          "e=tests.train.toy_scorers:e_share", "--k", "4", "--max-new-tokens", "8", "-o", tmp_path / "scores.parquet"])  # fmt: skip
+    _same_table(BEFORE / "lm_scores.parquet", tmp_path / "scores.parquet")
+    old_rec, new_rec = collect_record(BEFORE / "lm_scores.parquet").meta, collect_record(tmp_path / "scores.parquet")
+    assert new_rec.meta["format_version"] == 2 and "format_version" not in old_rec
+    _same({k: v for k, v in old_rec.items() if k not in ("policy", "prompts")}, new_rec.meta)
+
+    _run(["dual", tmp_path / "scores.parquet", "--reward", "brev", "--constraint", "e=0.01", "--beta", "0.1", "--out",
+          tmp_path / "cert.json"])  # fmt: skip
+    _same(json.loads((BEFORE / "lm_cert.json").read_text()), json.loads((tmp_path / "cert.json").read_text()))
+    _run(["label", tmp_path / "scores.parquet", tmp_path / "cert.json", "--mode", "bt", "--pairs-per-prompt", "2",
+          "-o", tmp_path / "prefs.parquet"])  # fmt: skip
+    _same_table(BEFORE / "lm_prefs.parquet", tmp_path / "prefs.parquet")
+    record, cert = PreferenceSet.read_metadata(tmp_path / "prefs.parquet")
+    assert record["certificate_sha256"] == cert.sha256 and "beta" not in record and "lambda" not in record
+    assert record["tokenizer_sha256"] == new_rec.tokenizer_sha256
+
+
+def test_files_written_before_still_load(tmp_path):
+    """A version-1 preference set (β and λ* copied beside its certificate), a version-1 collect record and a
+    certificate of the same format version load as they did."""
+    pytest.importorskip("datasets")
+    from bridge.certificate import Certificate
+    from bridge.labels import pseudo_preferences
+    from train.dpo import load_preferences
+
+    data, prefs = load_preferences(BEFORE / "lm_prefs.parquet")
+    old = json.loads(pq.read_schema(BEFORE / "lm_prefs.parquet").metadata[b"can"])
+    assert "format_version" not in old
+    assert prefs.beta == old["beta"] == 0.1 and prefs.lam == old["lambda"] and prefs.mode == "bt"
+    assert len(data) == pq.read_table(BEFORE / "lm_prefs.parquet").num_rows
+    cert = Certificate.read(BEFORE / "lm_cert.json")
+    new, _ = pseudo_preferences(BEFORE / "lm_scores.parquet", cert, "bt", 2, check_hash=False)
+    assert new.table.equals(pq.read_table(BEFORE / "lm_prefs.parquet").replace_schema_metadata(None))
+
+
+def test_an_edited_or_unknown_preference_set_is_refused(tmp_path):
+    """The record's copy of β must agree with its certificate (version 1), the certificate must match the hash it
+    was labelled with, and a newer version is refused in one line."""
+    import pyarrow as pa
+
+    from bridge.preferences import PreferenceSet
+    from can_jax.errors import CanError
+
+    table = pq.read_table(BEFORE / "lm_prefs.parquet")
+    md = dict(table.schema.metadata)
+    rec = json.loads(md[b"can"])
+    for change, match in [({"beta": 0.2}, "β 0.2 in its metadata differs"),
+                          ({"format_version": 9}, "format version 9 is not supported"),
+                          ({"certificate_sha256": "0" * 64}, "does not match the hash")]:  # fmt: skip
+        path = tmp_path / "p.parquet"
+        pq.write_table(table.replace_schema_metadata({**md, b"can": json.dumps({**rec, **change}).encode()}), path)
+        with pytest.raises(CanError, match=match):
+            PreferenceSet.read_metadata(path)
+    cert = json.loads(md[b"can.certificate"])
+    cert["beta"] = 0.3
+    path = tmp_path / "q.parquet"
+    pq.write_table(table.replace_schema_metadata({**md, b"can.certificate": json.dumps(cert).encode()}), path)
+    with pytest.raises(CanError, match="does not match the hash"):
+        PreferenceSet.read_metadata(path)
+    assert PreferenceSet.read_metadata(tmp_path / "missing.parquet") == ({}, None)
+    plain = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]}), plain)
+    assert PreferenceSet.read_metadata(plain) == ({}, None)

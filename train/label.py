@@ -1,0 +1,46 @@
+"""The label stage ③ (`can label`): a scores table (or an existing pairs dataset) and its certificate in, a
+`PreferenceSet` out. `LabelConfig` holds the defaults `can label` shows; the CLI and the demos call `run`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LabelConfig:
+    scores: str  # a scores table, or a pairs dataset (PKU-SafeRLHF's or TRL's layout)
+    certificate: str  # the certificate `can dual` wrote for it
+    out: str = "preferences.parquet"  # .parquet, or a folder (a `datasets` directory)
+    mode: str = "bt"  # bt, soft or hard
+    pairs_per_prompt: int = 1
+    seed: int = 0
+    prompt_col: str = "prompt"
+    response_col: str = "response"
+    check_hash: bool = True  # refuse a certificate made for another table
+    check_solution: bool = True  # refuse a λ that is not the dual's solution on the table (an edited certificate)
+    scorer: list = field(default_factory=list)  # pairs: NAME=SPEC for scores the pairs lack
+    scorer_template: str = "auto"
+    scorer_dtype: str = "fp32"
+    scorer_max_length: int | None = None
+    scorer_batch_size: int = 16
+
+
+def run(cfg: LabelConfig):
+    """Labels and writes the pairs (atomically); returns (PreferenceSet, stats). Stats are `LabelStats` for a
+    scores table and `PairsStats` for a relabelled pairs dataset."""
+    from bridge.certificate import Certificate
+    from bridge.labels import pseudo_preferences
+    from bridge.pairs import looks_like_pairs
+
+    cert = Certificate.read(cfg.certificate)
+    if looks_like_pairs(cfg.scores):
+        from train.relabel import relabel_pairs
+        from train.scorers import scorer_options
+
+        opts = scorer_options(cfg.scorer_template, cfg.scorer_dtype, cfg.scorer_max_length, cfg.scorer_batch_size)
+        prefs, stats = relabel_pairs(cfg.scores, cert, cfg.mode, cfg.seed, list(cfg.scorer), opts)
+    else:
+        prefs, stats = pseudo_preferences(cfg.scores, cert, cfg.mode, cfg.pairs_per_prompt, cfg.seed, cfg.prompt_col,
+                                          cfg.response_col, cfg.check_hash, cfg.check_solution)  # fmt: skip
+    prefs.write(cfg.out)
+    return prefs, stats
