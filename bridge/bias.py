@@ -15,7 +15,7 @@ def _num(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _entry(c, i=None) -> dict:
+def entry(c, i=None) -> dict:
     """One estimate: plain, bias, corrected, standard errors, both 95% intervals, |bias| / se."""
     from can_jax.bias import Z95
 
@@ -42,11 +42,11 @@ def bias_block(report, names: list[str]) -> dict:
         "method": METHOD,
         "prompts": int(report.prompts),
         "prompts_corrected": int(report.prompts_corrected),
-        "lambda": {n: _entry(report.lam, j) for j, n in enumerate(names)},
+        "lambda": {n: entry(report.lam, j) for j, n in enumerate(names)},
         "predicted": {
-            "utility_gains": {n: _entry(report.utility_gain, j) for j, n in enumerate(names)},
-            "reward_gain": _entry(report.reward_gain),
-            "kl": _entry(report.kl),
+            "utility_gains": {n: entry(report.utility_gain, j) for j, n in enumerate(names)},
+            "reward_gain": entry(report.reward_gain),
+            "kl": entry(report.kl),
         },
     }
     block["warnings"] = bias_warnings(block)

@@ -57,7 +57,7 @@ def decoder(model):
 
 def _post(model, logits: torch.Tensor) -> torch.Tensor:
     """The transformations a causal LM applies after its LM head (Gemma 2/3 soft-capping, Cohere's logit scale,
-    Granite's logit scaling); `_head_matches` checks the rule on each model before it is used."""
+    Granite's logit scaling); `head_matches` checks the rule on each model before it is used."""
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
     scale = getattr(model, "logit_scale", None) or getattr(cfg, "logit_scale", None)
@@ -91,7 +91,7 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 _CHECKED: dict = {}
 
 
-def _head_matches(model) -> bool:
+def head_matches(model) -> bool:
     """Whether decoder + `head_logits` reproduce the model's own logits (checked once per model class and config
     on a four-token input); a model with a post-head rule not in `_post` gets the full-logits path instead."""
     key = (type(model).__name__, model.config.to_json_string(use_diff=True), str(next(model.parameters()).dtype))
@@ -121,8 +121,8 @@ def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
 def _logits_at(model, ids, attn, sel):
     """A function of a slice of the selected positions (`sel`: [B, T−1]) giving their float32 next-token logits
     [rows, V]: the final hidden states are kept ([P, H]) and the LM head is applied one slice at a time, so no
-    [B, T, V] tensor is made. A model whose head `_head_matches` does not reproduce gets its own full logits."""
-    if _head_matches(model):
+    [B, T, V] tensor is made. A model whose head `head_matches` does not reproduce gets its own full logits."""
+    if head_matches(model):
         h = hidden_states(model, ids, attn)[:, :-1][sel]  # [P, H]
         return lambda c: head_logits(model, h[c])
     logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][sel]  # [P, V]

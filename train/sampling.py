@@ -145,10 +145,10 @@ def sample_ids(
 
     `batch_size` counts sequences (prompts × K); `generator` (on the model's device) makes the draws reproducible.
     """
-    from train.logps import _head_matches
+    from train.logps import head_matches
 
     device = next(model.parameters()).device
-    exact_head = _head_matches(model)
+    exact_head = head_matches(model)
     stop_t = torch.tensor(stop, device=device)
     per_batch = max(1, batch_size // k)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))  # length-aware: least padding

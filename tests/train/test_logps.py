@@ -93,7 +93,7 @@ def test_chunked_logps_and_kl_equal_the_unchunked_computation(tiny_lm, other_lm,
 def test_full_vocabulary_blocks_are_bounded_whatever_the_vocabulary(tiny_lm):
     """Peak memory by construction: with a 32k vocabulary, every float32 logits block the pass makes is at most
     `chunk_rows` positions × V (within the byte budget), and the LM head module never sees a [B, T, H] batch
-    (only the four-token check of `_head_matches`) — no [batch, length, vocab] tensor exists."""
+    (only the four-token check of `head_matches`) — no [batch, length, vocab] tensor exists."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import train.logps as L
@@ -127,7 +127,7 @@ def test_full_vocabulary_blocks_are_bounded_whatever_the_vocabulary(tiny_lm):
     finally:
         L.head_logits = spy
         hook.remove()
-    assert [s for s in shapes if len(s) != 2] == [(1, 4, 32000)]  # the head check of `_head_matches`, once
+    assert [s for s in shapes if len(s) != 2] == [(1, 4, 32000)]  # the head check of `head_matches`, once
     shapes = [s for s in shapes if len(s) == 2]
     n_completion = sum(len(c) for _, c in SEQS)
     assert sum(s[0] for s in shapes) == 2 * n_completion  # every completion position once, under each model

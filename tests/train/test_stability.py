@@ -42,17 +42,17 @@ def test_subsample_masks_keep_k_responses_and_a_fraction_of_prompts():
     assert np.all(pts[2][2] <= pts[3][2])
 
 
-def _entry(plain, ratio):
+def entry(plain, ratio):
     return {"plain": plain, "bias": ratio * 0.1, "corrected": plain - ratio * 0.1, "bias_over_se": ratio}
 
 
 def test_verdict_names_the_worst_estimate_and_the_k_needed():
-    row = {"k": 16, "fraction": 1.0, "k_mean": 16.0, "lambda": {"a": _entry(1.0, 0.2), "b": _entry(0.0, 9.0)},
-           "gain": {"a": _entry(0.3, 0.1), "b": _entry(0.2, 0.1)}, "kl": _entry(0.5, 0.3),
-           "reward_gain": _entry(0.4, 0.1)}  # fmt: skip
+    row = {"k": 16, "fraction": 1.0, "k_mean": 16.0, "lambda": {"a": entry(1.0, 0.2), "b": entry(0.0, 9.0)},
+           "gain": {"a": entry(0.3, 0.1), "b": entry(0.2, 0.1)}, "kl": entry(0.5, 0.3),
+           "reward_gain": entry(0.4, 0.1)}  # fmt: skip
     ok, why = verdict([row], ["a", "b"])  # λ[b] = 0 is not active: its ratio does not count
     assert ok and "K is enough" in why
-    row["lambda"]["a"] = _entry(1.0, 2.0)
+    row["lambda"]["a"] = entry(1.0, 2.0)
     ok, why = verdict([row], ["a", "b"])
     assert not ok and "λ[a]" in why and f"K ≥ {int(np.ceil(16 * 2.0 / SMALL))}" in why
 

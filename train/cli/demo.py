@@ -40,7 +40,7 @@ def demo(
     if not synthetic:
         setup_jax()
         from can_jax.errors import CanError
-        from train.cli.evaluate import _print_evaluation
+        from train.cli.evaluate import print_evaluation
         from train.demo import DemoConfig, run_chain
 
         cfg = DemoConfig(seed=seed)
@@ -48,7 +48,7 @@ def demo(
             if pecan and (out / "evaluation" / "evaluation.json").exists():
                 typer.echo(f"reusing the finished MoCAN run in {out}")
             else:
-                _print_evaluation(run_chain(cfg, out, say=typer.echo))
+                print_evaluation(run_chain(cfg, out, say=typer.echo))
             if pecan:
                 from train.demo_pecan import run_pecan
 

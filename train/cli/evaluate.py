@@ -69,7 +69,7 @@ def evaluate_cmd(
     except CanError as err:
         fail(str(err))
     if is_main_process():
-        _print_evaluation(report)
+        print_evaluation(report)
         typer.echo(f"report written to {out / 'evaluation.md'}")
 
 
@@ -93,7 +93,7 @@ def policy_certificate(aligned: str, certificate: Path | None):
     return carried if carried is not None else given
 
 
-def _print_evaluation(report: dict):
+def print_evaluation(report: dict):
     from rich.table import Table
 
     table = Table(title=f"achieved vs predicted gains on {report['prompts']} held-out prompts (β = {report['beta']:g})")

@@ -148,7 +148,7 @@ def stability(
     import jax.numpy as jnp
     import numpy as np
 
-    from bridge.bias import _entry
+    from bridge.bias import entry
     from can_jax.bias import finite_k_bias_jit
     from can_jax.result import Status
     from can_jax.solve import solve_dual_jit
@@ -171,10 +171,10 @@ def stability(
         row["k_mean"] = float(mask.sum(axis=1)[real].mean()) if real.any() else 0.0
         if int(res.status) == Status.CONVERGED:
             rep = finite_k_bias_jit(res.x, sub, margins, beta)
-            row["lambda"] = {n: _entry(rep.lam, j) for j, n in enumerate(names)}
-            row["gain"] = {n: _entry(rep.utility_gain, j) for j, n in enumerate(names)}
-            row["reward_gain"] = _entry(rep.reward_gain)
-            row["kl"] = _entry(rep.kl)
+            row["lambda"] = {n: entry(rep.lam, j) for j, n in enumerate(names)}
+            row["gain"] = {n: entry(rep.utility_gain, j) for j, n in enumerate(names)}
+            row["reward_gain"] = entry(rep.reward_gain)
+            row["kl"] = entry(rep.kl)
         rows.append(row)
     solved = [r for r in rows if "lambda" in r]
     full = [r for r in solved if r["k"] == k_max and r["fraction"] == max(fracs)]

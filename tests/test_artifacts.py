@@ -1,0 +1,125 @@
+"""One owner for each artifact (issue 19), checked through the code's own syntax trees rather than a text search:
+no module but the owner reads or writes an artifact's metadata keys, no module subscripts another's record with an
+owner's keys, and no module imports a private name from another module.
+
+The owners: the scores table's collect record — bridge/scores_table.py; the dual certificate —
+bridge/certificate.py (bridge/dual.py builds its data block, bridge/bias.py its bias block); the preference set —
+bridge/preferences.py.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("can_jax", "bridge", "train", "benchmarks")
+
+# Metadata keys in files (bytes) and the keys of each artifact's JSON that only its owner may index.
+OWNERS = {
+    "bridge/scores_table.py": {
+        "bytes": {b"can.collect"},
+        "keys": {"logp_ref_exact", "scorer_specs", "not_retokenizing", "unfinished"},
+    },
+    "bridge/certificate.py": {
+        "bytes": set(),
+        "keys": {"constraints", "kkt_residual", "min_hessian_eig", "hessian_condition", "recession_slope",
+                 "function_evaluations", "kkt_tolerance", "ess_fraction", "reference_expectation",
+                 "standard_error_note", "parent_sha256"},  # fmt: skip
+    },
+    "bridge/preferences.py": {"bytes": {b"can", b"can.certificate"}, "keys": {"certificate_sha256"}},
+}
+# Modules that build one block of an owner's artifact and may name its keys while doing so.
+BUILDERS = {"bridge/dual.py": "bridge/certificate.py", "bridge/bias.py": "bridge/certificate.py"}
+
+
+def _modules():
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text(), filename=str(path))
+
+
+def _indexed_keys(tree):
+    """String keys used as x["key"], x.get("key"), or "key" in x, with their line numbers."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            yield node.slice.value, node.lineno
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop")
+              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):  # fmt: skip
+            yield node.args[0].value, node.lineno
+
+
+def test_artifact_metadata_keys_live_in_their_owner_module():
+    problems = []
+    for name, tree in _modules():
+        for owner, keys in OWNERS.items():
+            if name in (owner, *[b for b, o in BUILDERS.items() if o == owner]):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, bytes) and node.value in keys["bytes"]:
+                    problems.append(f"{name}:{node.lineno} writes or reads {node.value!r}, owned by {owner}")
+            for key, line in _indexed_keys(tree):
+                if key in keys["keys"]:
+                    problems.append(f"{name}:{line} indexes {key!r}, a key of {owner}'s artifact")
+    assert not problems, "\n".join(problems)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    problems = []
+    for name, tree in _modules():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                if private:
+                    problems.append(f"{name}:{node.lineno} imports {private} from {node.module}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checks_can_fail():
+    """The scanners see a violation when there is one (a test that cannot fail is no test)."""
+    tree = ast.parse('x = meta[b"can.collect"]\ny = cert["constraints"]\nz = rec.get("certificate_sha256")\n'
+                     "from bridge.dual import _number\n")  # fmt: skip
+    assert {k for k, _ in _indexed_keys(tree)} >= {"constraints", "certificate_sha256"}
+    assert any(isinstance(n, ast.Constant) and n.value == b"can.collect" for n in ast.walk(tree))
+    assert any(isinstance(n, ast.ImportFrom) and n.names[0].name == "_number" for n in ast.walk(tree))
+
+
+def test_can_train_and_label_import_no_jax_for_nothing():
+    """`can_jax` is lazy: importing it (or its errors, as the torch stages do) loads no JAX."""
+    import subprocess
+    import sys
+
+    code = "import sys, can_jax, can_jax.errors; assert 'jax' not in sys.modules, 'jax imported'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_cli_defaults_are_the_stage_configs_defaults():
+    """Each default lives once: every option of `can dual`, `can label` and `can collect` that is a field of the
+    stage's config dataclass has the config's default (typer's `None` for a repeatable option = an empty list)."""
+    import dataclasses
+
+    import typer
+
+    from bridge.dual import DualConfig
+    from train.cli import app
+    from train.collect import CollectConfig
+    from train.label import LabelConfig
+
+    commands = typer.main.get_command(app).commands
+    renamed = {"collect": {"scorer": "scorers"}}
+    checked = 0
+    for command, config in (("dual", DualConfig), ("label", LabelConfig), ("collect", CollectConfig)):
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        for param in commands[command].params:
+            name = renamed.get(command, {}).get(param.name, param.name)
+            f = fields.get(name)
+            if f is None or f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                continue
+            want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            got = param.default
+            if command == "collect" and name == "scorers":
+                continue  # the CLI has no default scorer; the config's is the demo's helpfulness
+            got = [] if got is None and want == [] else got
+            got = str(got) if isinstance(want, str) and got is not None else got
+            assert got == want, f"can {command} --{param.name}: CLI default {got!r}, {config.__name__} {want!r}"
+            checked += 1
+    assert checked >= 30
