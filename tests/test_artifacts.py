@@ -21,9 +21,19 @@ OWNERS = {
     },
     "bridge/certificate.py": {
         "bytes": set(),
-        "keys": {"constraints", "kkt_residual", "min_hessian_eig", "hessian_condition", "recession_slope",
-                 "function_evaluations", "kkt_tolerance", "ess_fraction", "reference_expectation",
-                 "standard_error_note", "parent_sha256"},  # fmt: skip
+        "keys": {
+            "constraints",
+            "kkt_residual",
+            "min_hessian_eig",
+            "hessian_condition",
+            "recession_slope",
+            "function_evaluations",
+            "kkt_tolerance",
+            "ess_fraction",
+            "reference_expectation",
+            "standard_error_note",
+            "parent_sha256",
+        },  # fmt: skip
     },
     "bridge/preferences.py": {"bytes": {b"can", b"can.certificate"}, "keys": {"certificate_sha256"}},
 }
@@ -38,13 +48,17 @@ def _modules():
 
 
 def _indexed_keys(tree):
-    """String keys used as x["key"], x.get("key"), or "key" in x, with their line numbers."""
+    """String keys used as x["key"] or x.get("key"), with their line numbers."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        if isinstance(node, ast.Subscript) and _text(node.slice):
             yield node.slice.value, node.lineno
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop")
-              and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):  # fmt: skip
-            yield node.args[0].value, node.lineno
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop"):
+            if node.args and _text(node.args[0]):
+                yield node.args[0].value, node.lineno
+
+
+def _text(node) -> bool:
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
 
 def test_artifact_metadata_keys_live_in_their_owner_module():
