@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bridge.certificate import read_certificate, write_certificate
+from bridge.certificate import Certificate
 from bridge.files import atomic_write_text
 from bridge.labels import pseudo_preferences
 from bridge.tables import ConstraintSpec, load_scores, read_table
@@ -38,11 +38,13 @@ def _write(rows, path):
 
 
 def _cert(path, drop=False):
-    from bridge.certificate import data_summary, solve_and_certify
+    from bridge.dual import data_summary, solve
 
     loaded = load_scores(path, "r", SPECS, drop_bad_rows=drop)
-    _, cert = solve_and_certify(loaded, 1.0, None, 100, True, data_summary(loaded, "r", "prompt_id"))
-    return cert
+    result, errs, notes, tol = solve(loaded, 1.0, None, 100, True)
+    return Certificate.build(result, loaded.names, loaded.kinds, loaded.margins, 1.0,
+                             data_summary(loaded, "r", "prompt_id"), standard_errors=errs, tol=tol,
+                             standard_error_notes=notes)  # fmt: skip
 
 
 # ---------------------------------------------------------------- one prompt id ↔ one prompt
@@ -64,7 +66,8 @@ def test_conversational_prompts_are_accepted_compared_structurally_and_kept(tmp_
     plain = _write(_rows(), tmp_path / "plain.parquet")
     loaded, ref = load_scores(path, "r", SPECS), load_scores(plain, "r", SPECS)
     np.testing.assert_array_equal(np.asarray(loaded.scores.reward), np.asarray(ref.scores.reward))
-    table, stats = pseudo_preferences(path, _cert(path), "soft", 2)
+    prefs, stats = pseudo_preferences(path, _cert(path), "soft", 2)
+    table = prefs.table
     first = table.column("prompt")[0].as_py()
     assert isinstance(first, list) and first[0]["role"] == "user"
     chosen = table.column("chosen")[0].as_py()
@@ -106,12 +109,12 @@ def test_bad_conversations_give_one_clear_line(tmp_path, prompt, why):
 )  # fmt: skip
 def test_label_validates_the_certificate(tmp_path, edit, match):
     path = _write(_rows(), tmp_path / "s.parquet")
-    cert = _cert(path)
+    cert = _cert(path).to_dict()
     edit(cert)
     cert_path = tmp_path / "cert.json"
     cert_path.write_text(json.dumps(cert))
     with pytest.raises(CanError, match=match):
-        pseudo_preferences(path, read_certificate(cert_path))
+        pseudo_preferences(path, Certificate.read(cert_path))
 
 
 def test_label_applies_the_dropped_rows_rule_of_the_certificate(tmp_path):
@@ -122,15 +125,18 @@ def test_label_applies_the_dropped_rows_rule_of_the_certificate(tmp_path):
     with pytest.raises(ScoresFormatError, match="drop-bad-rows"):
         load_scores(path, "r", SPECS)
     cert = _cert(path, drop=True)
-    assert cert["data"]["bad_rows"] == "dropped" and cert["data"]["dropped_rows"] == 2
-    table, _ = pseudo_preferences(path, cert, "soft", 3)
+    assert cert.data["bad_rows"] == "dropped" and cert.data["dropped_rows"] == 2
+    assert cert.drops_bad_rows
+    prefs, _ = pseudo_preferences(path, cert, "soft", 3)
+    table = prefs.table
     used = set(table.column("chosen").to_pylist()) | set(table.column("rejected").to_pylist())
     assert "a0-3" not in used and "a2-1" not in used
 
 
 def test_pairs_per_prompt_never_repeats_a_pair(tmp_path):
     path = _write(_rows(), tmp_path / "s.parquet")  # K = 4: 6 distinct pairs per prompt
-    table, stats = pseudo_preferences(path, _cert(path), "soft", pairs_per_prompt=8)
+    prefs, stats = pseudo_preferences(path, _cert(path), "soft", pairs_per_prompt=8)
+    table = prefs.table
     pairs = [(p, frozenset((c, r))) for p, c, r in zip(*(table.column(n).to_pylist()
                                                          for n in ("prompt_id", "chosen", "rejected")))]  # fmt: skip
     assert len(pairs) == len(set(pairs)) == 30 * 6
@@ -145,7 +151,7 @@ def test_lambda_from_the_certificate_matches_the_reference(tmp_path):
     for i in range(30):
         sub = [r for r in rows if r["prompt_id"] == i]
         groups.append((np.array([r["r"] for r in sub]), np.array([[r["safe"]] for r in sub])))
-    np.testing.assert_allclose(cert["lambda"]["safe"], ref_solve_lbfgsb(groups, np.array([0.1]), 1.0), atol=1e-6)
+    np.testing.assert_allclose(cert.lam["safe"], ref_solve_lbfgsb(groups, np.array([0.1]), 1.0), atol=1e-6)
 
 
 # ---------------------------------------------------------------- reading: directories, binary files, sniffing
@@ -186,6 +192,7 @@ def test_files_honour_the_umask(tmp_path):
 
 @pytest.mark.parametrize("where", ["dir", "file-parent"])
 def test_write_errors_are_one_line(tmp_path, where):
+    cert = _cert(_write(_rows(n=5), tmp_path / "s.parquet"))
     if where == "dir":
         target = tmp_path / "out"
         target.mkdir()
@@ -193,5 +200,5 @@ def test_write_errors_are_one_line(tmp_path, where):
         (tmp_path / "f").write_text("x")
         target = tmp_path / "f" / "cert.json"
     with pytest.raises(CanError, match="cannot write") as err:
-        write_certificate(target, {"a": 1})
+        cert.write(target)
     assert "\n" not in str(err.value)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from bridge.scores_table import write_scores_table
 from train.cli import app
 
 
@@ -20,7 +21,7 @@ def table_path(tmp_path_factory):
                   "c": 1.0 + h + 0.4 * rng.normal(size=n * k), "u": -h + rng.normal(size=n * k)})  # fmt: skip
     meta = {"scorers": {"c": {"spec": "org/cost-model", "template": "safe-rlhf"}, "r": {"spec": "builtin:x"}}}
     path = tmp_path_factory.mktemp("lim") / "scores.parquet"
-    pq.write_table(t.replace_schema_metadata({b"can.collect": json.dumps(meta).encode()}), path)
+    write_scores_table(path, t, meta)
     return path
 
 
@@ -69,7 +70,7 @@ def test_limit_errors_are_one_line(table_path, tmp_path):
 
 
 def test_version_1_certificates_are_read_as_version_2(table_path, tmp_path):
-    from bridge.certificate import read_certificate
+    from bridge.certificate import Certificate
 
     res, out = _dual(table_path, tmp_path, "--cost", "c=0.2")
     assert res.exit_code == 0, res.output
@@ -78,11 +79,11 @@ def test_version_1_certificates_are_read_as_version_2(table_path, tmp_path):
     for key in ("scorers", "limits", "round", "bias"):
         old.pop(key)
     out.write_text(json.dumps(old))
-    cert = read_certificate(out)
-    assert cert["scorers"] == {} and cert["limits"] == {} and cert["round"]["index"] == 0
+    cert = Certificate.read(out)
+    assert cert.scorers == {} and cert.limits == {} and cert.round["index"] == 0
     old["format_version"] = 3
     out.write_text(json.dumps(old))
     from can_jax.errors import CanError
 
     with pytest.raises(CanError, match="versions 1, 2"):
-        read_certificate(out)
+        Certificate.read(out)

@@ -65,13 +65,15 @@ def test_pku_pairs_relabelled_by_hand(cert_path, tmp_path, mode):
         assert g["rejected"] == (row["response_1"] if first else row["response_0"])
         assert g["p_chosen"] == pytest.approx(1 / (1 + np.exp(-abs(s0 - s1))), rel=1e-9)
         assert g["score_chosen"] == pytest.approx(max(s0, s1), rel=1e-12)
-    meta = json.loads(pq.read_schema(out).metadata[b"can"])
-    assert meta["beta"] == cert["beta"] and meta["mode"] == mode and meta["layout"] == "pku"
+    from bridge.preferences import PreferenceSet
+
+    meta, written = PreferenceSet.read_metadata(out)
+    assert written.beta == cert["beta"] and meta["mode"] == mode and meta["layout"] == "pku"
     # `can train` reads it as a can-labelled dataset (β and mode from the metadata).
     from train.dpo import load_preferences
 
-    data, m = load_preferences(out)
-    assert m["beta"] == cert["beta"] and len(data) == len(rows)
+    data, prefs = load_preferences(out)
+    assert prefs.beta == cert["beta"] and len(data) == len(rows)
 
 
 def test_trl_conversational_pairs_and_datasets_directory(cert_path, tmp_path):

@@ -6,7 +6,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from bridge.certificate import read_certificate, write_certificate
+from bridge.certificate import Certificate
 from bridge.files import atomic_write_text, sha256_file
 from bridge.tables import ConstraintSpec, load_scores, parse_constraint
 from can_jax.errors import CanError, DegenerateDataError, ScoresFormatError
@@ -110,12 +110,13 @@ def test_atomic_write_and_certificate_checks(tmp_path):
     atomic_write_text(p, "{}")
     assert p.read_text() == "{}" and not list(tmp_path.glob(".*tmp"))
     with pytest.raises(CanError, match="not a can dual certificate"):
-        read_certificate(p)
-    write_certificate(p, {"format": "can.dual-certificate", "format_version": 1, "converged": False, "message": "x"})
+        Certificate.read(p)
+    p.write_text(json.dumps({"format": "can.dual-certificate", "format_version": 1, "converged": False,
+                             "message": "x"}))  # fmt: skip
     with pytest.raises(CanError, match="did not converge"):
-        read_certificate(p)
+        Certificate.read(p)
     with pytest.raises(CanError, match="beta"):  # a skeleton is still not a certificate (issue #13)
-        read_certificate(p, require_converged=False)
+        Certificate.read(p, require_converged=False)
 
 
 def test_diagnostics_flag_unreliable_certificates():

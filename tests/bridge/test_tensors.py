@@ -22,5 +22,12 @@ def test_torch_to_jax_and_lambda_tensor():
     t = torch.linspace(0, 1, 5, dtype=torch.float32)
     x = to_jax(t)
     assert x.dtype == jnp.float32 and x.unsafe_buffer_pointer() == t.data_ptr()
-    cert = {"constraints": [{"name": "a", "lambda": 0.5}, {"name": "b", "lambda": 0.0}]}
+    from bridge.certificate import Certificate
+
+    constraints = [{"name": "a", "kind": "utility", "margin": 0.1, "lambda": 0.5},
+                   {"name": "b", "kind": "cost", "margin": 0.1, "lambda": 0.0}]  # fmt: skip
+    body = {"format": "can.dual-certificate", "format_version": 2, "converged": True, "status": "converged",
+            "beta": 1.0, "constraints": constraints, "lambda": {"a": 0.5, "b": 0.0},
+            "data": {"reward": "r", "prompt_id": "p"}}  # fmt: skip
+    cert = Certificate.from_dict(body)
     assert lambda_tensor(cert).tolist() == [0.5, 0.0]
