@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from can_jax.dual import block_sum, masked, pass_blocks, reference_utility
+from can_jax.dual import block_sum, centre_block, masked, pass_blocks, reference_utility
 from can_jax.result import Predicted
 from can_jax.scores import Scores
 
@@ -31,24 +31,25 @@ def reduced_eigs(hess: jnp.ndarray, free: jnp.ndarray) -> tuple[jnp.ndarray, jnp
     return lo, cond
 
 
-def _max_and_mean(block: Scores, u: jnp.ndarray):
+def _max_and_mean(block: Scores, u: jnp.ndarray, centre: bool = False):
     """Per-prompt max_k uᵀg_ik and E_ref[uᵀg | x_i] for each column of u [m, q]: both [B, q]."""
-    block = masked(block)
+    block = centre_block(block)[0] if centre else masked(block)
     proj = jnp.einsum("nkj,jq->nkq", block.utility, u)
     mask = block.mask[..., None]
     top = jnp.max(jnp.where(mask, proj, -jnp.inf), axis=1)
     return top, reference_utility(block) @ u
 
 
-def edge_gains(blocks: Scores, u: jnp.ndarray) -> jnp.ndarray:
+def edge_gains(blocks: Scores, u: jnp.ndarray, centre: bool = False) -> jnp.ndarray:
     """mean_i [max_k uᵀg_ik − mean_k uᵀg_ik] for each column of u [m, q]: [q].
 
     The largest improvement in the direction u that any policy supported on the samples can reach (it puts
-    all mass on the best sample of each prompt). With u = I this is each constraint's reach.
+    all mass on the best sample of each prompt). With u = I this is each constraint's reach. `centre` centres
+    each prompt's utilities first (the same gains, without the rounding of large per-prompt offsets).
     """
 
     def terms(block: Scores):
-        top, mean = _max_and_mean(block, u)
+        top, mean = _max_and_mean(block, u, centre)
         valid = block.mask.any(axis=1)
         wt = jnp.where(valid, block.weight, 0.0)
         gap = jnp.where(valid[:, None], top - mean, 0.0)
@@ -58,7 +59,7 @@ def edge_gains(blocks: Scores, u: jnp.ndarray) -> jnp.ndarray:
     return gain / tot
 
 
-def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray) -> jnp.ndarray:
+def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray, centre: bool = False) -> jnp.ndarray:
     """lim_{t→∞} D̂(t·u)/t along u = λ/|λ|₂: mean_i max_k uᵀg_ik − uᵀ(ḡ + b).
 
     Negative means D̂ → −∞ along u: a Farkas certificate that the margins are jointly out of reach, by −slope in
@@ -66,13 +67,14 @@ def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray) -> j
     """
     norm = jnp.linalg.norm(lam)
     u = jnp.where(norm > 0, lam / jnp.where(norm > 0, norm, 1.0), 0.0)
-    return edge_gains(blocks, u[:, None])[0] - u @ margins
+    return edge_gains(blocks, u[:, None], centre)[0] - u @ margins
 
 
-def predicted_outcome(lam: jnp.ndarray, blocks: Scores, beta) -> Predicted:
-    """Reward gain, utility gains, KL(π_λ‖π_ref) and effective sample fraction of π_λ on the samples."""
+def predicted_outcome(lam: jnp.ndarray, blocks: Scores, beta, centre: bool = False) -> Predicted:
+    """Reward gain, utility gains, KL(π_λ‖π_ref) and effective sample fraction of π_λ on the samples (`centre`:
+    each block centred inside the pass, see `dual.centre_block`)."""
     m = blocks.utility.shape[-1]
-    ev = pass_blocks(lam, blocks, jnp.zeros((m,), blocks.reward.dtype), beta, 1, predict=True)
+    ev = pass_blocks(lam, blocks, jnp.zeros((m,), blocks.reward.dtype), beta, 1, predict=True, centre=centre)
     return Predicted(ev.reward_gain, ev.grad, ev.kl, ev.ess)
 
 

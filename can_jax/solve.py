@@ -30,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.certify import predicted_outcome, recession_slope, reduced_eigs
-from can_jax.dual import DualEval, masked, pass_blocks, to_blocks
+from can_jax.dual import DualEval, Units, centre_pass, pass_blocks, pass_units, to_blocks
 from can_jax.errors import InvalidArgumentError
-from can_jax.numerics import masked_log_softmax
 from can_jax.result import DualResult, Status
 from can_jax.scores import Scores
 
@@ -83,35 +82,17 @@ def _direction(lam, ev: DualEval, eps, mu):
     return jnp.where(free, d_free, d_fixed)
 
 
-def _centre(scores: Scores, margins) -> tuple[Scores, _Scale]:
-    """Per-prompt centred scores (r − E_ref[r|x_i], g − E_ref[g|x_i] on the samples; padding zeroed) and the
-    data's units. D̂ changes by the constant r_shift only; λ*, ∇D̂, ∇²D̂, reach and predictions do not move."""
-    sc = masked(scores)
-    dtype = sc.reward.dtype
-    mask = sc.mask
-    valid = mask.any(axis=1)
-    if sc.log_prior is None:
-        p = mask / jnp.maximum(mask.sum(axis=1), 1).astype(dtype)[:, None]  # [N, K]
-    else:
-        _, p = masked_log_softmax(sc.log_prior, mask)
-    g_mean = jnp.einsum("nk,nkj->nj", p, sc.utility)  # [N, m]
-    r_mean = (p * sc.reward).sum(axis=1)  # [N]
-    g = jnp.where(mask[..., None], sc.utility - g_mean[:, None, :], 0.0)  # [N, K, m]
-    r = jnp.where(mask, sc.reward - r_mean[:, None], 0.0)
-    ref = None if sc.ref_utility is None else sc.ref_utility - g_mean
-    wt = jnp.where(valid, sc.weight, 0.0)
-    tot = jnp.sum(wt)
-    tot = jnp.where(tot > 0, tot, 1.0)
-    spread = jnp.sqrt(wt @ jnp.einsum("nk,nkj->nj", p, g**2) / tot)  # [m]
-    mag = wt @ jnp.max(jnp.abs(sc.utility), axis=1) / tot  # [m]
-    r_spread = jnp.sqrt(wt @ (p * r**2).sum(axis=1) / tot)
+def _scale(units: Units, margins) -> _Scale:
+    """The data's units from the sums a centring pass gathered (`dual.pass_units`)."""
+    tot = jnp.where(units.tot > 0, units.tot, 1.0)
+    spread = jnp.sqrt(units.spread2 / tot)  # [m]
+    r_spread = jnp.sqrt(units.r_spread2 / tot)
     # A utility constant within prompts has no spread; its ∇_j is −b_j whatever λ, so any positive unit serves:
     # take the problem's own (the largest spread, else |b_j|, else 1) so the residual stays scale-free.
     fallback = jnp.maximum(jnp.maximum(jnp.max(spread), r_spread), jnp.abs(margins))
     fallback = jnp.where(fallback > 0, fallback, 1.0)
     unit = jnp.where(spread > 0, spread, fallback)
-    centred = sc._replace(reward=r, utility=g, ref_utility=ref)
-    return centred, _Scale(unit, mag, wt @ r_mean / tot)
+    return _Scale(unit, units.mag / tot, units.r_shift / tot)
 
 
 def _scaled_kkt(lam, grad, scale: _Scale):
@@ -130,11 +111,12 @@ def _floor(lam, ev: DualEval, margins, scale: _Scale, tol):
     return jnp.maximum(tol, ROUNDING * eps * noise / scale.unit)
 
 
-def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, scale: _Scale) -> _State:
+def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, scale: _Scale, reach) -> _State:
+    """Projected Newton on centred blocked scores (`dual.centre_pass`), whose units and reach are given."""
     eps = jnp.finfo(lam0.dtype).eps
 
-    def evaluate(lam, reach=False):
-        return pass_blocks(lam, blocks, margins, beta, 2, reach=reach)
+    def evaluate(lam):
+        return pass_blocks(lam, blocks, margins, beta, 2)
 
     def converged(lam, ev):
         return jnp.all(_scaled_kkt(lam, ev.grad, scale) <= _floor(lam, ev, margins, scale, tol))
@@ -189,7 +171,7 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, scale: _Sca
         )
         return _State(lam_next, ev_next, mu / 8.0, nit, st.nfev + k + 1, status)
 
-    ev0 = evaluate(lam0, reach=True)  # the first pass also measures each constraint's reach
+    ev0 = evaluate(lam0)._replace(reach=reach)
     valid = jnp.isfinite(beta) & (beta > 0) & jnp.all(jnp.isfinite(margins))
     status0 = jnp.select(
         [~valid, ~jnp.isfinite(ev0.value), jnp.any(out_of_reach(margins, ev0.reach, scale)), converged(lam0, ev0)],
@@ -259,18 +241,19 @@ def solve_dual(
     beta = jnp.asarray(beta, dtype)
     tol = default_tol(dtype) if tol is None else tol
     lam0 = jnp.zeros((m,), dtype) if lam0 is None else jnp.maximum(jnp.asarray(lam0, dtype), 0.0)
-    centred, scale = _centre(scores, margins)
-    blocks = to_blocks(centred, block)
+    # One pass centres every prompt (a copy of the table), measures the data's units and each constraint's reach.
+    blocks, units, reach = centre_pass(to_blocks(scores, block), margins)
+    scale = _scale(units, margins)
 
     n_blocks = blocks.reward.shape[0]
     if warm_start and n_blocks >= WARM_MIN_BLOCKS:
         # Solve first on every WARM_STRIDE-th block of prompts (1/16 of the data, at 1/16 of the cost per pass):
         # its λ* is within sampling error of the full one, from where full-data Newton needs ~3 passes, not ~6.
         sub = jax.tree.map(lambda x: x[::WARM_STRIDE], blocks)
-        st_sub = _newton(sub, margins, beta, lam0, jnp.maximum(tol, 1e-6), max_iter, scale)
+        st_sub = _newton(sub, margins, beta, lam0, jnp.maximum(tol, 1e-6), max_iter, scale, reach)
         lam0 = jnp.where(st_sub.status == Status.CONVERGED, st_sub.lam, lam0)
     # Margins at or beyond their reach (up to rounding) are only approached as λ → ∞: `_newton` stops at once.
-    st = _newton(blocks, margins, beta, lam0, tol, max_iter, scale)
+    st = _newton(blocks, margins, beta, lam0, tol, max_iter, scale, reach)
     # Jointly infeasible margins drive λ → ∞ along a direction u where D̂ falls linearly; the loop may stop there
     # on any status (DIVERGED, MAX_ITER, PRECISION, even CONVERGED once |λ| is so large that the rounding of λ
     # hides the gradient). The recession slope along λ/|λ| settles it: D̂ bounded below (feasible) means a slope
@@ -318,7 +301,7 @@ def kkt_at(scores: Scores, margins, beta, lam, tol=None):
     m = scores.utility.shape[-1]
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     lam = jnp.asarray(lam, dtype)
-    centred, scale = _centre(scores, margins)
-    ev = pass_blocks(lam, to_blocks(centred), margins, jnp.asarray(beta, dtype), 2)
+    ev, units = pass_units(lam, to_blocks(scores), margins, jnp.asarray(beta, dtype), 2, centre=True, units=True)
+    scale = _scale(units, margins)
     tol = default_tol(dtype) if tol is None else tol
     return jnp.max(_scaled_kkt(lam, ev.grad, scale)), _floor(lam, ev, margins, scale, tol)
