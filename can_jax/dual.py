@@ -121,15 +121,52 @@ def prompt_terms(lam: jnp.ndarray, scores: Scores, margins: jnp.ndarray, beta, o
     return PromptTerms(ell, grad, w, mu, valid, lse, k_safe, g_ref, log_norm, r_ref)
 
 
+def sharded(blocks: Scores) -> bool:
+    """Whether blocked scores carry a leading device axis ([D, C/D, B, K, ...], see `can_jax.shard`)."""
+    return blocks.reward.ndim == 4
+
+
+def one_block(blocks: Scores) -> Scores:
+    """The first block (for shapes)."""
+    return jax.tree.map(lambda x: x[0, 0] if sharded(blocks) else x[0], blocks)
+
+
+def scan_blocks(step, init, blocks: Scores, combine=None):
+    """`lax.scan(step, init, blocks)` over the block axis; over D devices each scans its own blocks (a vmap over the
+    device axis, which the partitioner splits) and the D carries are merged by `combine(a, b)` (default: added).
+    Returns (carry, stacked ys)."""
+    if not sharded(blocks):
+        return jax.lax.scan(step, init, blocks)
+    carries, ys = jax.vmap(lambda b: jax.lax.scan(step, init, b))(blocks)
+    combine = (lambda a, b: jax.tree.map(jnp.add, a, b)) if combine is None else combine
+    carry = jax.tree.map(lambda x: x[0], carries)
+    for d in range(1, blocks.reward.shape[0]):
+        carry = combine(carry, jax.tree.map(lambda x, d=d: x[d], carries))
+    return carry, ys
+
+
 def block_sum(fn, blocks: Scores):
-    """Σ_c fn(blocks[c]) for a function returning a PyTree of arrays, scanning over the leading block axis."""
-    first = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], blocks))
+    """Σ_c fn(blocks[c]) for a function returning a PyTree of arrays, scanning over the block axis (and summing
+    over devices when the blocks are sharded)."""
+    first = jax.eval_shape(fn, one_block(blocks))
     init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
 
     def step(carry, block):
         return jax.tree.map(jnp.add, carry, fn(block)), None
 
-    return jax.lax.scan(step, init, blocks)[0]
+    return scan_blocks(step, init, blocks)[0]
+
+
+def every(blocks: Scores, stride: int) -> Scores:
+    """Every `stride`-th block (per device when sharded): a 1/stride subsample of the prompts."""
+    if sharded(blocks):
+        return jax.tree.map(lambda x: x[:, ::stride], blocks)
+    return jax.tree.map(lambda x: x[::stride], blocks)
+
+
+def n_blocks(blocks: Scores) -> int:
+    """The number of blocks, over all devices."""
+    return blocks.reward.shape[0] * (blocks.reward.shape[1] if sharded(blocks) else 1)
 
 
 class Units(NamedTuple):
@@ -260,14 +297,21 @@ def pass_blocks(
     return pass_units(lam, blocks, margins, beta, order, predict, reach, centre)[0]
 
 
-def centre_pass(blocks: Scores, margins) -> tuple[Scores, Units, jnp.ndarray]:
+def cast(scores: Scores, dtype) -> Scores:
+    """Scores with every floating array in `dtype` (the mask stays bool)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, scores)
+
+
+def centre_pass(blocks: Scores, margins, dtype=None) -> tuple[Scores, Units, jnp.ndarray]:
     """One scan over [C, B, ...] blocks: the centred blocks (`centre_block`), the data's `Units` and each
     constraint's reach [m], together — the solver's set-up in a single read of the table and a single write of its
-    centred copy (the passes that follow read the copy, with no centring of their own)."""
+    centred copy (the passes that follow read the copy, with no centring of their own). `dtype`: the precision the
+    copy is made in (float32 scores upcast block by block; default: the scores' own)."""
     m = blocks.utility.shape[-1]
+    dtype = blocks.reward.dtype if dtype is None else dtype
 
     def one(block: Scores):
-        raw = masked(block)
+        raw = masked(cast(block, dtype))
         sc, p, r_mean = centre_block(raw)
         valid = sc.mask.any(axis=1)
         wt = jnp.where(valid, sc.weight, 0.0)
@@ -278,14 +322,14 @@ def centre_pass(blocks: Scores, margins) -> tuple[Scores, Units, jnp.ndarray]:
         reach = wt @ jnp.where(valid[:, None], top - reference_utility(sc), 0.0)
         return sc, (units, reach)
 
-    first = jax.eval_shape(one, jax.tree.map(lambda x: x[0], blocks))[1]
+    first = jax.eval_shape(one, one_block(blocks))[1]
     init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
 
     def step(carry, block):
         sc, sums = one(block)
         return jax.tree.map(jnp.add, carry, sums), sc
 
-    (units, reach), centred = jax.lax.scan(step, init, blocks)
+    (units, reach), centred = scan_blocks(step, init, blocks)
     tot = jnp.where(units.tot > 0, units.tot, 1.0)
     return centred, units, reach / tot
 
@@ -308,17 +352,24 @@ def auto_block(n: int, k: int, m: int, backend: str | None = None) -> int:
     return target
 
 
-def to_blocks(scores: Scores, block: int | None | str = "auto") -> Scores:
+def to_blocks(scores: Scores, block: int | None | str = "auto", devices: int = 1) -> Scores:
     """Reshapes N prompts into [C, B, ...] blocks, padding N with zero-weight prompts.
 
     block: prompts per block; "auto" picks ~3 MB blocks on CPU and one big block on GPU; None is one block.
+    devices: over D > 1 devices the blocks are [D, C/D, B, ...], laid out with the device axis sharded
+    (`can_jax.shard`); N is padded to a multiple of D·B.
     """
     n, k, m = scores.utility.shape
+    per = -(-n // devices)
     if block == "auto":
-        block = auto_block(n, k, m)
-    b = n if block is None else min(int(block), n)
-    padded = pad_prompts(scores, b)
-    return jax.tree.map(lambda x: x.reshape((-1, b) + x.shape[1:]), padded)
+        block = auto_block(per, k, m)
+    b = per if block is None else min(int(block), per)
+    padded = pad_prompts(scores, b * devices)
+    if devices <= 1:
+        return jax.tree.map(lambda x: x.reshape((-1, b) + x.shape[1:]), padded)
+    from can_jax.shard import place
+
+    return place(jax.tree.map(lambda x: x.reshape((devices, -1, b) + x.shape[1:]), padded), devices)
 
 
 def dual_pass(lam, scores: Scores, margins, beta, order: int = 2, block: int | None | str = "auto") -> DualEval:

@@ -136,3 +136,73 @@ def pad_prompts(scores: Scores, block: int) -> Scores:
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
 
     return jax.tree.map(pad, scores)
+
+
+def from_grouped(
+    prompt_index, reward, utility, max_responses: int | None = None, ref_utility=None, counts=None
+) -> Scores:
+    """The padded `Scores` of a long table whose columns are already NumPy arrays (the bridge's fast loader).
+
+    Args:
+      prompt_index: [R] integer prompt ids 0..N-1 (e.g. a dictionary encoding's indices).
+      reward: [R] float32 or float64.  utility: [R, m] (or [R]) of the same kind; a [R, m] array in either memory
+        order, or a tuple of m column arrays [R] (no [R, m] stack is made then).
+      max_responses: K; defaults to the largest group size.
+      ref_utility: optional [N, m] E_ref[g | x_i].  counts: optional [N] rows per prompt (np.bincount of the index).
+    Returns:
+      `Scores` in the columns' own floating dtype: float32 stays float32 (half the memory) and the solver upcasts
+      block by block where it computes in float64 (`solve_dual(..., dtype=jnp.float64)`). Rows keep their order
+      within each prompt. No per-row Python: a reshape when rows are grouped by prompt with equal K_i (each array is
+      copied once, into the padded layout), else one stable argsort and a scatter.
+    """
+    prompt_index = np.asarray(prompt_index)
+    reward = np.asarray(reward)
+    if isinstance(utility, (tuple, list)):
+        columns = [np.asarray(c) for c in utility]
+    else:
+        utility = np.asarray(utility)
+        columns = [utility] if utility.ndim == 1 else [utility[:, j] for j in range(utility.shape[1])]
+    dtype = np.result_type(reward.dtype, *[c.dtype for c in columns], np.float32)
+    rows = prompt_index.shape[0]
+    if reward.shape != (rows,) or any(c.shape != (rows,) for c in columns):
+        raise ScoresFormatError(
+            f"expected {rows} rewards and utilities, got {reward.shape} and {[c.shape for c in columns]}"
+        )
+    if rows == 0:
+        raise ScoresFormatError("the scores table has no rows")
+    if counts is None:
+        counts = np.bincount(prompt_index)
+    n = counts.shape[0]
+    k = int(counts.max()) if max_responses is None else int(max_responses)
+    if counts.max() > k:
+        raise ScoresFormatError(f"a prompt has {counts.max()} responses, more than K={k}")
+    m = len(columns)
+    grouped = bool(np.all(prompt_index[1:] >= prompt_index[:-1]))
+    g_pad = np.empty((n, k, m), dtype)
+    if grouped and np.all(counts == k):
+        r_pad = reward.astype(dtype, copy=False).reshape(n, k)
+        for j, c in enumerate(columns):
+            g_pad[..., j] = c.reshape(n, k)
+        mask = np.ones((n, k), bool)
+    else:
+        order = None if grouped else np.argsort(prompt_index, kind="stable")
+        idx = prompt_index if order is None else prompt_index[order]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        flat = idx * k + (np.arange(rows) - starts[idx])  # [R] position in the padded [N·K]
+        r_pad = np.zeros(n * k, dtype)
+        r_pad[flat] = reward if order is None else reward[order]
+        g_flat = g_pad.reshape(n * k, m)
+        g_flat[:] = 0.0
+        for j, c in enumerate(columns):
+            g_flat[flat, j] = c if order is None else c[order]
+        mask = np.zeros(n * k, bool)
+        mask[flat] = True
+        r_pad, mask = r_pad.reshape(n, k), mask.reshape(n, k)
+    ref = None if ref_utility is None else jnp.asarray(np.asarray(ref_utility, dtype))
+    return Scores(
+        reward=jnp.asarray(r_pad),
+        utility=jnp.asarray(g_pad),
+        mask=jnp.asarray(mask),
+        weight=jnp.asarray((counts > 0).astype(dtype)),
+        ref_utility=ref,
+    )

@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.certify import predicted_outcome, recession_slope, reduced_eigs
-from can_jax.dual import DualEval, Units, centre_pass, pass_blocks, pass_units, to_blocks
+from can_jax.dual import DualEval, Units, centre_pass, every, n_blocks, pass_blocks, pass_units, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.result import DualResult, Status
 from can_jax.scores import Scores
+from can_jax.shard import device_count
 
 ARMIJO = 1e-4
 MAX_TRIES = 80  # damping increases per iteration (4^80: any step is short enough by then)
@@ -217,6 +218,8 @@ def solve_dual(
     max_iter: int = 100,
     block: int | None | str = "auto",
     warm_start: bool = True,
+    dtype=None,
+    devices: int | None = 1,
 ) -> DualResult:
     """Solves min_{λ≥0} D̂(λ) by projected Newton and certifies the answer.
 
@@ -230,26 +233,29 @@ def solve_dual(
       max_iter: Newton iteration limit (static).
       block: prompts per scan block (static), see `dual_pass`.
       warm_start: on large data (≥ 64 blocks), start from the solution on 1/16 of the prompts (static).
+      dtype: the precision to solve in (static); default the scores' own. float32 scores (half the memory, as
+        `scores.from_grouped` keeps them) solve in float64 with dtype=jnp.float64, upcast block by block.
+      devices: shard the prompts over this many local JAX devices (static; None: all of them). See
+        `can_jax.shard`; the result's `devices` says how many were used.
     Returns:
       `DualResult`. Infeasible margins give status INFEASIBLE (never a silently huge λ). Concrete bad arguments
       (β ≤ 0 or not finite, NaN margins) raise `InvalidArgumentError`; traced ones (under jit/vmap) give INVALID.
     """
     _check_arguments(margins, beta, tol, max_iter)
-    dtype = scores.reward.dtype
+    dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
     m = scores.utility.shape[-1]
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     beta = jnp.asarray(beta, dtype)
     tol = default_tol(dtype) if tol is None else tol
     lam0 = jnp.zeros((m,), dtype) if lam0 is None else jnp.maximum(jnp.asarray(lam0, dtype), 0.0)
     # One pass centres every prompt (a copy of the table), measures the data's units and each constraint's reach.
-    blocks, units, reach = centre_pass(to_blocks(scores, block), margins)
+    blocks, units, reach = centre_pass(to_blocks(scores, block, device_count(devices)), margins, dtype)
     scale = _scale(units, margins)
 
-    n_blocks = blocks.reward.shape[0]
-    if warm_start and n_blocks >= WARM_MIN_BLOCKS:
+    if warm_start and n_blocks(blocks) >= WARM_MIN_BLOCKS:
         # Solve first on every WARM_STRIDE-th block of prompts (1/16 of the data, at 1/16 of the cost per pass):
         # its λ* is within sampling error of the full one, from where full-data Newton needs ~3 passes, not ~6.
-        sub = jax.tree.map(lambda x: x[::WARM_STRIDE], blocks)
+        sub = every(blocks, WARM_STRIDE)
         st_sub = _newton(sub, margins, beta, lam0, jnp.maximum(tol, 1e-6), max_iter, scale, reach)
         lam0 = jnp.where(st_sub.status == Status.CONVERGED, st_sub.lam, lam0)
     # Margins at or beyond their reach (up to rounding) are only approached as λ → ∞: `_newton` stops at once.
@@ -290,7 +296,7 @@ def solve_dual(
     )
 
 
-solve_dual_jit = jax.jit(solve_dual, static_argnames=("max_iter", "block", "warm_start"))
+solve_dual_jit = jax.jit(solve_dual, static_argnames=("max_iter", "block", "warm_start", "dtype", "devices"))
 
 
 @jax.jit
