@@ -43,3 +43,28 @@ def margin_grid(base: jnp.ndarray, index: int, values: jnp.ndarray) -> jnp.ndarr
 
 
 sweep_jit = jax.jit(sweep, static_argnames=("max_iter", "block"))
+
+
+def solve_many(scores: Scores, margins, beta, tol=None, max_iter: int = 100, block=None) -> DualResult:
+    """Solves P independent problems at once (issue 22: many small solves, vmapped into one compiled call).
+
+    Args:
+      scores: a `Scores` whose every array has a leading problem axis P ([P, N, K], [P, N, K, m], ...; build it by
+        stacking same-shaped problems, padding ragged ones with masked responses and zero-weight prompts).
+      margins: [P, m] or [m].  beta: scalar or [P].
+      block: prompts per block (static); None (default) keeps each small problem in one block.
+    Returns:
+      A `DualResult` whose every field has a leading axis P.
+    """
+    p, m = scores.reward.shape[0], scores.utility.shape[-1]
+    dtype = scores.reward.dtype
+    margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (p, m))
+    betas = jnp.broadcast_to(jnp.asarray(beta, dtype), (p,))
+
+    def one(sc, b, bt):
+        return solve_dual(sc, b, bt, tol=tol, max_iter=max_iter, block=block, warm_start=False)
+
+    return jax.vmap(one)(scores, margins, betas)
+
+
+solve_many_jit = jax.jit(solve_many, static_argnames=("max_iter", "block"))
