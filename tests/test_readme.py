@@ -77,7 +77,10 @@ def test_readme_safe_rlhf_chain_runs_as_written(tmp_path, monkeypatch):
     assert cert["scorers"]["cost"]["spec"] == env["COST"] and cert["scorers"]["cost"]["sign"] == -1
     from datasets import load_from_disk
 
+    from bridge.preferences import PreferenceSet
+
     prefs = load_from_disk(str(work / "prefs"))
-    assert len(prefs) == len(pairs) and json.loads(prefs.info.description)["can"]["beta"] == 0.1
+    record, written = PreferenceSet.read_metadata(work / "prefs")
+    assert len(prefs) == len(pairs) and json.loads(prefs.info.description)["can"] == record and written.beta == 0.1
     assert (work / "run" / "policy" / "README.md").exists()
     assert os.path.exists(work / "can-eval" / "evaluation.json")

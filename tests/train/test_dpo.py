@@ -21,6 +21,35 @@ def ref_lm(other_lm):
     return other_lm[0]  # a different reference, so that Δ ≠ 0
 
 
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    """A real certificate at β = 0.5 with one constraint `a` (`can dual` on a small synthetic table)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bridge.dual import DualConfig, run
+
+    rng = np.random.default_rng(0)
+    n, k = 40, 4
+    h = rng.normal(size=n * k)
+    scores = tmp_path_factory.mktemp("dpo-cert") / "scores.parquet"
+    pq.write_table(pa.table({"prompt_id": np.repeat(np.arange(n), k), "r": 2 * h + rng.normal(size=n * k),
+                             "a": -h + rng.normal(size=n * k)}), scores)  # fmt: skip
+    cert = run(DualConfig(str(scores), "r", 0.5, constraint=["a=0.1"]))
+    assert cert.converged and cert.beta == 0.5 and cert.names == ["a"]
+    return cert
+
+
+def _write_prefs(path, data, mode, cert):
+    """A can-labelled preference set of hand-made pairs under a real certificate."""
+    import pyarrow as pa
+
+    from bridge.preferences import PreferenceSet
+
+    PreferenceSet(pa.table(data), {"mode": mode, "pairs_per_prompt": 1, "seed": 0}, cert).write(path)
+
+
 def _hand_loss(policy, ref, tok, soft):
     from train.logps import sequence_logps
 
@@ -53,18 +82,14 @@ def test_trainer_loss_equals_hand_computation(tiny_lm, ref_lm, tmp_path, soft):
     assert loss == pytest.approx(_hand_loss(model, ref_lm, tok, soft), abs=1e-4)
 
 
-def test_can_train_cli_runs_checkpoints_and_refuses_beta_mismatch(tiny_lm, tmp_path):
-    import pyarrow as pa
+def test_can_train_cli_runs_checkpoints_and_refuses_beta_mismatch(tiny_lm, cert, tmp_path):
     from typer.testing import CliRunner
 
-    from bridge.labels import META_KEY, write_preferences
     from train.cli import app
 
     _, _, path = tiny_lm
-    meta = b'{"beta": 0.5, "lambda": {"a": 1.0}, "mode": "soft", "pairs_per_prompt": 1, "seed": 0}'
-    table = pa.table({k: v * 2 for k, v in DATA.items()}).replace_schema_metadata({META_KEY: meta})
     prefs = tmp_path / "prefs.parquet"
-    write_preferences(prefs, table)
+    _write_prefs(prefs, {k: v * 2 for k, v in DATA.items()}, "soft", cert)
     runner = CliRunner()
     res = runner.invoke(app, ["train", str(prefs), "--policy", str(path), "--out", str(tmp_path / "run"),
                               "--batch-size", "2", "--max-length", "48", "--epochs", "2", "--lr", "1e-3"])  # fmt: skip
@@ -77,17 +102,13 @@ def test_can_train_cli_runs_checkpoints_and_refuses_beta_mismatch(tiny_lm, tmp_p
     assert notlm.exit_code == 1 and "not a model directory" in notlm.stderr
 
 
-def test_lora_training_saves_a_standalone_merged_policy(tiny_lm, tmp_path):
-    import pyarrow as pa
+def test_lora_training_saves_a_standalone_merged_policy(tiny_lm, cert, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from bridge.labels import META_KEY, write_preferences
     from train.dpo import train
 
     model, _, path = tiny_lm
-    meta = b'{"beta": 0.5, "lambda": {"a": 1.0}, "mode": "bt", "pairs_per_prompt": 1, "seed": 0}'
-    table = pa.table({k: v * 2 for k, v in DATA.items() if k != "p_chosen"}).replace_schema_metadata({META_KEY: meta})
-    write_preferences(tmp_path / "prefs.parquet", table)
+    _write_prefs(tmp_path / "prefs.parquet", {k: v * 2 for k, v in DATA.items() if k != "p_chosen"}, "bt", cert)
     final = train(tmp_path / "prefs.parquet", str(path), tmp_path / "run", epochs=1, lr=1e-2, batch_size=2,
                   max_length=48, lora=True)  # fmt: skip
     merged = AutoModelForCausalLM.from_pretrained(final)  # no adapter files needed
@@ -95,21 +116,17 @@ def test_lora_training_saves_a_standalone_merged_policy(tiny_lm, tmp_path):
     assert changed and (final / "config.json").exists()
 
 
-def test_resume_continues_from_the_last_checkpoint_and_top_layer_training(tiny_lm, tmp_path):
+def test_resume_continues_from_the_last_checkpoint_and_top_layer_training(tiny_lm, cert, tmp_path):
     """An interrupted run (here: stopped after 2 epochs) resumed with more epochs continues from its checkpoint
     instead of starting over; and --train-top leaves the lower blocks and the embeddings untouched."""
     import json
 
-    import pyarrow as pa
     from transformers import AutoModelForCausalLM
 
-    from bridge.labels import META_KEY, write_preferences
     from train.dpo import train
 
     model, _, path = tiny_lm
-    meta = b'{"beta": 0.5, "lambda": {"a": 1.0}, "mode": "soft", "pairs_per_prompt": 1, "seed": 0}'
-    write_preferences(tmp_path / "p.parquet", pa.table({k: v * 2 for k, v in DATA.items()}).replace_schema_metadata(
-        {META_KEY: meta}))  # fmt: skip
+    _write_prefs(tmp_path / "p.parquet", {k: v * 2 for k, v in DATA.items()}, "soft", cert)
     kw = dict(lr=1e-3, batch_size=2, max_length=48, save_steps=3, train_top=1)
     train(tmp_path / "p.parquet", str(path), tmp_path / "run", epochs=2, **kw)  # 6 pairs / 2 = 3 steps per epoch
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -36,7 +36,7 @@ def prefs(tiny_lm, tmp_path_factory):
 def _trainer(path, tok, data, meta, tmp_path, name, **kw):
     from train.dpo import CanDPOTrainer, SoftPreferenceCollator, make_config
 
-    args = make_config(tmp_path / name, meta["beta"], "fp32", per_device_train_batch_size=4, **kw)
+    args = make_config(tmp_path / name, meta.beta, "fp32", per_device_train_batch_size=4, **kw)
     return CanDPOTrainer(model=str(path), ref_model=None, args=args, train_dataset=data, processing_class=tok,
                          data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id,
                                                               max_length=args.max_length))  # fmt: skip
@@ -55,7 +55,7 @@ def test_stored_reference_log_probs_replace_trls_pass(prefs, tiny_lm, tmp_path, 
     _, tok, path = tiny_lm
     pairs = pq.read_table(prefs[0])
     assert set(STORED_REFS) <= set(pairs.column_names)
-    data, meta = load_preferences(prefs[0])
+    data, meta = load_preferences(prefs[0])  # meta: the PreferenceSet
     assert len(data) > 4  # more than one batch: TRL's pass would take several forwards
     calls = []
     real = DPOTrainer.compute_ref_log_probs
@@ -85,7 +85,7 @@ def test_pairs_cut_by_max_length_get_trls_pass(prefs, tiny_lm, tmp_path, monkeyp
     from train.dpo import IDS, load_preferences
 
     _, tok, path = tiny_lm
-    data, meta = load_preferences(prefs[0])
+    data, meta = load_preferences(prefs[0])  # meta: the PreferenceSet
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(*(data[c] for c in IDS), strict=True))
     shortest_prompt = min(len(p) for p in data["prompt_ids"])
     assert longest - 1 > shortest_prompt
@@ -143,7 +143,7 @@ def test_the_fused_head_scores_only_completion_positions(prefs, tiny_lm, tmp_pat
     assert torch.allclose(compact, plain, atol=1e-6)
     assert torch.allclose(compact[mask].double(), direct[mask], atol=1e-5)
 
-    data, meta = load_preferences(prefs[0])
+    data, meta = load_preferences(prefs[0])  # meta: the PreferenceSet
     trainer = _trainer(path, tok, data, meta, tmp_path, "compact", max_steps=1)
     rows.clear()
     trainer.train()
@@ -181,7 +181,7 @@ def test_a_failing_check_falls_back_to_trls_pass(prefs, tiny_lm, tmp_path, monke
     from train.dpo import CanDPOTrainer, load_preferences
 
     _, tok, path = tiny_lm
-    data, meta = load_preferences(prefs[0])
+    data, meta = load_preferences(prefs[0])  # meta: the PreferenceSet
 
     def boom(*a, **k):
         raise RuntimeError("out of memory")

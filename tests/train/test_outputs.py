@@ -17,6 +17,7 @@ def test_datasets_directory_plain_trl_and_model_card(tiny_lm, tmp_path):
     from trl import DPOConfig, DPOTrainer
     from typer.testing import CliRunner
 
+    from bridge.preferences import PreferenceSet
     from train.cli import app
 
     _, tok, path = tiny_lm
@@ -38,12 +39,14 @@ def test_datasets_directory_plain_trl_and_model_card(tiny_lm, tmp_path):
     assert res.exit_code == 0, res.output
     ds = load_from_disk(str(tmp_path / "prefs"))
     meta = json.loads(ds.info.description)["can"]
-    assert meta["beta"] == 0.5 and meta["mode"] == "soft" and meta["lambda"] == cert["lambda"]
+    record, written = PreferenceSet.read_metadata(tmp_path / "prefs")
+    assert record == meta
+    assert written.beta == 0.5 and meta["mode"] == "soft" and written.lam == cert["lambda"]
     assert json.loads((tmp_path / "prefs" / "certificate.json").read_text()) == cert
-    assert len(meta["certificate_sha256"]) == 64
+    assert len(meta["certificate_sha256"]) == 64 and meta["certificate_sha256"] == written.sha256
     # A plain TRL script takes the directory as it is.
     cfg = DPOConfig(output_dir=str(tmp_path / "plain"), use_cpu=True, bf16=False, per_device_train_batch_size=4,
-                    max_length=64, report_to=[], beta=meta["beta"], max_steps=1, save_strategy="no")  # fmt: skip
+                    max_length=64, report_to=[], beta=written.beta, max_steps=1, save_strategy="no")  # fmt: skip
     trainer = DPOTrainer(model=str(path), args=cfg, train_dataset=ds, processing_class=tok)
     assert trainer.train().global_step == 1
     # `can train` on the directory: β from its metadata; the policy folder has a model card and the certificate.

@@ -128,8 +128,9 @@ def test_collect_with_aligned_models_and_dual_pecan(tiny_lm, other_lm, tmp_path)
     np.testing.assert_allclose(t["help"], 0.5 * (t["logp_help"] - t["logp_ref"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(t["safe"], 0.25 * (t["logp_safe"] - t["logp_ref"]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(t["ref_safe"], -0.25 * t["kl_safe"], rtol=1e-6)
-    meta = json.loads(pq.read_schema(out).metadata[b"can.collect"])
-    assert meta["pecan"]["safe"]["beta"] == 0.25
+    from bridge.scores_table import collect_record
+
+    assert collect_record(out).pecan["safe"]["beta"] == 0.25
 
     runner = CliRunner()
     cert_path = tmp_path / "cert.json"

@@ -125,13 +125,14 @@ def test_non_retokenizing_samples_are_detected_counted_and_trained_on_their_ids(
     """Qwen2.5's template appends "\\n" after <|im_end|>, and truncated samples get an EOS appended by TRL's text
     rule: the text pair would not re-tokenise to the sampled ids. Such samples are counted and flagged; the rule is
     that they keep and train on their sampled ids."""
+    from bridge.scores_table import collect_record
     from train.tokens import text_pair_ids
 
     path, _, tok = zoo_dirs["qwen2_5"]
     out = _collect(path, tmp_path, TEXT_PROMPTS, max_new_tokens=4)
     table = pq.read_table(out)
     rows = table.to_pylist()
-    meta = json.loads(pq.read_schema(out).metadata[b"can.collect"])
+    meta = collect_record(out).meta
     flags = [text_pair_ids(tok, r["prompt"], [{"role": "assistant", "content": r["response"]}])
              == (r["prompt_ids"], r["response_ids"]) for r in rows]  # fmt: skip
     assert [r["retokenizes"] for r in rows] == flags
@@ -239,7 +240,7 @@ def test_identity_holds_through_label_and_train_on_llama3(zoo_dirs, tmp_path):
 
     data, meta = load_preferences(prefs)
     data = data.remove_columns(["logp_ref_chosen", "logp_ref_rejected"])  # TRL's own reference pass, then
-    args = make_config(tmp_path / "run", meta["beta"], "fp32", max_length=512, per_device_train_batch_size=4)
+    args = make_config(tmp_path / "run", meta.beta, "fp32", max_length=512, per_device_train_batch_size=4)
     trainer = CanDPOTrainer(model=str(path), ref_model=None, args=args, train_dataset=data, processing_class=tok,
                             data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id))  # fmt: skip
     ds = trainer.train_dataset
