@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from can_jax.dual import block_sum, centre_block, masked, pass_blocks, reference_utility
+from can_jax.dual import block_sum, masked, pass_units, reference_utility, shift_block
 from can_jax.result import Predicted
 from can_jax.scores import Scores
 
@@ -33,7 +33,7 @@ def reduced_eigs(hess: jnp.ndarray, free: jnp.ndarray) -> tuple[jnp.ndarray, jnp
 
 def _max_and_mean(block: Scores, u: jnp.ndarray, centre: bool = False):
     """Per-prompt max_k uᵀg_ik and E_ref[uᵀg | x_i] for each column of u [m, q]: both [B, q]."""
-    block = centre_block(block)[0] if centre else masked(block)
+    block = shift_block(block)[0] if centre else masked(block)
     proj = jnp.einsum("nkj,jq->nkq", block.utility, u)
     mask = block.mask[..., None]
     top = jnp.max(jnp.where(mask, proj, -jnp.inf), axis=1)
@@ -72,9 +72,10 @@ def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray, cent
 
 def predicted_outcome(lam: jnp.ndarray, blocks: Scores, beta, centre: bool = False) -> Predicted:
     """Reward gain, utility gains, KL(π_λ‖π_ref) and effective sample fraction of π_λ on the samples (`centre`:
-    each block centred inside the pass, see `dual.centre_block`)."""
-    m = blocks.utility.shape[-1]
-    ev = pass_blocks(lam, blocks, jnp.zeros((m,), blocks.reward.dtype), beta, 1, predict=True, centre=centre)
+    each prompt shifted inside the pass, see `dual.shift_block`; blocks are cast to λ's precision)."""
+    m = lam.shape[-1]
+    zeros = jnp.zeros((m,), lam.dtype)
+    ev = pass_units(lam, blocks, zeros, beta, 1, predict=True, centre=centre, dtype=lam.dtype)[0]
     return Predicted(ev.reward_gain, ev.grad, ev.kl, ev.ess)
 
 

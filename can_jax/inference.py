@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from can_jax.dual import block_sum, prompt_terms, to_blocks
+from can_jax.dual import block_sum, cast, prompt_terms, to_blocks
 from can_jax.result import Status
 from can_jax.scores import Scores
+from can_jax.shard import device_count
 from can_jax.solve import solve_dual
 
 # The active Hessian counts as singular below this fraction of its largest eigenvalue: λ is then not identified
@@ -19,17 +20,18 @@ from can_jax.solve import solve_dual
 SINGULAR = 1e-10
 
 
-def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto") -> jnp.ndarray:
+def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", devices: int = 1) -> jnp.ndarray:
     """Cov(λ̂*) ≈ H⁻¹ Σ H⁻¹ / N on the active set (λ_j > 0), zero elsewhere. [m, m].
 
     λ̂* is an M-estimator of mean_i ℓ_i(λ) with per-prompt scores ∇ℓ_i; Σ is their covariance across prompts
     (weighted by prompt weights), H the dual Hessian at λ̂*. A constraint at λ_j = 0 sits on the boundary,
-    where the normal approximation does not hold; its rows are zero and `standard_errors` reports NaN.
+    where the normal approximation does not hold; its rows are zero and `standard_errors` reports NaN. Blocks are
+    computed in λ's precision (float32 scores upcast block by block) and sharded over `devices` local devices.
     """
-    blocks = to_blocks(scores, block)
+    blocks = to_blocks(scores, block, devices)
 
     def terms(block):
-        t = prompt_terms(lam, block, margins, beta, 1)
+        t = prompt_terms(lam, cast(block, lam.dtype), margins, beta, 1)
         wt = jnp.where(t.valid, block.weight, 0.0)
         return wt.sum(), wt @ t.grad, jnp.einsum("n,nj,nl->jl", wt, t.grad, t.grad)
 
@@ -53,10 +55,10 @@ def _defined(result, scores: Scores) -> jnp.ndarray:
     return free & ok
 
 
-def standard_errors(result, scores: Scores, margins, beta, block="auto") -> jnp.ndarray:
+def standard_errors(result, scores: Scores, margins, beta, block="auto", devices: int = 1) -> jnp.ndarray:
     """Sandwich standard errors of λ* [m]. NaN where undefined: a constraint at the boundary λ_j = 0, a singular
     Hessian on the active set, fewer than two prompts, or an unconverged solve (`standard_error_notes` says which)."""
-    cov = sandwich_covariance(result.x, result.hess, scores, margins, beta, block)
+    cov = sandwich_covariance(result.x, result.hess, scores, margins, beta, block, devices)
     return jnp.where(_defined(result, scores), jnp.sqrt(jnp.maximum(jnp.diag(cov), 0.0)), jnp.nan)
 
 
@@ -80,12 +82,15 @@ def standard_error_notes(result, scores: Scores) -> list[str | None]:
     return notes
 
 
-def _solve_with_errors(scores: Scores, margins, beta, tol=None, max_iter: int = 100, block="auto"):
-    result = solve_dual(scores, margins, beta, tol=tol, max_iter=max_iter, block=block)
-    return result, standard_errors(result, scores, margins, beta, block)
+def _solve_with_errors(
+    scores: Scores, margins, beta, tol=None, max_iter: int = 100, block="auto", dtype=None, devices: int | None = 1
+):
+    n_dev = device_count(devices)
+    result = solve_dual(scores, margins, beta, tol=tol, max_iter=max_iter, block=block, dtype=dtype, devices=n_dev)
+    return result, standard_errors(result, scores, margins, beta, block, n_dev)
 
 
-solve_with_errors = jax.jit(_solve_with_errors, static_argnames=("max_iter", "block"))
+solve_with_errors = jax.jit(_solve_with_errors, static_argnames=("max_iter", "block", "dtype", "devices"))
 solve_with_errors.__doc__ = (
     """`solve_dual` and the sandwich `standard_errors` of λ* in one compiled call: (DualResult, [m])."""
 )

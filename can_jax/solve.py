@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.certify import predicted_outcome, recession_slope, reduced_eigs
-from can_jax.dual import DualEval, Units, centre_pass, every, n_blocks, pass_blocks, pass_units, to_blocks
+from can_jax.dual import DualEval, Units, every, n_blocks, pass_units, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.result import DualResult, Status
 from can_jax.scores import Scores
@@ -58,7 +58,7 @@ class _Scale(NamedTuple):
 
     unit: jnp.ndarray  # [m] within-prompt RMS spread of g_j under π_ref: the unit the KKT residual uses
     mag: jnp.ndarray  # [m] mean_i max_k |g_ikj| of the data as given: the magnitude its rounding scales with
-    r_shift: jnp.ndarray  # scalar: the prompt-weighted mean of E_ref[r | x_i], removed by centring
+    r_shift: jnp.ndarray  # scalar: the prompt-weighted mean of the reward shift each pass removes (`shift_block`)
 
 
 def default_tol(dtype) -> float:
@@ -112,12 +112,14 @@ def _floor(lam, ev: DualEval, margins, scale: _Scale, tol):
     return jnp.maximum(tol, ROUNDING * eps * noise / scale.unit)
 
 
-def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, scale: _Scale, reach) -> _State:
-    """Projected Newton on centred blocked scores (`dual.centre_pass`), whose units and reach are given."""
+def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int) -> tuple[_State, _Scale]:
+    """Projected Newton on blocked scores as stored, each prompt shifted inside every pass (`dual.shift_block`: no
+    centred copy of the table). The first pass also measures the data's units and each constraint's reach."""
     eps = jnp.finfo(lam0.dtype).eps
+    dtype = lam0.dtype
 
     def evaluate(lam):
-        return pass_blocks(lam, blocks, margins, beta, 2)
+        return pass_units(lam, blocks, margins, beta, 2, centre=True, dtype=dtype)[0]
 
     def converged(lam, ev):
         return jnp.all(_scaled_kkt(lam, ev.grad, scale) <= _floor(lam, ev, margins, scale, tol))
@@ -172,7 +174,8 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, scale: _Sca
         )
         return _State(lam_next, ev_next, mu / 8.0, nit, st.nfev + k + 1, status)
 
-    ev0 = evaluate(lam0)._replace(reach=reach)
+    ev0, units = pass_units(lam0, blocks, margins, beta, 2, reach=True, centre=True, units=True, dtype=dtype)
+    scale = _scale(units, margins)
     valid = jnp.isfinite(beta) & (beta > 0) & jnp.all(jnp.isfinite(margins))
     status0 = jnp.select(
         [~valid, ~jnp.isfinite(ev0.value), jnp.any(out_of_reach(margins, ev0.reach, scale)), converged(lam0, ev0)],
@@ -181,7 +184,7 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, scale: _Sca
     )
     zero = jnp.zeros((), jnp.int32)
     st = _State(lam0, ev0, jnp.zeros((), lam0.dtype), zero, zero + 1, status0)
-    return jax.lax.while_loop(cond, body, st)
+    return jax.lax.while_loop(cond, body, st), scale
 
 
 def out_of_reach(margins, reach, scale: _Scale):
@@ -248,18 +251,17 @@ def solve_dual(
     beta = jnp.asarray(beta, dtype)
     tol = default_tol(dtype) if tol is None else tol
     lam0 = jnp.zeros((m,), dtype) if lam0 is None else jnp.maximum(jnp.asarray(lam0, dtype), 0.0)
-    # One pass centres every prompt (a copy of the table), measures the data's units and each constraint's reach.
-    blocks, units, reach = centre_pass(to_blocks(scores, block, device_count(devices)), margins, dtype)
-    scale = _scale(units, margins)
+    blocks = to_blocks(scores, block, device_count(devices))  # a reshape (a copy only where N needs padding)
 
     if warm_start and n_blocks(blocks) >= WARM_MIN_BLOCKS:
         # Solve first on every WARM_STRIDE-th block of prompts (1/16 of the data, at 1/16 of the cost per pass):
         # its λ* is within sampling error of the full one, from where full-data Newton needs ~3 passes, not ~6.
         sub = every(blocks, WARM_STRIDE)
-        st_sub = _newton(sub, margins, beta, lam0, jnp.maximum(tol, 1e-6), max_iter, scale, reach)
+        # (with the subsample's own units: only its λ is used.)
+        st_sub, _ = _newton(sub, margins, beta, lam0, jnp.maximum(tol, 1e-6), max_iter)
         lam0 = jnp.where(st_sub.status == Status.CONVERGED, st_sub.lam, lam0)
     # Margins at or beyond their reach (up to rounding) are only approached as λ → ∞: `_newton` stops at once.
-    st = _newton(blocks, margins, beta, lam0, tol, max_iter, scale, reach)
+    st, scale = _newton(blocks, margins, beta, lam0, tol, max_iter)
     # Jointly infeasible margins drive λ → ∞ along a direction u where D̂ falls linearly; the loop may stop there
     # on any status (DIVERGED, MAX_ITER, PRECISION, even CONVERGED once |λ| is so large that the rounding of λ
     # hides the gradient). The recession slope along λ/|λ| settles it: D̂ bounded below (feasible) means a slope
@@ -269,7 +271,9 @@ def solve_dual(
     unfinished = (st.status == Status.DIVERGED) | (st.status == Status.MAX_ITER) | (st.status == Status.PRECISION)
     at_floor = (st.status == Status.CONVERGED) & jnp.any(floor > tol)
     checked = jnp.any(st.lam > 0) & (unfinished | at_floor)
-    slope = jax.lax.cond(checked, lambda: recession_slope(blocks, st.lam, margins), lambda: jnp.zeros((), dtype))
+    slope = jax.lax.cond(
+        checked, lambda: recession_slope(blocks, st.lam, margins, centre=True), lambda: jnp.zeros((), dtype)
+    )
     u = st.lam / jnp.maximum(jnp.linalg.norm(st.lam), jnp.finfo(dtype).tiny)
     slope_noise = ROUNDING * jnp.finfo(dtype).eps * (u @ (scale.mag + jnp.abs(margins)))
     status = jnp.where(checked & (slope < -slope_noise), Status.INFEASIBLE, st.status)
@@ -292,7 +296,7 @@ def solve_dual(
         cond=cond,
         reach=st.ev.reach,
         slope=slope,
-        predicted=predicted_outcome(lam, blocks, beta),
+        predicted=predicted_outcome(lam, blocks, beta, centre=True),
     )
 
 
