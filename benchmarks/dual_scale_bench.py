@@ -1,0 +1,246 @@
+"""Issue 22's in-process dual benchmarks: solve and finite-K bias against scipy L-BFGS-B, passes against the
+memory-read roofline, a scaling table in N, and many small problems vmapped against a scipy loop.
+
+    python benchmarks/dual_scale_bench.py                       # everything (about 15 min on 2 cores)
+    python benchmarks/dual_scale_bench.py --only inproc,batch   # some sections
+    python benchmarks/dual_scale_bench.py --scale-max 1000000   # stop the scaling table earlier
+
+Writes benchmarks/results/dual_scale_<tag>.md and .json. Times are medians of repeated runs after a warm-up
+(compile separate); every peer runs in the same process and the same run. The scaling table runs each N in its
+own subprocess and reads its peak resident set (resource.getrusage). Every λ is judged by one independent NumPy
+KKT residual (benchmarks/dual_bench.py's `NumpyDual`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.dual_bench import NumpyDual, machine, memory_bandwidth, run_scipy  # noqa: E402
+from can_jax.bias import finite_k_bias_jit  # noqa: E402
+from can_jax.dual import centre_pass, pass_blocks, to_blocks  # noqa: E402
+from can_jax.sim.synthetic import synthetic_scores  # noqa: E402
+from can_jax.solve import solve_dual_jit  # noqa: E402
+from can_jax.sweep import solve_many_jit  # noqa: E402
+
+BETA = 1.0
+MARGINS = np.array([0.3, 0.25, 0.2, -1.0])
+
+
+def median_time(fn, reps):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def compile_and_run(fn):
+    t = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t
+
+
+def inproc(n=100_000, k=64, reps=5):
+    """Solve and bias in process against scipy L-BFGS-B (the same NumPy dual the scipy script minimises)."""
+    sc = jax.block_until_ready(synthetic_scores(jax.random.key(0), n, k, 4))
+    b = jnp.asarray(MARGINS)
+    res, first_solve = compile_and_run(lambda: solve_dual_jit(sc, b, BETA))
+    t_solve = median_time(lambda: solve_dual_jit(sc, b, BETA), reps)
+    _, first_bias = compile_and_run(lambda: finite_k_bias_jit(res.x, sc, b, BETA))
+    t_bias = median_time(lambda: finite_k_bias_jit(res.x, sc, b, BETA), reps)
+    ref = NumpyDual(sc, MARGINS, BETA)
+    x_scipy, t_scipy, extra = run_scipy(ref, 4, 3)
+    out = {"n": n, "k": k, "m": 4, "solve_s": t_solve, "solve_compile_s": first_solve - t_solve,
+           "bias_s": t_bias, "bias_compile_s": first_bias - t_bias, "scipy_s": t_scipy, "scipy_nit": extra["nit"],
+           "kkt_ours": ref.kkt(np.asarray(res.x)), "kkt_scipy": ref.kkt(x_scipy), "nit": int(res.nit),
+           "nfev": int(res.nfev), "max_abs_dlambda": float(np.max(np.abs(np.asarray(res.x) - x_scipy)))}  # fmt: skip
+    print("inproc", out, flush=True)
+    return out
+
+
+def roofline(n=100_000, k=64, reps=7):
+    """One order-2 pass and the solver's set-up pass against the time to read their bytes once."""
+    bw = memory_bandwidth()
+    sc = jax.block_until_ready(synthetic_scores(jax.random.key(0), n, k, 4))
+    b = jnp.asarray(MARGINS)
+    lam = jnp.full((4,), 0.5)
+    blocks = jax.block_until_ready(to_blocks(sc))
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(blocks))
+    centred = jax.block_until_ready(centre_pass(blocks, b)[0])
+    p2 = jax.jit(lambda lam, bl: pass_blocks(lam, bl, b, BETA, 2))
+    cp = jax.jit(lambda bl: centre_pass(bl, b))
+    rows = {
+        "order-2 pass (value, gradient, Hessian)": median_time(lambda: p2(lam, centred), reps),
+        "set-up pass (centre + units + reach, writes the copy)": median_time(lambda: cp(blocks), reps),
+    }
+    out = {"bandwidth_gbs": bw, "bytes": nbytes, "roofline_s": nbytes / bw / 1e9, "passes": rows}
+    print("roofline", out, flush=True)
+    return out
+
+
+SCALE_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[3])
+import jax
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp
+from can_jax.bias import finite_k_bias_jit
+from can_jax.sim.synthetic import synthetic_scores
+from can_jax.solve import solve_dual_jit
+n, k = int(sys.argv[1]), int(sys.argv[2])
+sc = jax.block_until_ready(synthetic_scores(jax.random.key(0), n, k, 4))
+after_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+b = jnp.array([0.3, 0.25, 0.2, -1.0])
+res = jax.block_until_ready(solve_dual_jit(sc, b, 1.0))
+t = time.perf_counter(); res = jax.block_until_ready(solve_dual_jit(sc, b, 1.0)); solve = time.perf_counter() - t
+after_solve = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+jax.block_until_ready(finite_k_bias_jit(res.x, sc, b, 1.0))
+t = time.perf_counter(); jax.block_until_ready(finite_k_bias_jit(res.x, sc, b, 1.0)); bias = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"n": n, "k": k, "table_gb": sum(x.nbytes for x in jax.tree.leaves(sc)) / 2**30,
+                  "solve_s": solve, "bias_s": bias, "status": int(res.status), "rss_after_data_gb": after_data,
+                  "rss_after_solve_gb": after_solve, "peak_gb": peak}))
+"""
+
+
+def scaling(sizes, k=64, limit_gb=24.0):
+    """Each N in a fresh process: time of a compiled solve and bias, and the process's peak memory."""
+    rows = []
+    for n in sizes:
+        table_gb = n * k * 5 * 8 / 2**30
+        if 3.5 * table_gb + 1.0 > limit_gb:  # the table, its centred copy and generation temporaries
+            rows.append({"n": n, "k": k, "skipped": f"needs ~{3.5 * table_gb + 1:.0f} GB of {limit_gb:.0f}"})
+            continue
+        p = subprocess.run([sys.executable, "-c", SCALE_CHILD, str(n), str(k), str(ROOT)], capture_output=True,
+                           text=True)  # fmt: skip
+        if p.returncode != 0:
+            rows.append({"n": n, "k": k, "failed": p.stderr[-500:]})
+        else:
+            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+        print("scale", rows[-1], flush=True)
+    return rows
+
+
+def batch(problems=1000, n=1000, k=16, scipy_problems=100, reps=3):
+    """Many small problems: one vmapped compiled call against scipy L-BFGS-B one problem at a time."""
+    keys = jax.random.split(jax.random.key(1), problems)
+    scs = jax.block_until_ready(jax.vmap(lambda key: synthetic_scores(key, n, k, 4))(keys))
+    b = jnp.asarray(MARGINS)
+    res, first = compile_and_run(lambda: solve_many_jit(scs, b, BETA))
+    t_ours = median_time(lambda: solve_many_jit(scs, b, BETA), reps)
+    lam = np.asarray(res.x)
+    kkt, dl, t_scipy = [], [], []
+    for i in range(scipy_problems):
+        one = jax.tree.map(lambda x, i=i: x[i], scs)
+        ref = NumpyDual(one, MARGINS, BETA)
+        x, sec, _ = run_scipy(ref, 4, 1)
+        t_scipy.append(sec)
+        kkt.append(ref.kkt(lam[i]))
+        dl.append(float(np.max(np.abs(lam[i] - x))))
+    per_scipy = statistics.mean(t_scipy)
+    out = {"problems": problems, "n": n, "k": k, "ours_s": t_ours, "ours_compile_s": first - t_ours,
+           "ours_solves_per_s": problems / t_ours, "scipy_problems_timed": scipy_problems,
+           "scipy_solves_per_s": 1.0 / per_scipy, "speedup": (problems / t_ours) * per_scipy,
+           "converged": int(np.sum(np.asarray(res.status) == 0)), "max_kkt_ours": max(kkt),
+           "max_abs_dlambda_vs_scipy": max(dl)}  # fmt: skip
+    print("batch", out, flush=True)
+    return out
+
+
+def write(out_dir: Path, tag: str, payload: dict):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"dual_scale_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    lines = [f"# Dual at scale (issue 22) — {tag}", "", f"Machine: {payload['machine']}", "",
+             "β = 1, margins (0.3, 0.25, 0.2, −1), synthetic scores (can_jax.sim.synthetic), float64. Medians after a "
+             "warm-up; compile separate; peers measured in the same run.", ""]  # fmt: skip
+    if "inproc" in payload:
+        r = payload["inproc"]
+        lines += [f"## In process, N = {r['n']:,} × K = {r['k']} × m = 4", "",
+                  "| run | seconds | vs scipy | KKT residual (NumPy) |", "|---|---|---|---|",
+                  f"| solve_dual_jit | {r['solve_s']:.3f} | {r['scipy_s'] / r['solve_s']:.1f}× | {r['kkt_ours']:.1e} |",
+                  f"| finite_k_bias_jit | {r['bias_s']:.3f} | | |",
+                  f"| solve + bias | {r['solve_s'] + r['bias_s']:.3f} | "
+                  f"{r['scipy_s'] / (r['solve_s'] + r['bias_s']):.1f}× | |",
+                  f"| scipy L-BFGS-B (value + gradient, NumPy) | {r['scipy_s']:.3f} | 1× | {r['kkt_scipy']:.1e} |", "",
+                  f"Newton iterations {r['nit']}, passes {r['nfev']}; max |Δλ| vs scipy {r['max_abs_dlambda']:.1e}; "
+                  f"compile: solve {r['solve_compile_s']:.1f} s, bias {r['bias_compile_s']:.1f} s.", ""]  # fmt: skip
+    if "roofline" in payload:
+        r = payload["roofline"]
+        lines += ["## Passes vs the memory-read roofline", "",
+                  f"Measured read bandwidth {r['bandwidth_gbs']:.1f} GB/s; the blocked table is "
+                  f"{r['bytes'] / 1e6:.0f} MB, "
+                  f"so one read takes {r['roofline_s'] * 1e3:.1f} ms.", "",
+                  "| pass | ms | × roofline |", "|---|---|---|"]  # fmt: skip
+        for name, sec in r["passes"].items():
+            lines.append(f"| {name} | {sec * 1e3:.1f} | {sec / r['roofline_s']:.1f} |")
+        lines.append("")
+    if "scaling" in payload:
+        lines += ["## Scaling in N (K = 64, m = 4), each N in its own process", "",
+                  "| N | table GB | solve s | bias s | peak RSS GB | status |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for r in payload["scaling"]:
+            if "solve_s" in r:
+                lines.append(f"| {r['n']:,} | {r['table_gb']:.2f} | {r['solve_s']:.3f} | {r['bias_s']:.3f} | "
+                             f"{r['peak_gb']:.2f} | {r['status']} |")  # fmt: skip
+            else:
+                lines.append(f"| {r['n']:,} | | | | | {r.get('skipped') or 'failed'} |")
+        lines.append("")
+    if "batch" in payload:
+        r = payload["batch"]
+        lines += [f"## {r['problems']:,} problems of N = {r['n']:,} × K = {r['k']} × m = 4", "",
+                  "| run | solves / s | speed-up |", "|---|---|---|",
+                  f"| solve_many_jit (vmapped, one call) | {r['ours_solves_per_s']:.0f} | {r['speedup']:.0f}× |",
+                  f"| scipy L-BFGS-B loop ({r['scipy_problems_timed']} problems timed) | "
+                  f"{r['scipy_solves_per_s']:.1f} | 1× |",
+                  "", f"Converged {r['converged']} / {r['problems']}; worst KKT residual {r['max_kkt_ours']:.1e}; "
+                  f"max |Δλ| vs scipy {r['max_abs_dlambda_vs_scipy']:.1e}; "
+                  f"compile {r['ours_compile_s']:.1f} s.", ""]  # fmt: skip
+    (out_dir / f"dual_scale_{tag}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="inproc,roofline,scaling,batch")
+    ap.add_argument("--tag", default="cpu-2core")
+    ap.add_argument("--scale-max", type=int, default=2_000_000)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    payload = {"machine": str(machine()), "jax": jax.__version__}
+    if "inproc" in only:
+        payload["inproc"] = inproc()
+    if "roofline" in only:
+        payload["roofline"] = roofline()
+    if "scaling" in only:
+        sizes = [n for n in (10_000, 100_000, 250_000, 500_000, 1_000_000, 2_000_000) if n <= args.scale_max]
+        payload["scaling"] = scaling(sizes)
+    if "batch" in only:
+        payload["batch"] = batch()
+    payload["peak_rss_gb_this_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    write(Path(args.out), args.tag, payload)
+
+
+if __name__ == "__main__":
+    main()
