@@ -35,8 +35,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.dual_bench import NumpyDual, machine, memory_bandwidth, run_scipy  # noqa: E402
-from can_jax.bias import finite_k_bias_jit  # noqa: E402
-from can_jax.dual import centre_pass, pass_blocks, to_blocks  # noqa: E402
+from can_jax.bias import _block_pass, finite_k_bias_jit  # noqa: E402
+from can_jax.dual import pass_units, to_blocks  # noqa: E402
 from can_jax.sim.synthetic import synthetic_scores  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
 from can_jax.sweep import solve_many_jit  # noqa: E402
@@ -80,19 +80,26 @@ def inproc(n=100_000, k=64, reps=5):
 
 
 def roofline(n=100_000, k=64, reps=7):
-    """One order-2 pass and the solver's set-up pass against the time to read their bytes once."""
+    """Each kind of pass (every prompt shifted on the fly, as the solver runs them) against one read of the table."""
     bw = memory_bandwidth()
     sc = jax.block_until_ready(synthetic_scores(jax.random.key(0), n, k, 4))
     b = jnp.asarray(MARGINS)
     lam = jnp.full((4,), 0.5)
     blocks = jax.block_until_ready(to_blocks(sc))
+    bias1 = jax.jit(lambda lam, bl: _block_pass(lam, bl, b, BETA, True))
+    bias0 = jax.jit(lambda lam, bl: _block_pass(lam, bl, b, BETA, False))
     nbytes = sum(x.nbytes for x in jax.tree.leaves(blocks))
-    centred = jax.block_until_ready(centre_pass(blocks, b)[0])
-    p2 = jax.jit(lambda lam, bl: pass_blocks(lam, bl, b, BETA, 2))
-    cp = jax.jit(lambda bl: centre_pass(bl, b))
+    p0 = jax.jit(lambda lam, bl: pass_units(lam, bl, b, BETA, 0, centre=True)[0])
+    p2 = jax.jit(lambda lam, bl: pass_units(lam, bl, b, BETA, 2, centre=True)[0])
+    first = jax.jit(lambda lam, bl: pass_units(lam, bl, b, BETA, 2, reach=True, centre=True, units=True))
+    pred = jax.jit(lambda lam, bl: pass_units(lam, bl, b, BETA, 1, predict=True, centre=True)[0])
     rows = {
-        "order-2 pass (value, gradient, Hessian)": median_time(lambda: p2(lam, centred), reps),
-        "set-up pass (centre + units + reach, writes the copy)": median_time(lambda: cp(blocks), reps),
+        "value only": median_time(lambda: p0(lam, blocks), reps),
+        "value, gradient, Hessian (a Newton step)": median_time(lambda: p2(lam, blocks), reps),
+        "the solver's first pass (+ units + reach)": median_time(lambda: first(lam, blocks), reps),
+        "predicted outcome": median_time(lambda: pred(lam, blocks), reps),
+        "finite-K bias, first pass (θ, θ^J moments, Jacobian)": median_time(lambda: bias1(lam, blocks), reps),
+        "finite-K bias, Newton step pass": median_time(lambda: bias0(lam, blocks), reps),
     }
     out = {"bandwidth_gbs": bw, "bytes": nbytes, "roofline_s": nbytes / bw / 1e9, "passes": rows}
     print("roofline", out, flush=True)
@@ -100,7 +107,7 @@ def roofline(n=100_000, k=64, reps=7):
 
 
 SCALE_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[3])
 import jax
 jax.config.update("jax_enable_x64", True)
@@ -110,14 +117,17 @@ from can_jax.sim.synthetic import synthetic_scores
 from can_jax.solve import solve_dual_jit
 n, k = int(sys.argv[1]), int(sys.argv[2])
 sc = jax.block_until_ready(synthetic_scores(jax.random.key(0), n, k, 4))
-after_data = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def hwm():  # this process's peak resident set (VmHWM restarts at exec; ru_maxrss would keep the parent's)
+    line = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0]
+    return int(line.split()[1]) / 2**20
+after_data = hwm()
 b = jnp.array([0.3, 0.25, 0.2, -1.0])
 res = jax.block_until_ready(solve_dual_jit(sc, b, 1.0))
 t = time.perf_counter(); res = jax.block_until_ready(solve_dual_jit(sc, b, 1.0)); solve = time.perf_counter() - t
-after_solve = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+after_solve = hwm()
 jax.block_until_ready(finite_k_bias_jit(res.x, sc, b, 1.0))
 t = time.perf_counter(); jax.block_until_ready(finite_k_bias_jit(res.x, sc, b, 1.0)); bias = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+peak = hwm()
 print(json.dumps({"n": n, "k": k, "table_gb": sum(x.nbytes for x in jax.tree.leaves(sc)) / 2**30,
                   "solve_s": solve, "bias_s": bias, "status": int(res.status), "rss_after_data_gb": after_data,
                   "rss_after_solve_gb": after_solve, "peak_gb": peak}))
@@ -210,7 +220,7 @@ def write(out_dir: Path, tag: str, payload: dict):
         r = payload["batch"]
         lines += [f"## {r['problems']:,} problems of N = {r['n']:,} × K = {r['k']} × m = 4", "",
                   "| run | solves / s | speed-up |", "|---|---|---|",
-                  f"| solve_many_jit (vmapped, one call) | {r['ours_solves_per_s']:.0f} | {r['speedup']:.0f}× |",
+                  f"| solve_many_jit (vmapped, one call) | {r['ours_solves_per_s']:.0f} | {r['speedup']:.1f}× |",
                   f"| scipy L-BFGS-B loop ({r['scipy_problems_timed']} problems timed) | "
                   f"{r['scipy_solves_per_s']:.1f} | 1× |",
                   "", f"Converged {r['converged']} / {r['problems']}; worst KKT residual {r['max_kkt_ours']:.1e}; "
