@@ -1,5 +1,6 @@
 """The peer of `can dual` (issue 22), what a user would write instead: scipy L-BFGS-B on the dual of a Parquet table.
 usage: python benchmarks/scipy_dual.py TABLE REWARD BETA COL=MARGIN [COL=MARGIN ...]"""
+
 import sys
 
 import numpy as np
