@@ -303,15 +303,20 @@ def solve_dual(
 solve_dual_jit = jax.jit(solve_dual, static_argnames=("max_iter", "block", "warm_start", "dtype", "devices"))
 
 
-@jax.jit
-def kkt_at(scores: Scores, margins, beta, lam, tol=None):
+def _kkt_at(scores: Scores, margins, beta, lam, tol=None, dtype=None):
     """The scaled KKT residual of `DualResult.kkt_residual` at a given λ, and the precision floor there [m]:
-    checks a λ read from elsewhere (a certificate) against the scores it claims to solve."""
-    dtype = scores.reward.dtype
+    checks a λ read from elsewhere (a certificate) against the scores it claims to solve. `dtype` (static): the
+    precision to check in (default the scores' own; float32 scores upcast block by block)."""
+    dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
     m = scores.utility.shape[-1]
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     lam = jnp.asarray(lam, dtype)
-    ev, units = pass_units(lam, to_blocks(scores), margins, jnp.asarray(beta, dtype), 2, centre=True, units=True)
+    beta = jnp.asarray(beta, dtype)
+    ev, units = pass_units(lam, to_blocks(scores), margins, beta, 2, centre=True, units=True, dtype=dtype)
     scale = _scale(units, margins)
     tol = default_tol(dtype) if tol is None else tol
     return jnp.max(_scaled_kkt(lam, ev.grad, scale)), _floor(lam, ev, margins, scale, tol)
+
+
+kkt_at = jax.jit(_kkt_at, static_argnames=("dtype",))
+kkt_at.__doc__ = _kkt_at.__doc__

@@ -61,3 +61,22 @@ def test_float32_table_solved_in_float64_matches_the_converted_table():
     ref = solve_dual_jit(from_padded(r.astype(np.float64), g.astype(np.float64)), b, 1.0)
     assert res.x.dtype == jnp.float64 and int(res.status) == int(ref.status) == 0
     np.testing.assert_allclose(res.x, ref.x, rtol=1e-9, atol=1e-12)
+
+
+def test_kkt_check_of_a_float32_table_in_float64():
+    """`kkt_at` (the certificate check) on float32 scores in float64: the float64 solve's λ passes at 1e-9, a moved
+    λ does not; the residual agrees with the one computed on the converted table."""
+    from can_jax.solve import kkt_at
+
+    rng = np.random.default_rng(2)
+    r = (5 + rng.normal(size=(300, 6))).astype(np.float32)
+    g = (0.5 * rng.normal(size=(300, 6, 2)) - 0.3 * r[..., None]).astype(np.float32)
+    sc32 = from_grouped(np.repeat(np.arange(300), 6), r.reshape(-1), g.reshape(-1, 2))
+    b = jnp.array([0.1, 0.05])
+    res = solve_dual_jit(sc32, b, 1.0, dtype=jnp.float64)
+    got, _ = kkt_at(sc32, b, 1.0, res.x, dtype=jnp.float64)
+    assert float(got) <= 1e-9
+    moved, _ = kkt_at(sc32, b, 1.0, res.x * 1.01, dtype=jnp.float64)
+    want, _ = kkt_at(from_padded(r.astype(np.float64), g.astype(np.float64)), b, 1.0, res.x * 1.01)
+    assert float(moved) > 1e-6
+    np.testing.assert_allclose(float(moved), float(want), rtol=1e-9)
