@@ -166,7 +166,7 @@ def test_exact_world_the_correction_moves_towards_the_truth():
     """In an exact world (λ*, and the exact outcome of π_λ̂, known) the jackknife removes most of the finite-K
     bias: averaged over 16 samples of N = 300 prompts × K = 8, the corrected λ and predictions sit closer to the
     truth than the plain ones (the plain bias is several standard errors of that average)."""
-    from can_jax.worlds import evaluate_policy, exact_scores, make_world, sample_scores, tilted_policy
+    from can_jax.sim.worlds import evaluate_policy, exact_scores, make_world, sample_scores, tilted_policy
 
     world = make_world(jax.random.key(3), 300, 8, 2)
     lam_star = solve_dual(exact_scores(world), world.margins, 1.0).x

@@ -86,7 +86,8 @@ def test_tiny_lm_chain_gives_the_same_table_certificate_and_pairs(tiny_lm, tmp_p
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"tell me about item {i}." for i in range(12)) + "\n")
     _run(["collect", prompts, "--policy", lm, "-s", "brev=tests.train.toy_scorers:brevity", "-s",
-          "e=tests.train.toy_scorers:e_share", "--k", "4", "--max-new-tokens", "8", "-o", tmp_path / "scores.parquet"])  # fmt: skip
+          "e=tests.train.toy_scorers:e_share", "--k", "4", "--max-new-tokens", "8", "-o",
+          tmp_path / "scores.parquet"])  # fmt: skip
     _same_table(BEFORE / "lm_scores.parquet", tmp_path / "scores.parquet")
     old_rec, new_rec = collect_record(BEFORE / "lm_scores.parquet").meta, collect_record(tmp_path / "scores.parquet")
     assert new_rec.meta["format_version"] == 2 and "format_version" not in old_rec
