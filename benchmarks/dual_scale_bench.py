@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.dual_bench import NumpyDual, machine, memory_bandwidth, run_scipy  # noqa: E402
-from can_jax.bias import _block_pass, finite_k_bias_jit  # noqa: E402
+from can_jax.bias import block_pass, finite_k_bias_jit  # noqa: E402
 from can_jax.dual import pass_units, to_blocks  # noqa: E402
 from can_jax.sim.synthetic import synthetic_scores  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
@@ -87,8 +87,8 @@ def roofline(n=100_000, k=64, reps=7):
     b = jnp.asarray(MARGINS)
     lam = jnp.full((4,), 0.5)
     blocks = jax.block_until_ready(to_blocks(sc))
-    bias1 = jax.jit(lambda lam, bl: _block_pass(lam, bl, b, BETA, True))
-    bias0 = jax.jit(lambda lam, bl: _block_pass(lam, bl, b, BETA, False))
+    bias1 = jax.jit(lambda lam, bl: block_pass(lam, bl, b, BETA, True))
+    bias0 = jax.jit(lambda lam, bl: block_pass(lam, bl, b, BETA, False))
     nbytes = sum(x.nbytes for x in jax.tree.leaves(blocks))
     p0 = jax.jit(lambda lam, bl: pass_units(lam, bl, b, BETA, 0, centre=True)[0])
     p2 = jax.jit(lambda lam, bl: pass_units(lam, bl, b, BETA, 2, centre=True)[0])

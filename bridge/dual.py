@@ -40,6 +40,7 @@ class DualConfig:
     drop_bad_rows: bool = False
     pecan: bool = False  # a PeCAN table (`can collect --aligned`)
     kl: str = "token"  # PeCAN: E_ref[g̃ | x] from the token-level KL or the sample mean
+    devices: int | None = None  # local JAX devices to shard prompts over (None: all of them)
 
     def check(self) -> None:
         """Refuses options no solve could use (one line each)."""
@@ -52,8 +53,9 @@ class DualConfig:
 
 
 def load_table(scores, reward, constraint=(), cost=(), prompt_id="prompt_id", float32=False, drop_bad_rows=False,
-               pecan_kl=None, extra_specs=()):  # fmt: skip
-    """A scores table read for the dual: --constraint/--cost texts parsed, PeCAN reference columns found."""
+               pecan_kl=None, extra_specs=(), keep_float32=False):  # fmt: skip
+    """A scores table read for the dual: --constraint/--cost texts parsed, PeCAN reference columns found; with
+    `keep_float32` float32 columns stay float32 (`bridge.dual.solve` computes in `LoadedScores.dtype`)."""
     import jax.numpy as jnp
 
     specs = [parse_constraint(c, "utility") for c in constraint or []]
@@ -65,7 +67,8 @@ def load_table(scores, reward, constraint=(), cost=(), prompt_id="prompt_id", fl
 
         ref_columns = reference_columns(scores, reward, [c.column for c in specs], pecan_kl)
     return load_scores(scores, reward, specs, prompt_id=prompt_id, drop_bad_rows=drop_bad_rows,
-                       dtype=jnp.float32 if float32 else jnp.float64, ref_columns=ref_columns)  # fmt: skip
+                       dtype=jnp.float32 if float32 else jnp.float64, ref_columns=ref_columns,
+                       keep_float32=keep_float32)  # fmt: skip
 
 
 def run(cfg: DualConfig) -> Certificate:
@@ -87,14 +90,17 @@ def run(cfg: DualConfig) -> Certificate:
             "without absolute units: give relative margins (--constraint/--cost)"
         )
     loaded = load_table(cfg.scores, cfg.reward, cfg.constraint, cfg.cost, cfg.prompt_id, cfg.float32,
-                        cfg.drop_bad_rows, cfg.kl if cfg.pecan else None, lim_specs)  # fmt: skip
+                        cfg.drop_bad_rows, cfg.kl if cfg.pecan else None, lim_specs, keep_float32=True)  # fmt: skip
     loaded, limit_block = apply_limits(loaded, limits)
     t1 = time.perf_counter()
-    result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se)
+    from can_jax.shard import device_count
+
+    devices = device_count(cfg.devices)
+    result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se, devices)
     t2 = time.perf_counter()
     bias = None
     if cfg.bias and int(result.status) == Status.CONVERGED:
-        bias = certificate_bias(result, loaded, cfg.beta)
+        bias = certificate_bias(result, loaded, cfg.beta, devices)
     t3 = time.perf_counter()
     pecan = None
     if cfg.pecan:
@@ -106,11 +112,18 @@ def run(cfg: DualConfig) -> Certificate:
         timing["bias_s"] = round(t3 - t2, 4)
     return Certificate.build(
         result, loaded.names, loaded.kinds, loaded.margins, cfg.beta, data_summary(loaded, cfg.reward, cfg.prompt_id),
-        standard_errors=errs, tol=tol, dtype=str(jnp.dtype(loaded.scores.reward.dtype)), standard_error_notes=notes,
+        standard_errors=errs, tol=tol, dtype=str(jnp.dtype(loaded.dtype)), standard_error_notes=notes,
         bias=bias, limits=limit_block,
         scorers=collect_record(cfg.scores).scorer_block(cfg.reward, loaded.names, loaded.kinds), pecan=pecan,
-        timing=timing,
+        timing=timing, devices=devices_block(devices),
     )  # fmt: skip
+
+
+def devices_block(count: int) -> dict:
+    """The certificate's `devices` block: how many local JAX devices the prompts were sharded over, and which."""
+    import jax
+
+    return {"count": count, "platform": jax.local_devices()[0].platform, "processes": jax.process_count()}
 
 
 def margins_at_reach(scores, reward: str, names: list[str], beta: float, fraction: float, ref_columns=None) -> list:
@@ -128,15 +141,17 @@ def margins_at_reach(scores, reward: str, names: list[str], beta: float, fractio
     return [f"{n}={round(float(fraction * r), 4)}" for n, r in zip(names, reach, strict=True)]
 
 
-def certificate_bias(result, loaded, beta: float) -> dict:
+def certificate_bias(result, loaded, beta: float, devices: int | None = 1) -> dict:
     """The certificate's `bias` block for a converged solve of a loaded table (`can dual --bias`)."""
     import jax.numpy as jnp
 
     from bridge.bias import bias_block
     from can_jax.bias import finite_k_bias_jit
 
-    margins = jnp.asarray(loaded.margins, loaded.scores.reward.dtype)
-    return bias_block(finite_k_bias_jit(result.x, loaded.scores, margins, beta), loaded.names)
+    dtype = jnp.dtype(loaded.dtype)
+    margins = jnp.asarray(loaded.margins, dtype)
+    return bias_block(finite_k_bias_jit(result.x, loaded.scores, margins, beta, dtype=dtype, devices=devices),
+                      loaded.names)  # fmt: skip
 
 
 def _number(x) -> bool:
@@ -163,7 +178,7 @@ def check_solution(scores_path, cert: Certificate) -> float:
     loaded = loaded_for(scores_path, cert)
     dtype = loaded.scores.reward.dtype
     lam = jnp.asarray(list(cert.lam.values()), dtype)
-    res, floor = kkt_at(loaded.scores, jnp.asarray(loaded.margins, dtype), cert.beta, lam)
+    res, floor = kkt_at(loaded.scores, jnp.asarray(loaded.margins, dtype), cert.beta, lam, dtype=jnp.float64)
     reached = [c.get("kkt_tolerance") for c in cert.constraints]
     reached = max([float(x) for x in reached if _number(x)] + [float(np.max(np.asarray(floor))), 1e-9])
     res = float(res)
@@ -195,8 +210,9 @@ def data_summary(loaded, reward: str, prompt_id: str) -> dict:
     }
 
 
-def solve(loaded, beta: float, tol, max_iter: int, se: bool):
-    """Solves the dual of a loaded table: (DualResult, standard errors or None, their notes, tol used).
+def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None = 1):
+    """Solves the dual of a loaded table in its `dtype` over `devices` local devices (None: all of them):
+    (DualResult, standard errors or None, their notes, tol used).
 
     Out-of-reach margins raise `InfeasibleMarginsError` with the one-line diagnosis (never a huge λ).
     """
@@ -207,13 +223,14 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool):
     from can_jax.inference import solve_with_errors, standard_error_notes
     from can_jax.solve import default_tol, solve_dual_jit
 
-    dtype = loaded.scores.reward.dtype
+    dtype = jnp.dtype(loaded.dtype)
     margins = jnp.asarray(loaded.margins, dtype)
     tol = default_tol(dtype) if tol is None else tol
+    kw = {"tol": tol, "max_iter": max_iter, "dtype": dtype, "devices": devices}
     if se:
-        result, errs = solve_with_errors(loaded.scores, margins, beta, tol=tol, max_iter=max_iter)
+        result, errs = solve_with_errors(loaded.scores, margins, beta, **kw)
     else:
-        result, errs = solve_dual_jit(loaded.scores, margins, beta, tol=tol, max_iter=max_iter), None
+        result, errs = solve_dual_jit(loaded.scores, margins, beta, **kw), None
     if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
         raise InfeasibleMarginsError(infeasibility_message(result, loaded.names, loaded.margins))
     if int(result.status) == Status.INVALID:

@@ -14,13 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
 from bridge.files import sha256_file
 from can_jax.errors import DegenerateDataError, ScoresFormatError
-from can_jax.scores import Scores, from_long
+from can_jax.scores import Scores, from_grouped
 
 FORMATS = {
     ".parquet": "parquet",
@@ -143,6 +142,7 @@ class LoadedScores:
     path: str
     ref_columns: dict | None = None  # constraint → column giving E_ref[g | x] (else the sample mean)
     bad_rows: str = "refused"  # the rule applied to bad rows: "refused" or "dropped" (--drop-bad-rows)
+    dtype: np.dtype = np.dtype(np.float64)  # the dtype the dual is computed in (scores may be stored narrower)
 
 
 def _rows_list(rows: np.ndarray, limit: int = 8) -> str:
@@ -151,11 +151,13 @@ def _rows_list(rows: np.ndarray, limit: int = 8) -> str:
     return f"{shown}{more}"
 
 
-def _numeric_column(table: pa.Table, name: str) -> np.ndarray:
+def _numeric_column(table: pa.Table, name: str, keep_float32: bool = False) -> np.ndarray:
+    """A score column as floats (nulls become NaN): float64, or float32 kept as it is stored when asked."""
     col = table.column(name)
     if not (pa.types.is_floating(col.type) or pa.types.is_integer(col.type)):
         raise ScoresFormatError(f"column {name!r} must be numeric, found {col.type}")
-    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)  # nulls become NaN
+    dtype = np.float32 if keep_float32 and pa.types.is_float32(col.type) else np.float64
+    return np.asarray(col.to_numpy(zero_copy_only=False), dtype=dtype)
 
 
 def prompt_keys(column, name: str = "prompt") -> tuple[np.ndarray, np.ndarray]:
@@ -247,6 +249,7 @@ def load_scores(
     drop_bad_rows: bool = False,
     dtype=None,
     ref_columns: dict[str, str] | None = None,
+    keep_float32: bool = False,
 ) -> LoadedScores:
     """Reads, validates and pads a scores table.
 
@@ -254,6 +257,8 @@ def load_scores(
     `drop_bad_rows`, rows with NaN/inf/missing scores are dropped instead and counted.
     `ref_columns` maps a constraint column to a per-response column whose per-prompt mean is E_ref[g_j | x]
     (in the constraint column's own units; PeCAN's −β_g·KL, DESIGN §3); other constraints use the sample mean.
+    `dtype` is the solve's (float64 by default); with `keep_float32` float32 columns stay float32 in the padded
+    arrays and `LoadedScores.dtype` says to compute in float64 (the solver upcasts block by block).
     """
     if not constraints:
         raise ScoresFormatError("give at least one constraint (--constraint COL=MARGIN or --cost COL=MARGIN)")
@@ -272,20 +277,22 @@ def load_scores(
     if table.num_rows == 0:
         raise ScoresFormatError(f"{path}: the scores table has no rows")
 
-    r = _numeric_column(table, reward)
-    g = np.empty((table.num_rows, len(constraints)))
-    for j, c in enumerate(constraints):
-        g[:, j] = _numeric_column(table, c.column)
-        if c.sign < 0:
-            np.negative(g[:, j], out=g[:, j])
-    ref = np.full((table.num_rows, len(constraints)), np.nan)
-    for j, c in enumerate(constraints):
-        if c.column in ref_columns:
-            ref[:, j] = c.sign * _numeric_column(table, ref_columns[c.column])
-    has_ref = np.array([c.column in ref_columns for c in constraints])
+    # Columns as stored: float32 stays float32 when the solve computes in float64 block by block (`keep_float32`,
+    # no float64 copy of the table); otherwise the requested dtype.
+    float32 = dtype is not None and np.dtype(dtype) == np.float32
+    native = keep_float32 or float32
+    r = _numeric_column(table, reward, native)
+    g = []
+    for c in constraints:
+        col = _numeric_column(table, c.column, native)
+        g.append(-col if c.sign < 0 else col)
+    if float32:
+        r, g = r.astype(np.float32, copy=False), [c.astype(np.float32, copy=False) for c in g]
+    ref = {j: c.sign * _numeric_column(table, ref_columns[c.column]) for j, c in enumerate(constraints)
+           if c.column in ref_columns}  # fmt: skip
     pid_col = table.column(prompt_id)
     keys, empty = prompt_keys(table.column("prompt")) if "prompt" in table.column_names else (None, None)
-    bad = bad_mask([r, g, ref[:, has_ref]], _null(pid_col), empty)
+    bad = bad_mask([r, *g, *ref.values()], _null(pid_col), empty)
     rows_bad = np.flatnonzero(bad)
     if len(rows_bad) and not drop_bad_rows:
         raise ScoresFormatError(
@@ -297,18 +304,19 @@ def load_scores(
         raise ScoresFormatError(f"{path}: every row is bad; nothing left to solve on")
     if keys is not None:
         check_one_prompt_per_id(pa.chunked_array(pid_col).filter(pa.array(keep)), keys[keep], str(path), prompt_id)
-    index, uniq = group_prompts(pa.chunked_array(pid_col).filter(pa.array(keep)))
     if keep.all():
-        scores = from_long(index, r, g, dtype=dtype)
+        index, uniq = group_prompts(pid_col)
     else:
-        scores = from_long(index, r[keep], g[keep], dtype=dtype)
+        index, uniq = group_prompts(pa.chunked_array(pid_col).filter(pa.array(keep)))
+        r, g = r[keep], [c[keep] for c in g]
+        ref = {j: v[keep] for j, v in ref.items()}
     counts = np.bincount(index)
-    if has_ref.any():
+    ref_utility = None
+    if ref:
         # E_ref[g_j | x_i] from the reference columns (per-prompt means); the sample mean elsewhere.
-        source = np.where(has_ref, ref[keep], g[keep])  # [R, m]
-        sums = np.stack([np.bincount(index, source[:, j], minlength=len(counts)) for j in range(len(names))], 1)
+        sums = np.stack([np.bincount(index, ref.get(j, g[j]), minlength=len(counts)) for j in range(len(names))], 1)
         ref_utility = sums / np.maximum(counts, 1)[:, None]  # [N, m]
-        scores = scores._replace(ref_utility=jnp.asarray(ref_utility, scores.reward.dtype))
+    scores = from_grouped(index, r, tuple(g), counts=counts, ref_utility=ref_utility)
     if counts.max() < 2:
         raise DegenerateDataError(
             f"{path}: every prompt has fewer than two responses; the dual needs K_i ≥ 2 samples of π_ref per "
@@ -326,4 +334,5 @@ def load_scores(
         path=str(path),
         ref_columns=ref_columns,
         bad_rows="dropped" if drop_bad_rows else "refused",
+        dtype=np.dtype(np.float32 if float32 else np.float64),
     )

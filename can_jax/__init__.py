@@ -26,9 +26,10 @@ _EXPORTS = {
     ],  # fmt: skip
     "can_jax.inference": ["Bootstrap", "bootstrap", "sandwich_covariance", "standard_error_notes", "standard_errors"],
     "can_jax.result": ["DualResult", "Predicted", "Status"],
-    "can_jax.scores": ["Scores", "from_long", "from_padded"],
+    "can_jax.scores": ["Scores", "from_grouped", "from_long", "from_padded"],
+    "can_jax.shard": ["device_count"],
     "can_jax.solve": ["solve_dual", "solve_dual_jit"],
-    "can_jax.sweep": ["margin_grid", "sweep", "sweep_jit"],
+    "can_jax.sweep": ["margin_grid", "solve_many", "solve_many_jit", "sweep", "sweep_jit"],
     "can_jax.sim.synthetic": ["synthetic_scores"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

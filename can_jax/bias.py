@@ -318,7 +318,7 @@ def _jack_block(lam, sc: Scores, margins, beta, first: bool):
     return out
 
 
-def _block_pass(lam, blocks: Scores, margins, beta, first: bool):
+def block_pass(lam, blocks: Scores, margins, beta, first: bool):
     """One scan over the prompt blocks at λ (see `_jack_block`): memory is that of one block, never N·K·(m + 2).
     Blocks in another precision than λ's are cast block by block; sharded blocks scan on their devices."""
 
@@ -365,7 +365,7 @@ def finite_k_bias(
     beta = jnp.asarray(beta, dtype)
     blocks = to_blocks(scores, block, device_count(devices))
 
-    acc = _block_pass(lam, blocks, margins, beta, True)
+    acc = block_pass(lam, blocks, margins, beta, True)
     th, jk = acc["theta"], acc["jack"]
     n_prompts = acc["count"]
     tot = jnp.maximum(th.n, jnp.finfo(dtype).tiny)
@@ -395,7 +395,7 @@ def finite_k_bias(
 
         def step(carry, _):
             lam_t, _ = carry
-            a = _block_pass(lam_t, blocks, margins, beta, False)
+            a = block_pass(lam_t, blocks, margins, beta, False)
             return newton(lam_t, a["psi"], a["jac"]), None
 
         if steps > 1:

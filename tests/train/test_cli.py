@@ -125,3 +125,28 @@ def test_demo_runs(tmp_path):
     cert = json.loads((tmp_path / "d" / "certificate.json").read_text())
     assert cert["converged"] and set(cert["lambda"]) == {"harmlessness", "honesty", "toxicity"}
     assert (tmp_path / "d" / "sweep.png").exists()
+
+
+def test_dual_on_two_devices_records_them_and_agrees(scores_path, tmp_path):
+    """Issue 22: `can dual` shards prompts over every local JAX device (here 2 CPU devices, set before JAX starts:
+    a subprocess) and records them; λ*, the bias block and the predicted gains equal the 1-device run's to 1e-9."""
+    certs = {}
+    for n in (1, 2):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+               "CAN_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+        out = tmp_path / f"cert{n}.json"
+        proc = subprocess.run([sys.executable, "-m", "train.cli", *_args(scores_path, "--out", str(out))], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        certs[n] = json.loads(out.read_text())
+    assert certs[1]["devices"]["count"] == 1 and certs[2]["devices"]["count"] == 2
+    assert certs[2]["devices"]["platform"] == "cpu"
+    for name in ("safe", "toxic"):
+        assert abs(certs[2]["lambda"][name] - certs[1]["lambda"][name]) <= 1e-9 * max(1, abs(certs[1]["lambda"][name]))
+        b1, b2 = certs[1]["bias"]["lambda"][name], certs[2]["bias"]["lambda"][name]
+        assert abs(b2["corrected"] - b1["corrected"]) <= 1e-9 * max(1, abs(b1["corrected"]))
+    assert abs(certs[2]["predicted"]["kl"] - certs[1]["predicted"]["kl"]) <= 1e-9
+    # The compile cache was written by the first run and is where --no-cache would not look.
+    assert any((tmp_path / "cache" / "jax").iterdir())
+    res = runner.invoke(app, _args(scores_path, "--devices", "3"))
+    assert res.exit_code == 1 and "devices must be between 1 and" in res.output

@@ -118,17 +118,22 @@ def fail(message, code: int = EXIT_USER_ERROR, json_out: bool = False, status: s
     raise typer.Exit(code)
 
 
-def setup_jax():
-    """float64 on (DESIGN §2) and a persistent compile cache, before any array exists."""
+def setup_jax(cache: bool = True):
+    """float64 on (DESIGN §2) and, unless `cache` is off, JAX's persistent compilation cache in the user's cache
+    directory ($CAN_CACHE_DIR, else ~/.cache/can/jax), before any array exists: a second run on a table of the
+    same shape compiles nothing."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX may share a GPU with torch
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    cache = Path(os.environ.get("CAN_CACHE_DIR", Path.home() / ".cache" / "can")) / "jax"
+    if not cache:
+        return
+    path = Path(os.environ.get("CAN_CACHE_DIR", Path.home() / ".cache" / "can")) / "jax"
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     except OSError:
         pass  # a read-only home only costs the compile time
 

@@ -73,6 +73,15 @@ def dual(
             help="--pecan: E_ref[g̃ | x] from the token-level KL (token) or the sample mean of the log-ratios (sample)."
         ),
     ] = "token",
+    devices: Annotated[
+        Optional[int],
+        typer.Option(help="Local JAX devices to shard the prompts over [default: all]; recorded in the certificate."),
+    ] = None,
+    cache: Annotated[
+        bool,
+        typer.Option("--cache/--no-cache", help="JAX's persistent compilation cache (~/.cache/can/jax, or "
+                     "$CAN_CACHE_DIR): a second run on a table of the same shape compiles nothing."),
+    ] = True,
     cost_at_most: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -102,10 +111,10 @@ def dual(
     cfg = DualConfig(scores=str(scores), reward=reward, beta=beta, constraint=list(constraint or []),
                      cost=list(cost or []), cost_at_most=list(cost_at_most or []), at_least=list(at_least or []),
                      prompt_id=prompt_id, float32=float32, tol=tol, max_iter=max_iter, se=se, bias=bias,
-                     drop_bad_rows=drop_bad_rows, pecan=pecan, kl=kl)  # fmt: skip
+                     drop_bad_rows=drop_bad_rows, pecan=pecan, kl=kl, devices=devices)  # fmt: skip
     try:
         cfg.check()
-        setup_jax()
+        setup_jax(cache)
         cert = run(cfg)
     except CanError as err:
         fail(err, json_out=json_out, status=status_of(err))
