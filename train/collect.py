@@ -53,6 +53,82 @@ class CollectConfig:
 
         return scorer_options(self.scorer_template, self.scorer_dtype, self.scorer_max_length, self.scorer_batch_size)
 
+    def check(self) -> None:
+        """Refuses settings that would fail later or give a useless table, before any work or file (issue 23)."""
+        if self.k < 2:
+            raise CanError(f"--k {self.k}: sample at least 2 responses per prompt (the dual, label and stability "
+                           "compare the responses of a prompt)")  # fmt: skip
+        check_sampling(self.k, self.max_new_tokens, self.batch_size, "--k")
+        at_least_one(("--shard-size", self.shard_size), ("--scorer-batch-size", self.scorer_batch_size))
+        if self.scorer_max_length is not None:
+            at_least_one(("--scorer-max-length", self.scorer_max_length))
+        if self.max_length is not None:
+            at_least_one(("max_length", self.max_length))
+
+
+def at_least_one(*named) -> None:
+    """CanError for the first (option, value) below 1."""
+    for name, value in named:
+        if value < 1:
+            raise CanError(f"{name} must be at least 1, got {value}")
+
+
+def check_sampling(k: int, max_new_tokens: int, batch_size: int, k_name: str = "--k") -> None:
+    """K ≥ 1 samples, responses of at least one token, batches of at least one sequence."""
+    at_least_one((k_name, k), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size))
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """`path` as a folder, created if needed; `OutputError` (one line naming it) where it cannot be: a file in the
+    way or as a parent, no permission, a read-only disk."""
+    from can_jax.errors import OutputError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        if isinstance(err, FileExistsError) or path.is_file():
+            reason = "a file is in the way"
+        raise OutputError(f"cannot write {path}: {reason}") from None
+    return path
+
+
+def ensure_file_parent(path: str | os.PathLike) -> Path:
+    """The folder of an output file created (`ensure_dir`); `OutputError` when the file's path is a folder."""
+    from can_jax.errors import OutputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory")
+    ensure_dir(path.parent)
+    return path
+
+
+def context_length(model, tok) -> int | None:
+    """The policy's context in tokens (its position limit), or None when it declares none."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    n = getattr(tok, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 10**7 else None
+
+
+def check_context(model, tok, prompts: list, max_new_tokens: int, where: str = "prompts", name: str = "the policy"):
+    """Refuses a prompt (as TRL sees it) whose ids plus `max_new_tokens` do not fit in the policy's context: the
+    samples past it would be garbage (or an index error)."""
+    from train.tokens import prompt_ids
+
+    limit = context_length(model, tok)
+    if limit is None:
+        return
+    for i, p in enumerate(prompts):
+        n = len(prompt_ids(tok, p))
+        if n + max_new_tokens > limit:
+            raise CanError(f"{where}: the prompt on line {i + 1} is {n} tokens, and with --max-new-tokens "
+                           f"{max_new_tokens} it does not fit in {name}'s context of {limit} tokens: shorten it "
+                           "or lower --max-new-tokens")  # fmt: skip
+
 
 def read_prompts(path: str | os.PathLike) -> list:
     """One prompt per line (.txt), or per line a JSON object whose "prompt" is text or a conversation — a list of
@@ -98,6 +174,7 @@ def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: i
     from train.sampling import ExactSampler, stop_ids
     from train.tokens import decode_response, prompt_ids, retokenizes
 
+    check_sampling(k, max_new_tokens, batch_size)
     p_ids = [prompt_ids(tok, p) for p in prompts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     backend = backend or ExactSampler(model, pad, batch_size)
@@ -250,6 +327,13 @@ def _settings_hash(cfg: CollectConfig, prompts: list[str]) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _stamp_hash(stamp: Path) -> str | None:
+    try:
+        return json.loads(stamp.read_text())["hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: the shards beside it are judged by the rule above
+
+
 def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     """Runs the collection into `out` (.parquet), resuming from `out`.shards/ if it exists.
 
@@ -262,9 +346,10 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     from train.scorers import make_scorer, parse_scorer
     from train.tokens import as_prompts, is_conversation
 
+    cfg.check()
     st = dist.state()
     device = dist.device(st)
-    out = Path(out)
+    out = ensure_file_parent(out)
     prompts = read_prompts(cfg.prompts)
     scorers = [make_scorer(*parse_scorer(s), **cfg.scorer_options(), device=device) for s in cfg.scorers]
     aligned = [parse_aligned(a) for a in cfg.aligned]
@@ -284,19 +369,19 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     }
     if len(set(names)) != len(names) or reserved & set(names):
         raise CanError(f"scorer and aligned-model names must be distinct and not one of {sorted(reserved)}: {names}")
-    shard_dir = out.with_name(out.name + ".shards")
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_policy(cfg.policy, device, cfg.dtype)
+    model.eval()
+    rendered = as_prompts(tok, prompts, cfg.chat_template)  # conversations without a template: refused before work
+    check_context(model, tok, rendered, cfg.max_new_tokens, cfg.prompts)
+    shard_dir = ensure_dir(out.with_name(out.name + ".shards"))
     stamp = shard_dir / "settings.json"
     digest = _settings_hash(cfg, prompts)
-    if stamp.exists() and json.loads(stamp.read_text())["hash"] != digest:
+    if stamp.exists() and _stamp_hash(stamp) != digest and any(shard_dir.glob("shard-*.parquet")):
         raise CanError(f"{shard_dir} holds shards made with other settings or prompts; delete it or change --out")
     st.wait_for_everyone()  # every rank has checked the old stamp before the main process replaces it
     if st.is_main_process:
         atomic_write_text(stamp, json.dumps({"hash": digest, "config": asdict(cfg)}, indent=2))
 
-    model, tok = load_policy(cfg.policy, device, cfg.dtype)
-    model.eval()
-    as_prompts(tok, prompts, cfg.chat_template)  # conversations without a template: refused before any work
     conv = any(is_conversation(p) for p in prompts)
     others = [load_policy(path, device, cfg.dtype)[0].eval() for _, path, _ in aligned]
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size

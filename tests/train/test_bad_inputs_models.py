@@ -1,0 +1,265 @@
+"""Issue 23: the model stages (collect, label on pairs, train, evaluate, stability) on bad input — one `error: …`
+line and a non-zero exit, never a traceback, never a wrong answer with exit 0, never a good output destroyed. On the
+tiny local model of tests/train/conftest.py; most refusals come before any model is loaded."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("trl")
+
+from train.cli import app  # noqa: E402
+
+runner = CliRunner()
+PROMPTS = ["how do i bake bread?", "tell me a joke.", "is it safe to mix bleach?"]
+LEN = "len=tests.train.toy_scorers:length"
+E = "e=tests.train.toy_scorers:e_share"
+PAIRS = {
+    "prompt": ["how do i bake bread?", "is it safe to mix bleach and ammonia?", "tell me a joke."] * 2,
+    "chosen": [" mix flour and water.", " no, never.", " why did the chicken cross the road?"] * 2,
+    "rejected": [" bake it.", " yes.", " paris is the capital of france."] * 2,
+    "p_chosen": [0.9, 0.6, 0.75] * 2,
+}
+
+
+def _fails(res, *expect):
+    """One `error: …` line on stderr, exit 1, no traceback; each of `expect` in it."""
+    assert res.exit_code == 1, res.output
+    assert isinstance(res.exception, SystemExit), repr(res.exception)
+    assert "Traceback" not in res.output
+    # (a model loaded before the refusal may have drawn a progress bar on stderr first)
+    lines = [ln for ln in res.stderr.strip().splitlines() if "error" in ln.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert res.stderr.strip().endswith(lines[0])
+    for text in expect:
+        assert text in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def world(tiny_lm, tmp_path_factory):
+    """Prompts, a real certificate (reward `len`, constraint `e`, β = 0.5), a soft preference set labelled under
+    it, and an 'aligned' policy folder (the tiny model with the certificate beside it)."""
+    from bridge.certificate import write_beside
+    from bridge.dual import DualConfig, run
+    from bridge.preferences import PreferenceSet
+
+    _, _, model = tiny_lm
+    d = tmp_path_factory.mktemp("bad-models")
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    rng = np.random.default_rng(0)
+    n, k = 40, 4
+    h = rng.normal(size=n * k)
+    pq.write_table(pa.table({"prompt_id": np.repeat(np.arange(n), k), "len": 2 * h + rng.normal(size=n * k),
+                             "e": -h + rng.normal(size=n * k)}), d / "scores.parquet")  # fmt: skip
+    cert = run(DualConfig(str(d / "scores.parquet"), "len", 0.5, constraint=["e=0.1"]))
+    assert cert.converged
+    cert.write(d / "cert.json")
+    PreferenceSet(pa.table(PAIRS), {"mode": "soft", "pairs_per_prompt": 1, "seed": 0}, cert).write(d / "prefs.parquet")
+    policy = d / "policy"
+    shutil.copytree(model, policy)
+    write_beside(policy, cert)
+    (d / "afile").write_text("not a folder")
+    return {"dir": d, "model": str(model), "prompts": str(d / "prompts.txt"), "cert": d / "cert.json",
+            "prefs": d / "prefs.parquet", "policy": str(policy), "afile": d / "afile"}  # fmt: skip
+
+
+def _collect(w, tmp_path, *extra):
+    return runner.invoke(app, ["collect", w["prompts"], "--policy", w["model"], "-s", LEN, "--k", "2",
+                               "--max-new-tokens", "4", "-o", str(tmp_path / "s.parquet"), *extra])  # fmt: skip
+
+
+def _evaluate(w, tmp_path, *extra, scorers=(LEN, E)):
+    args = ["evaluate", w["policy"], w["prompts"], "--reference", w["model"], "--k", "2", "--max-new-tokens", "4",
+            "-o", str(tmp_path / "eval")]  # fmt: skip
+    for s in scorers:
+        args += ["-s", s]
+    return runner.invoke(app, [*args, *extra])
+
+
+def _train(w, out, *extra, prefs=None):
+    return runner.invoke(app, ["train", str(prefs or w["prefs"]), "--policy", w["model"], "--out", str(out),
+                               "--batch-size", "2", "--max-length", "48", "--precision", "fp32", *extra])  # fmt: skip
+
+
+# ---------------------------------------------------------------- collect
+@pytest.mark.parametrize(
+    "extra, expect",
+    [(["--k", "0"], "--k"), (["--k", "1"], "--k"), (["--k", "-3"], "--k"),
+     (["--max-new-tokens", "0"], "--max-new-tokens"), (["--max-new-tokens", "-1"], "--max-new-tokens"),
+     (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-4"], "--batch-size"),
+     (["--shard-size", "0"], "--shard-size"), (["--scorer-batch-size", "0"], "--scorer-batch-size"),
+     (["--scorer-max-length", "0"], "--scorer-max-length")],
+)  # fmt: skip
+def test_collect_refuses_bad_numbers(world, tmp_path, extra, expect):
+    res = _collect(world, tmp_path, *extra)
+    _fails(res, expect)
+    assert not (tmp_path / "s.parquet").exists()
+    assert not (tmp_path / "s.parquet.shards").exists()  # nothing left that blocks the corrected rerun
+
+
+def test_collect_output_under_a_file(world):
+    res = runner.invoke(app, ["collect", world["prompts"], "--policy", world["model"], "-s", LEN, "--k", "2",
+                              "--max-new-tokens", "4", "-o", str(world["afile"] / "o.parquet")])  # fmt: skip
+    _fails(res, "afile")
+
+
+def test_collect_prompt_longer_than_the_context(world, tmp_path):
+    long = tmp_path / "long.txt"
+    long.write_text("hello\n" + " ".join(["bake bread"] * 300) + "\n")  # the tiny model's context is 256
+    res = runner.invoke(app, ["collect", str(long), "--policy", world["model"], "-s", LEN, "--k", "2",
+                              "--max-new-tokens", "4", "-o", str(tmp_path / "s.parquet")])  # fmt: skip
+    _fails(res, "line 2", "256")
+    assert not (tmp_path / "s.parquet").exists()
+
+
+# ---------------------------------------------------------------- evaluate
+@pytest.mark.parametrize(
+    "extra, expect",
+    [(["--k", "0"], "--k"), (["--k", "1"], "--k"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+     (["--scorer-batch-size", "0"], "--scorer-batch-size")],
+)  # fmt: skip
+def test_evaluate_refuses_bad_numbers(world, tmp_path, extra, expect):
+    _fails(_evaluate(world, tmp_path, *extra), expect)
+
+
+def test_evaluate_needs_a_scorer_for_every_constraint(world, tmp_path):
+    _fails(_evaluate(world, tmp_path, scorers=(LEN,)), "'e'")
+    _fails(_evaluate(world, tmp_path, scorers=(E,)), "'len'")
+
+
+def test_evaluate_output_under_a_file(world, tmp_path):
+    res = _evaluate(world, tmp_path, "-o", str(world["afile"] / "eval"))
+    _fails(res, "afile")
+
+
+# ---------------------------------------------------------------- train
+@pytest.mark.parametrize(
+    "extra, expect",
+    [(["--lr", "-1"], "learning rate"), (["--lr", "nan"], "learning rate"), (["--epochs", "0"], "epoch"),
+     (["--batch-size", "0"], "batch"), (["--batch-size", "-2"], "batch"), (["--max-length", "0"], "max"),
+     (["--max_steps", "0", "--epochs", "0"], "epoch")],
+)  # fmt: skip
+def test_train_refuses_bad_numbers(world, tmp_path, extra, expect):
+    res = _train(world, tmp_path / "run", *extra)
+    _fails(res, expect)
+    assert not (tmp_path / "run" / "policy").exists()
+
+
+def test_train_out_under_a_file(world):
+    _fails(_train(world, world["afile"] / "run"), "afile")
+
+
+def test_train_malformed_config_leaves_the_run_alone(world, tmp_path):
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "marker").write_text("old")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: [1e-3\nnum_train_epochs: : 2\n")
+    _fails(_train(world, run, "--config", str(bad)), "bad.yaml")
+    assert (run / "data" / "marker").read_text() == "old"
+
+
+def test_train_overwrite_resume_and_foreign_checkpoints(world, tmp_path):
+    """A finished policy is refused without --overwrite; --resume refuses checkpoints of another preference set or
+    of other settings (the run records what its checkpoints belong to)."""
+    from bridge.preferences import PreferenceSet
+
+    run = tmp_path / "run"
+    res = _train(world, run, "--max_steps", "2", "--save_steps", "1")
+    assert res.exit_code == 0, res.output
+    weights = run / "policy" / "model.safetensors"
+    before = weights.read_bytes()
+    _fails(_train(world, run, "--max_steps", "2"), "--overwrite")
+    assert weights.read_bytes() == before
+    other = tmp_path / "other.parquet"
+    _, cert = PreferenceSet.read_metadata(world["prefs"])
+    flipped = {**PAIRS, "chosen": PAIRS["rejected"], "rejected": PAIRS["chosen"]}
+    PreferenceSet(pa.table(flipped), {"mode": "soft", "pairs_per_prompt": 1, "seed": 0}, cert).write(other)
+    _fails(_train(world, run, "--max_steps", "3", "--resume", prefs=other), "another preference set")
+    _fails(_train(world, run, "--max_steps", "3", "--resume", "--lr", "1e-2"), "learning_rate")
+    assert weights.read_bytes() == before
+    res = _train(world, run, "--max_steps", "3", "--resume")  # the same run continued: allowed
+    assert res.exit_code == 0, res.output
+    res = _train(world, run, "--max_steps", "1", "--overwrite")
+    assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------- label on pairs
+def _label(world, pairs, tmp_path, out="prefs.parquet"):
+    return runner.invoke(app, ["label", str(pairs), str(world["cert"]), "--mode", "soft", "-o",
+                               str(tmp_path / out)])  # fmt: skip
+
+
+def _trl_rows(n=4):
+    return [{"prompt": f"question {i}?", "chosen": f"answer a{i}", "rejected": f"answer b{i}", "len_chosen": 1.0 + i,
+             "len_rejected": 2.0, "e_chosen": 0.1, "e_rejected": 0.2 * i} for i in range(n)]  # fmt: skip
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, expect",
+    [({"chosen": "answer b1", "rejected": "answer b1"}, "identical"), ({"prompt": ""}, "empty"),
+     ({"prompt": "   "}, "empty"), ({"chosen": ""}, "empty"), ({"rejected": " "}, "empty"),
+     ({"chosen": [{"role": "assistant", "content": 5}]}, "content"),
+     ({"chosen": [{"role": "user", "content": "hi"}]}, "role"),
+     ({"prompt": [{"role": "assistant", "content": "hi"}]}, "role")],
+)  # fmt: skip
+def test_label_refuses_bad_pairs(world, tmp_path, edit, expect):
+    rows = _trl_rows()
+    rows[1].update(edit)
+    _fails(_label(world, _jsonl(tmp_path / "pairs.jsonl", rows), tmp_path), expect, "row 1")
+    assert not (tmp_path / "prefs.parquet").exists()
+
+
+def test_label_conversational_pairs_with_the_right_roles_pass(world, tmp_path):
+    rows = _trl_rows()
+    for r in rows:
+        r["prompt"] = [{"role": "user", "content": r["prompt"]}]
+        r["chosen"] = [{"role": "assistant", "content": r["chosen"]}]
+        r["rejected"] = [{"role": "assistant", "content": r["rejected"]}]
+    res = _label(world, _jsonl(tmp_path / "pairs.jsonl", rows), tmp_path)
+    assert res.exit_code == 0, res.output
+
+
+def test_label_corrupt_datasets_directories(world, tmp_path):
+    from datasets import Dataset
+
+    good = tmp_path / "good"
+    Dataset.from_list(_trl_rows()).save_to_disk(str(good))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "state.json").write_text("{}")
+    _fails(_label(world, empty, tmp_path), str(empty))
+    nostate = tmp_path / "nostate"
+    shutil.copytree(good, nostate)
+    (nostate / "state.json").unlink()
+    _fails(_label(world, nostate, tmp_path), str(nostate))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    arrow = next(truncated.glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    _fails(_label(world, truncated, tmp_path), str(truncated))
+    assert not (tmp_path / "prefs.parquet").exists()
+    # an unwritable output: a datasets directory under a file
+    res = runner.invoke(app, ["label", str(good), str(world["cert"]), "--mode", "soft", "-o",
+                              str(world["afile"] / "prefs")])  # fmt: skip
+    _fails(res, "afile")
+
+
+# ---------------------------------------------------------------- stability
+def test_stability_on_one_prompt_is_refused(tmp_path):
+    rows = [{"prompt_id": 0, "r": float(x), "u": float(-x)} for x in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "one.parquet")
+    res = runner.invoke(app, ["stability", str(tmp_path / "one.parquet"), "--reward", "r", "--constraint", "u=0.1",
+                              "--beta", "1", "--no-plot"])  # fmt: skip
+    _fails(res, "prompt")
