@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bridge.files import atomic_write_text, write_figure
+from can_jax.errors import CanError
 
 PROMPTS_PER_UNIT = 16  # prompts per unit of evaluation work; unit u samples with seed + u (`train.dist`)
 
@@ -23,7 +24,7 @@ def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed, 
     """Per-prompt mean scores of K samples of a policy, and the samples. Units of prompts are spread over the
     processes of `accelerate launch` (seeds per unit: the same numbers for any number of processes)."""
     from train import dist
-    from train.collect import sample
+    from train.collect import check_context, sample
     from train.models import load_policy
     from train.tokens import as_prompts, is_conversation
 
@@ -31,6 +32,7 @@ def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed, 
     model, tok = load_policy(spec, dist.device(st), dtype)
     model.eval()
     conv = any(is_conversation(p) for p in prompts)
+    check_context(model, tok, as_prompts(tok, prompts, chat_template), max_new_tokens, "the held-out prompts", spec)
 
     def unit(u):
         chunk = prompts[u * PROMPTS_PER_UNIT : (u + 1) * PROMPTS_PER_UNIT]
@@ -65,10 +67,18 @@ def evaluate(
     """Writes OUT/evaluation.json, .md and .png; returns the report dict. `insample` (from `insample_gains`) adds
     the aligned policy's gains on the training samples beside the held-out ones."""
     from train import dist
+    from train.collect import check_sampling, ensure_dir
     from train.scorers import make_scorer, parse_scorer
 
+    check_sampling(k, max_new_tokens, batch_size)
+    check_scorer_options(scorer_options)
+    if len(prompts) < 2:
+        raise CanError(f"{len(prompts)} held-out prompt: give at least 2 (the interval of the gains is over prompts)")
+    check_scorers(cert, [parse_scorer(s)[0] for s in scorer_specs])
     st = dist.state()
     out = Path(out)
+    if st.is_main_process:
+        ensure_dir(out)  # before any sampling: an output path that cannot be written is refused first
     scorers = [make_scorer(*parse_scorer(s), **(scorer_options or {}), device=dist.device(st)) for s in scorer_specs]
     ours, samples_a = _policy_scores(aligned, prompts, scorers, k, max_new_tokens, batch_size, seed, chat_template,
                                      dtype)  # fmt: skip
@@ -106,6 +116,28 @@ def evaluate(
         plot(rows, out / "evaluation.png")
     st.wait_for_everyone()
     return report
+
+
+def check_scorers(cert, names: list[str]) -> None:
+    """Refuses scorers that leave out the certificate's reward or one of its constraints (the report would silently
+    lack it) or name one twice."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CanError(f"scorer name(s) {dup} given twice")
+    missing = [n for n in [cert.reward, *cert.names] if n not in names]
+    if missing:
+        raise CanError(f"no scorer for {', '.join(repr(n) for n in missing)} of the certificate (reward "
+                       f"{cert.reward!r}, constraints {cert.names}): give -s NAME=SPEC for each, the scorers the "
+                       "certificate's table was scored with")  # fmt: skip
+
+
+def check_scorer_options(options: dict | None) -> None:
+    """--scorer-batch-size ≥ 1 and --scorer-max-length ≥ 1 when given."""
+    options = options or {}
+    if options.get("batch_size", 1) < 1:
+        raise CanError(f"--scorer-batch-size must be at least 1, got {options['batch_size']}")
+    if options.get("max_length") is not None and options["max_length"] < 1:
+        raise CanError(f"--scorer-max-length must be at least 1, got {options['max_length']}")
 
 
 def paired_interval(diff, level: float = 0.95) -> tuple[float, float, float]:

@@ -121,8 +121,8 @@ def test_collect_prompt_longer_than_the_context(world, tmp_path):
 # ---------------------------------------------------------------- evaluate
 @pytest.mark.parametrize(
     "extra, expect",
-    [(["--k", "0"], "--k"), (["--k", "1"], "--k"), (["--max-new-tokens", "0"], "--max-new-tokens"),
-     (["--scorer-batch-size", "0"], "--scorer-batch-size")],
+    [(["--k", "0"], "--k"), (["--k", "-1"], "--k"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+     (["--scorer-batch-size", "0"], "--scorer-batch-size"), (["--scorer-max-length", "-1"], "--scorer-max-length")],
 )  # fmt: skip
 def test_evaluate_refuses_bad_numbers(world, tmp_path, extra, expect):
     _fails(_evaluate(world, tmp_path, *extra), expect)
@@ -133,9 +133,19 @@ def test_evaluate_needs_a_scorer_for_every_constraint(world, tmp_path):
     _fails(_evaluate(world, tmp_path, scorers=(E,)), "'len'")
 
 
-def test_evaluate_output_under_a_file(world, tmp_path):
+def test_evaluate_output_under_a_file_one_prompt_and_a_long_prompt(world, tmp_path):
     res = _evaluate(world, tmp_path, "-o", str(world["afile"] / "eval"))
     _fails(res, "afile")
+    one = tmp_path / "one.txt"
+    one.write_text("hello\n")
+    res = runner.invoke(app, ["evaluate", world["policy"], str(one), "--reference", world["model"], "-s", LEN, "-s", E,
+                              "-o", str(tmp_path / "eval")])  # fmt: skip
+    _fails(res, "at least 2")
+    long = tmp_path / "long.txt"
+    long.write_text("hello\n" + " ".join(["bake bread"] * 300) + "\n")
+    res = runner.invoke(app, ["evaluate", world["policy"], str(long), "--reference", world["model"], "-s", LEN, "-s",
+                              E, "-o", str(tmp_path / "eval")])  # fmt: skip
+    _fails(res, "line 2", "256")
 
 
 # ---------------------------------------------------------------- train

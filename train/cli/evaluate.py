@@ -50,8 +50,8 @@ def evaluate_cmd(
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
     from can_jax.errors import CanError
-    from train.collect import read_prompts
-    from train.evaluate import evaluate, insample_gains
+    from train.collect import check_sampling, read_prompts
+    from train.evaluate import check_scorer_options, check_scorers, evaluate, insample_gains
     from train.scorers import parse_scorer, scorer_options
 
     if not scorer:
@@ -59,6 +59,9 @@ def evaluate_cmd(
     try:
         certificate, prompts = (None, certificate_or_prompts) if prompts is None else (certificate_or_prompts, prompts)
         cert = policy_certificate(aligned, certificate)
+        check_sampling(k, max_new_tokens, 64, "--k")
+        check_scorer_options(scorer_options(scorer_template, scorer_dtype, scorer_max_length, scorer_batch_size))
+        check_scorers(cert, [parse_scorer(s)[0] for s in scorer])  # before any model is loaded
         insample = None
         if train_scores is not None:
             insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
