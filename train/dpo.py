@@ -266,8 +266,16 @@ def make_config(out_dir: str | Path, beta: float, precision: str = "auto", confi
     argv = (["--config", str(config_file)] if config_file is not None else []) + list(extra_args)
     for key, value in kw.items():
         parser.set_defaults(**{key: value})  # explicit keywords win over the file: re-applied below
+    import yaml
+
     try:
         cfg, rest = parser.parse_args_and_config(argv, return_remaining_strings=True)
+    except yaml.YAMLError as err:
+        reason = " ".join(str(err).split())
+        raise CanError(f"--config {config_file}: not a valid YAML/JSON file ({reason})") from None
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        raise CanError(f"--config {config_file}: cannot read it ({reason})") from None
     except SystemExit:
         raise CanError("invalid DPO option (argparse's message above); see `can train --help`") from None
     except (ValueError, TypeError) as err:  # e.g. a config file that is not a mapping, or a bad value
@@ -277,6 +285,106 @@ def make_config(out_dir: str | Path, beta: float, precision: str = "auto", confi
     if kw:
         cfg = CanDPOConfig(**{**{f: getattr(cfg, f) for f in _init_fields(cfg)}, **kw})
     return cfg
+
+
+def check_config(args) -> None:
+    """Refuses DPO settings that would crash inside torch/TRL or train nothing (issue 23)."""
+    import math
+
+    lr = args.learning_rate
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise CanError(f"--lr (learning rate) must be a positive finite number, got {lr}")
+    if args.max_steps is None or args.max_steps <= 0:
+        epochs = args.num_train_epochs
+        if not (math.isfinite(epochs) and epochs > 0):
+            raise CanError(f"--epochs {epochs}: no training step would be taken; give a positive number of epochs "
+                           "(or --max_steps N)")  # fmt: skip
+    for name, option in (("per_device_train_batch_size", "--batch-size (per_device_train_batch_size)"),
+                         ("gradient_accumulation_steps", "gradient_accumulation_steps")):  # fmt: skip
+        if getattr(args, name) < 1:
+            raise CanError(f"{option} must be at least 1, got {getattr(args, name)}")
+    if args.max_length is not None and args.max_length < 1:
+        raise CanError(f"--max-length (max_length) must be at least 1 token, got {args.max_length}")
+
+
+# The settings a run's checkpoints belong to: `--resume` continues them only under the same (epochs and max_steps
+# may grow: continuing a run for longer is what resuming is for).
+RUN_SETTINGS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
+                "beta", "bf16", "lr_scheduler_type", "weight_decay", "truncation_mode")  # fmt: skip
+RUN_RECORD = "run.json"
+
+
+def _content_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's files (names and contents)."""
+    import hashlib
+
+    from bridge.files import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{sha256_file(f)}\0".encode())
+    return h.hexdigest()
+
+
+def run_record(preferences: Path, prefs, policy: str, args, **choices) -> dict:
+    """What a run's checkpoints belong to: the preference set (content hash), its certificate, the policy and the
+    training settings."""
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    settings = {k: v if isinstance(v, (int, float, bool, str, type(None))) else str(v) for k, v in settings.items()}
+    return {"preferences": str(preferences), "preferences_sha256": _content_sha256(Path(preferences)),
+            "certificate_sha256": None if prefs.certificate is None else prefs.certificate.sha256,
+            "policy": str(policy), "settings": {**settings, **choices}}  # fmt: skip
+
+
+def _check_run_folder(out_dir: Path, record: dict, resume: bool, overwrite: bool) -> bool:
+    """Whether to resume from OUT's checkpoints. Refuses to overwrite a finished run's policy or an unfinished run's
+    checkpoints without `overwrite`, and `resume` onto checkpoints of another preference set, policy or settings."""
+    import json
+
+    ckpts = out_dir / "checkpoints"
+    if out_dir.exists() and not out_dir.is_dir():
+        from can_jax.errors import OutputError
+
+        raise OutputError(f"cannot write {out_dir}: a file is in the way")
+    has_ckpt = ckpts.is_dir() and any(ckpts.glob("checkpoint-*"))
+    finished = (out_dir / "policy").exists()
+    if resume and has_ckpt:
+        try:
+            old = json.loads((out_dir / RUN_RECORD).read_text())
+        except FileNotFoundError:
+            import warnings
+
+            warnings.warn(f"{out_dir} records no run for its checkpoints (written by an older can): resuming them "
+                          "unchecked", stacklevel=3)  # fmt: skip
+            return True
+        except (OSError, ValueError) as err:
+            raise CanError(f"{out_dir / RUN_RECORD}: unreadable ({err}): --overwrite to start over") from None
+        if old.get("preferences_sha256") != record["preferences_sha256"] or (
+            old.get("certificate_sha256") != record["certificate_sha256"]
+        ):
+            raise CanError(f"--resume: the checkpoints in {ckpts} were trained on another preference set "
+                           f"({old.get('preferences')}): resume with that set, or --overwrite to start "
+                           "over")  # fmt: skip
+        if old.get("policy") != record["policy"]:
+            raise CanError(f"--resume: the checkpoints in {ckpts} are of policy {old.get('policy')!r}, not "
+                           f"{record['policy']!r}: resume with it, or --overwrite to start over")  # fmt: skip
+        was, now = old.get("settings", {}), record["settings"]
+        diff = [f"{k} {now.get(k)!r} here, {was.get(k)!r} there" for k in sorted(set(was) | set(now))
+                if was.get(k) != now.get(k)]  # fmt: skip
+        if diff:
+            raise CanError(f"--resume: the checkpoints in {ckpts} were trained with other settings "
+                           f"({'; '.join(diff)}): resume with that run's settings, or --overwrite to start "
+                           "over")  # fmt: skip
+        return True
+    if (finished or has_ckpt) and not overwrite:
+        if finished:
+            raise CanError(f"{out_dir / 'policy'} holds the policy of a finished run: --overwrite to replace it "
+                           "(--resume to continue that run), or another --out")  # fmt: skip
+        raise CanError(f"{ckpts} holds checkpoints of an unfinished run: --resume to continue it, or --overwrite to "
+                       "start over")  # fmt: skip
+    return False
 
 
 def _init_fields(cfg) -> list[str]:
@@ -407,6 +515,7 @@ def train(
     beta_override: float | None = None,
     config_file: str | Path | None = None,
     extra_args: list[str] | tuple = (),
+    overwrite: bool = True,
     **config_kw,
 ) -> Path:
     """Runs DPO with β from the preference dataset's certificate; returns the directory of the aligned policy.
@@ -417,7 +526,18 @@ def train(
     `extra_args` set any other DPOConfig option (`make_config`); the explicit arguments here win over both.
     Under `accelerate launch` TRL trains with DDP (or DeepSpeed/FSDP per the accelerate config); only the main
     process writes the policy, tokenizer and records.
+
+    OUT records what its checkpoints belong to (`run.json`: the preference set, its certificate, the policy, the
+    settings); `resume` continues them only under the same. A finished run's policy, or an unfinished run's
+    checkpoints, are replaced only with `overwrite` (the CLI's default is False; the old checkpoints are then
+    removed so that the two runs do not mix).
     """
+    import json
+    import shutil
+
+    from bridge.files import atomic_write_text
+    from train.collect import ensure_dir
+    from train.dist import state
     from train.models import load_policy
 
     data, prefs = load_preferences(preferences, beta_override if beta_override is not None else beta)
@@ -429,6 +549,29 @@ def train(
             f"--beta {beta} differs from the certificate's β = {cert_beta}: the dual and DPO must use the same β "
             "(DESIGN §4); drop --beta, or pass --allow-beta-mismatch"
         )
+    out_dir = Path(out_dir)
+    given = {"num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
+             "max_length": max_length, "seed": seed}  # fmt: skip
+    # Every setting is parsed and checked before the run folder is touched or a model loaded.
+    args = make_config(out_dir / "checkpoints", cert_beta if beta is None else beta, precision, config_file,
+                       extra_args, **{k: v for k, v in given.items() if v is not None}, **config_kw)  # fmt: skip
+    check_config(args)
+    if train_top is not None:
+        if lora:
+            raise CanError("--train-top and --lora are alternatives: choose one")
+        if train_top < 1:
+            raise CanError(f"--train-top must be at least 1, got {train_top}")
+    record = run_record(Path(preferences), prefs, policy, args, lora=lora, train_top=train_top,
+                        chat_template=chat_template)  # fmt: skip
+    st = state()
+    has_ckpt = _check_run_folder(out_dir, record, resume, overwrite)
+    st.wait_for_everyone()  # every rank has looked at OUT before the main process changes it
+    if st.is_main_process:
+        ensure_dir(out_dir)
+        if not has_ckpt:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # another run's: never mixed with this one
+        atomic_write_text(out_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
+    st.wait_for_everyone()
     model, tok = load_policy(policy)
     if set(IDS) <= set(data.column_names) and prefs.tokenizer_sha256:
         from train.tokens import tokenizer_fingerprint
@@ -438,8 +581,6 @@ def train(
                            "policy they were collected from")  # fmt: skip
     data = _apply_chat_template(data, tok, policy, chat_template)
     if train_top is not None:
-        if lora:
-            raise CanError("--train-top and --lora are alternatives: choose one")
         train_top_layers(model, train_top)
     peft_config = None
     if lora:
@@ -448,12 +589,7 @@ def train(
         peft_config = LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         )
-    out_dir = Path(out_dir)
     data = _shared_on_disk(data, out_dir / "data")
-    given = {"num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
-             "max_length": max_length, "seed": seed}  # fmt: skip
-    args = make_config(out_dir / "checkpoints", cert_beta if beta is None else beta, precision, config_file,
-                       extra_args, **{k: v for k, v in given.items() if v is not None}, **config_kw)  # fmt: skip
     if prefs.mode == "soft" and not args.precompute_ref_log_probs:
         raise CanError("DPO option precompute_ref_log_probs=False is not allowed with soft labels: the soft-label "
                        "term needs the reference log-probs in the batch")  # fmt: skip
@@ -481,7 +617,6 @@ def train(
     # model with the adapter disabled). Soft labels precompute its log-probs once.
     trainer = CanDPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tok,
                             data_collator=collator, peft_config=peft_config)  # fmt: skip
-    has_ckpt = resume and any((out_dir / "checkpoints").glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=True if has_ckpt else None)
     final = out_dir / "policy"
     if lora:

@@ -26,6 +26,12 @@ BatchOpt = Annotated[Optional[int], typer.Option(help="Pairs per device step [de
 MaxLengthOpt = Annotated[
     Optional[int], typer.Option(help="Token limit of prompt + response (TRL truncation) [default: 512].")
 ]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Replace the policy of a finished run in OUT (or an unfinished run's checkpoints)."
+    ),
+]
 ConfigOpt = Annotated[
     Optional[Path], typer.Option("--config", help="YAML/JSON file of DPOConfig options (TRL's parser conventions).")
 ]
@@ -50,7 +56,11 @@ def train_cmd(
     precision: Annotated[
         str, typer.Option(help="auto (bf16 autocast where the GPU or CPU has native bf16), bf16 or fp32.")
     ] = "auto",
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the last checkpoint in OUT (same preferences, policy, settings)."),
+    ] = False,
+    overwrite: OverwriteOpt = False,
     beta: Annotated[
         Optional[float], typer.Option(help="Override β (must equal the certificate's unless --allow-beta-mismatch).")
     ] = None,
@@ -80,7 +90,7 @@ def train_cmd(
         final = train(preferences, policy, out, beta=None if allow_beta_mismatch else beta, epochs=epochs, lr=lr,
                       batch_size=batch_size, max_length=max_length, lora=lora, train_top=train_top,
                       precision=precision, resume=resume, seed=seed, config_file=config, extra_args=list(ctx.args),
-                      chat_template=chat_template,
+                      chat_template=chat_template, overwrite=overwrite,
                       **({"beta_override": beta} if allow_beta_mismatch and beta is not None else {}))  # fmt: skip
     except (CanError, FileNotFoundError) as err:
         fail(str(err))
@@ -106,6 +116,7 @@ def prealign(
     train_top: Annotated[Optional[int], typer.Option(help="Train only the top N transformer blocks.")] = None,
     chat_template: TemplateOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
+    overwrite: OverwriteOpt = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
     """PeCAN: DPO of π_ref on one preference dataset (helpfulness only, or one safety aspect), recording β.
@@ -120,7 +131,7 @@ def prealign(
 
         final = run(preferences, policy, out, beta, epochs=epochs, lr=lr, batch_size=batch_size,
                     max_length=max_length, lora=lora, train_top=train_top, chat_template=chat_template, resume=resume,
-                    seed=seed, config_file=config, extra_args=list(ctx.args))  # fmt: skip
+                    seed=seed, config_file=config, extra_args=list(ctx.args), overwrite=overwrite)  # fmt: skip
     except (CanError, FileNotFoundError) as err:
         fail(str(err))
     if is_main_process():
