@@ -69,6 +69,7 @@ def pseudo_preferences(
     from bridge.preferences import PreferenceSet
 
     _check_options(mode, pairs_per_prompt)
+    _check_source(scores_path)
     if check_hash and sha256_file(scores_path) != cert.scores_sha256:
         raise CanError(
             f"the certificate was computed on another scores table (sha256 {str(cert.scores_sha256)[:12]}…, "
@@ -108,6 +109,17 @@ def _check_options(mode: str, pairs_per_prompt: int) -> None:
         raise CanError(f"unknown labelling mode {mode!r}: use one of {', '.join(MODES)}")
     if pairs_per_prompt < 1:
         raise CanError("--pairs-per-prompt must be at least 1")
+
+
+def _check_source(path) -> None:
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise CanError(f"{path} is a directory but neither a scores table nor a `datasets` directory of pairs "
+                       "(save_to_disk writes state.json and dataset_info.json)")  # fmt: skip
+    if not path.exists():
+        raise CanError(f"scores table not found: {path}")
 
 
 def _require(table: pa.Table, needed: list[str], where) -> None:

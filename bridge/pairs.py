@@ -30,6 +30,70 @@ class PairsStats:
     pairs: int
     swapped: int  # pairs whose chosen side is the dataset's second response (response_1 / rejected)
     ties_dropped: int
+    identical_dropped: int = 0  # pairs whose two responses are the same text: nothing to prefer
+
+
+PROMPT_ROLES = ("system", "user", "assistant", "tool")
+COMPLETION_ROLES = ("assistant", "tool")
+
+
+def _row_problem(prompt, a, b) -> str | None:
+    """What is wrong with one pair (prompt, first, second), or None: empty text, a message that is not
+    {"role": str, "content": str}, a role out of place, text mixed with conversations."""
+
+    def messages(value, what, roles):
+        if not (isinstance(value, (list, tuple)) and value):
+            return f"{what} is neither text nor a non-empty list of messages"
+        for m in value:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                return f"{what} has a message that is not {{'role': str, 'content': str}}: {m!r:.60}"
+            if m["role"] not in roles:
+                return f"{what} has a message with role {m['role']!r} (expected one of {', '.join(roles)})"
+        return None
+
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            return "the prompt is empty"
+    else:
+        bad = messages(prompt, "the prompt", PROMPT_ROLES)
+        if bad:
+            return bad
+        if prompt[-1]["role"] == "assistant":
+            return "the prompt's last message has role 'assistant': a prompt ends with the user's turn"
+        if not any(m["content"].strip() for m in prompt):
+            return "the prompt is empty"
+    for value, what in ((a, "the first response"), (b, "the second response")):
+        if isinstance(value, str):
+            if not isinstance(prompt, str):
+                return f"{what} is text but the prompt is a conversation: give it as an assistant message"
+            if not value.strip():
+                return f"{what} is empty"
+            continue
+        if isinstance(prompt, str):
+            return f"{what} is a list of messages but the prompt is text"
+        bad = messages(value, what, COMPLETION_ROLES)
+        if bad:
+            return bad
+        if value[0]["role"] != "assistant":
+            return f"{what} starts with role {value[0]['role']!r}: a response starts with the assistant's turn"
+        if not value[-1]["content"].strip():
+            return f"{what} is empty"
+    return None
+
+
+def check_pairs(table: pa.Table, layout: str, where: str = "pairs") -> np.ndarray:
+    """Refuses (one line naming the row, 0-based) a pair with an empty prompt or response, messages that are not
+    {"role": str, "content": str}, roles out of place or text mixed with conversations. Returns the mask of pairs
+    whose two responses are the same text (they are dropped and counted: there is nothing to prefer)."""
+    a_col, b_col, _, _ = LAYOUTS[layout]
+    prompts, firsts, seconds = (table.column(c).to_pylist() for c in ("prompt", a_col, b_col))
+    same = np.zeros(table.num_rows, bool)
+    for i, (p, a, b) in enumerate(zip(prompts, firsts, seconds, strict=True)):
+        problem = _row_problem(p, a, b)
+        if problem:
+            raise ScoresFormatError(f"{where}: row {i} (0-based): {problem}")
+        same[i] = completion_text(a).strip() == completion_text(b).strip()
+    return same
 
 
 def read_pairs(path: str | os.PathLike) -> tuple[pa.Table, str]:
@@ -42,17 +106,33 @@ def read_pairs(path: str | os.PathLike) -> tuple[pa.Table, str]:
             raise CanError(f"{path} is a directory but not a `datasets` directory (save_to_disk)")
         from datasets import load_from_disk
 
-        ds = load_from_disk(str(path))
-        if hasattr(ds, "keys"):  # a DatasetDict: take its only split, or "train"
-            splits = list(ds.keys())
-            if "train" not in splits and len(splits) != 1:
-                raise CanError(f"{path} holds splits {splits}: save the one to relabel alone")
-            ds = ds["train" if "train" in splits else splits[0]]
-        table = ds.with_format("arrow")[:]
+        try:
+            ds = load_from_disk(str(path))
+            if hasattr(ds, "keys"):
+                ds = _one_split(ds, path)
+            table = ds.with_format("arrow")[:]
+        except CanError:
+            raise
+        except Exception as err:  # noqa: BLE001 — datasets raises many kinds on a damaged folder
+            reason = " ".join(str(err).split())[:200]
+            raise CanError(f"{path}: not a readable `datasets` directory ({type(err).__name__}: {reason}); save it "
+                           "again with save_to_disk") from None  # fmt: skip
     else:
         from bridge.tables import read_table
 
         table = read_table(path)
+    return _layout_of(table, path)
+
+
+def _one_split(ds, path):
+    """The only split of a DatasetDict, or its "train" split."""
+    splits = list(ds.keys())
+    if "train" not in splits and len(splits) != 1:
+        raise CanError(f"{path} holds splits {splits}: save the one to relabel alone")
+    return ds["train" if "train" in splits else splits[0]]
+
+
+def _layout_of(table: pa.Table, path) -> tuple[pa.Table, str]:
     cols = set(table.column_names)
     for layout, (a, b, _, _) in LAYOUTS.items():
         if {"prompt", a, b} <= cols:
@@ -100,6 +180,7 @@ def relabel(
     if mode not in MODES:
         raise CanError(f"unknown labelling mode {mode!r}: use one of {', '.join(MODES)}")
     a_col, b_col, sa, sb = LAYOUTS[layout]
+    same = check_pairs(table, layout, where)
     scores = dict(scores or {})
     s = np.zeros((2, table.num_rows))
     for name, weight in cert.score_weights():
@@ -117,9 +198,12 @@ def relabel(
                                         f"response in rows {bad[:8].tolist()} (0-based)")  # fmt: skip
             s[side] += weight * pair[side]
     target = np.asarray(pair_targets(jax.random.key(seed), s[0], s[1], mode), float)  # P(first ≻ second)
-    keep = np.ones(table.num_rows, bool)
+    keep = ~same
     if mode == "hard":
-        keep = s[0] != s[1]
+        keep &= s[0] != s[1]
+    if not keep.any():
+        raise CanError(f"{where}: no pair left to label ({int(same.sum())} with identical responses"
+                       + (", the others tied" if mode == "hard" else "") + ")")  # fmt: skip
     first_wins = target >= 0.5
     rows = np.flatnonzero(keep)
     take = pa.array(rows)
@@ -133,7 +217,7 @@ def relabel(
     out = pa.table({"prompt": table.column("prompt").take(take), "chosen": chosen, "rejected": rejected,
                     "score_chosen": s_c, "score_rejected": s_r, "p_chosen": p,
                     "swapped": ~first_wins[rows]})  # fmt: skip
-    return out, PairsStats(len(rows), int((~first_wins[rows]).sum()), int((~keep).sum()))
+    return out, PairsStats(len(rows), int((~first_wins[rows]).sum()), int((~keep & ~same).sum()), int(same.sum()))
 
 
 def pairs_meta(mode: str, seed: int, pairs_path) -> dict:
@@ -159,6 +243,24 @@ def looks_like_pairs(path: str | os.PathLike) -> bool:
             from bridge.tables import read_table
 
             cols = set(read_table(path).column_names)
-    except Exception:  # unreadable: let the scores-table reader say why
-        return False
+    except Exception:  # unreadable as a table: judge by the first record's names, the reader then says why
+        cols = _first_record_names(path)
     return "response" not in cols and any({a, b} <= cols for a, b, _, _ in LAYOUTS.values())
+
+
+def _first_record_names(path: Path) -> set:
+    """The field names of a JSON Lines file's first record, or a CSV file's header (empty when unreadable)."""
+    import csv
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.suffix in (".jsonl", ".json"):
+                line = next((ln for ln in f if ln.strip()), "{}")
+                row = json.loads(line)
+                return set(row) if isinstance(row, dict) else set()
+            if path.suffix == ".csv":
+                return set(next(csv.reader(f), []))
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    return set()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -31,8 +32,15 @@ def run(cfg: LabelConfig):
     from bridge.certificate import Certificate
     from bridge.labels import pseudo_preferences
     from bridge.pairs import looks_like_pairs
+    from train.collect import ensure_dir
 
     cert = Certificate.read(cfg.certificate)
+    out = Path(cfg.out)
+    if out.suffix == ".parquet" and out.is_dir():
+        from can_jax.errors import OutputError
+
+        raise OutputError(f"cannot write {out}: it is a directory")
+    ensure_dir(out.parent)  # an output that cannot be written is refused before the work
     if looks_like_pairs(cfg.scores):
         from train.relabel import relabel_pairs
         from train.scorers import scorer_options
@@ -42,5 +50,10 @@ def run(cfg: LabelConfig):
     else:
         prefs, stats = pseudo_preferences(cfg.scores, cert, cfg.mode, cfg.pairs_per_prompt, cfg.seed, cfg.prompt_col,
                                           cfg.response_col, cfg.check_hash, cfg.check_solution)  # fmt: skip
-    prefs.write(cfg.out)
+    try:
+        prefs.write(out)
+    except OSError as err:  # a `datasets` directory is written by `datasets`, which raises plain OSErrors
+        from can_jax.errors import OutputError
+
+        raise OutputError(f"cannot write {out}: {(err.strerror or type(err).__name__).lower()}") from None
     return prefs, stats

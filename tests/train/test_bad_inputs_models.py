@@ -216,27 +216,50 @@ def _jsonl(path, rows):
     return path
 
 
-@pytest.mark.parametrize(
-    "edit, expect",
-    [({"chosen": "answer b1", "rejected": "answer b1"}, "identical"), ({"prompt": ""}, "empty"),
-     ({"prompt": "   "}, "empty"), ({"chosen": ""}, "empty"), ({"rejected": " "}, "empty"),
-     ({"chosen": [{"role": "assistant", "content": 5}]}, "content"),
-     ({"chosen": [{"role": "user", "content": "hi"}]}, "role"),
-     ({"prompt": [{"role": "assistant", "content": "hi"}]}, "role")],
-)  # fmt: skip
-def test_label_refuses_bad_pairs(world, tmp_path, edit, expect):
-    rows = _trl_rows()
-    rows[1].update(edit)
-    _fails(_label(world, _jsonl(tmp_path / "pairs.jsonl", rows), tmp_path), expect, "row 1")
-    assert not (tmp_path / "prefs.parquet").exists()
-
-
-def test_label_conversational_pairs_with_the_right_roles_pass(world, tmp_path):
-    rows = _trl_rows()
+def _conversational(rows):
     for r in rows:
         r["prompt"] = [{"role": "user", "content": r["prompt"]}]
         r["chosen"] = [{"role": "assistant", "content": r["chosen"]}]
         r["rejected"] = [{"role": "assistant", "content": r["rejected"]}]
+    return rows
+
+
+@pytest.mark.parametrize(
+    "conv, edit, expect",
+    [(False, {"prompt": ""}, "prompt is empty"), (False, {"prompt": "   "}, "prompt is empty"),
+     (False, {"chosen": ""}, "first response is empty"), (False, {"rejected": " "}, "second response is empty"),
+     (True, {"chosen": [{"role": "assistant", "content": 5}]}, "content"),
+     (True, {"chosen": [{"role": "user", "content": "hi"}]}, "role 'user'"),
+     (True, {"rejected": [{"role": "assistant", "content": ""}]}, "second response is empty"),
+     (True, {"prompt": [{"role": "assistant", "content": "hi"}]}, "role 'assistant'"),
+     (True, {"prompt": [{"role": "user", "content": " "}]}, "prompt is empty")],
+)  # fmt: skip
+def test_label_refuses_bad_pairs(world, tmp_path, conv, edit, expect):
+    rows = _conversational(_trl_rows()) if conv else _trl_rows()
+    rows[1].update(edit)
+    _fails(_label(world, _jsonl(tmp_path / "pairs.jsonl", rows), tmp_path), expect, "row 1")
+    assert not (tmp_path / "prefs.parquet").exists()
+    # the same pairs in Parquet: the same refusal
+    if not (conv and "content" in expect):  # (Arrow cannot even store that column)
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+        _fails(_label(world, tmp_path / "pairs.parquet", tmp_path), expect, "row 1")
+
+
+def test_label_drops_and_counts_identical_responses(world, tmp_path):
+    rows = _trl_rows()
+    rows[1]["chosen"] = rows[1]["rejected"]
+    res = _label(world, _jsonl(tmp_path / "pairs.jsonl", rows), tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "1 pairs with identical responses dropped" in res.stdout and "3 soft pairs" in res.stdout
+    assert pq.read_table(tmp_path / "prefs.parquet").num_rows == 3
+    for r in rows:
+        r["chosen"] = r["rejected"]
+    _fails(_label(world, _jsonl(tmp_path / "same.jsonl", rows), tmp_path, "other.parquet"), "identical")
+
+
+def test_label_conversational_pairs_with_the_right_roles_pass(world, tmp_path):
+    rows = _conversational(_trl_rows())
+    rows[0]["prompt"] = [{"role": "system", "content": "be brief"}, *rows[0]["prompt"]]
     res = _label(world, _jsonl(tmp_path / "pairs.jsonl", rows), tmp_path)
     assert res.exit_code == 0, res.output
 
@@ -246,6 +269,9 @@ def test_label_corrupt_datasets_directories(world, tmp_path):
 
     good = tmp_path / "good"
     Dataset.from_list(_trl_rows()).save_to_disk(str(good))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    _fails(_label(world, bare, tmp_path), str(bare))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "state.json").write_text("{}")

@@ -78,6 +78,8 @@ def label(
         fail(str(err))
     if prefs.record.get("source") == "pairs":
         ties = f", {stats.ties_dropped} tied pairs dropped" if stats.ties_dropped else ""
+        if stats.identical_dropped:
+            ties += f", {stats.identical_dropped} pairs with identical responses dropped"
         typer.echo(f"{stats.pairs} {mode} pairs relabelled from r + λ*ᵀg, written to {out} (β = {prefs.beta:g}); "
                    f"{stats.swapped} swapped sides{ties}")  # fmt: skip
         return
