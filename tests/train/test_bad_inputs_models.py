@@ -299,3 +299,13 @@ def test_stability_on_one_prompt_is_refused(tmp_path):
     res = runner.invoke(app, ["stability", str(tmp_path / "one.parquet"), "--reward", "r", "--constraint", "u=0.1",
                               "--beta", "1", "--no-plot"])  # fmt: skip
     _fails(res, "prompt")
+
+
+def test_stability_verdict_without_standard_errors_is_not_enough():
+    from train.cli.stability import verdict
+
+    none = {"plain": 1.0, "bias_over_se": None}
+    row = {"k": 4, "fraction": 1.0, "k_mean": 4.0, "prompts": 2, "lambda": {"u": none}, "gain": {"u": none},
+           "kl": none, "reward_gain": none}  # fmt: skip
+    ok, reason = verdict([row], ["u"])
+    assert not ok and "cannot tell" in reason

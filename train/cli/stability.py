@@ -101,6 +101,13 @@ def verdict(rows: list[dict], names: list[str]) -> tuple[bool, str]:
         if r is not None and r > worst:
             worst, label = r, text
     k = full["k_mean"]
+    ratios = [e["bias_over_se"] for items in (full["lambda"], full["gain"]) for e in items.values()]
+    ratios += [full[key]["bias_over_se"] for key in ("kl", "reward_gain")]
+    if all(r is None for r in ratios):
+        return False, (
+            f"cannot tell whether K is enough: no standard error could be estimated at {k:.3g} responses per prompt "
+            f"on {full['prompts']} prompts (too few prompts, or no spread between them)"
+        )
     if label is None or worst <= SMALL:
         return True, (
             f"K is enough: with {k:.3g} responses per prompt the estimated finite-K bias is at most {worst:.2f} "
@@ -161,6 +168,10 @@ def stability(
     ks = sorted({k for k in (2, 4, 8, 16, 32, 64, 128, 256, 512) if k < k_max} | {k_max})
     if k_max < 2:
         fail("every prompt has one response: nothing to subsample (K ≥ 2 needed)", json_out=json_out)
+    n_prompts = int(np.asarray(sc.mask).any(axis=1).sum())
+    if n_prompts < 2:
+        fail(f"{n_prompts} prompt in {scores}: stability needs at least 2 prompts (its standard errors are over "
+             "prompts)", json_out=json_out, status="bad_input")  # fmt: skip
     rows = []
     for k, f, mask, weight in subsample_masks(np.asarray(sc.mask), ks, fracs, seed):
         sub = sc._replace(mask=jnp.asarray(mask), weight=jnp.asarray(weight, sc.reward.dtype) * sc.weight)
