@@ -309,3 +309,12 @@ def test_stability_verdict_without_standard_errors_is_not_enough():
            "kl": none, "reward_gain": none}  # fmt: skip
     ok, reason = verdict([row], ["u"])
     assert not ok and "cannot tell" in reason
+
+
+def test_collect_failure_leaves_nothing_that_blocks_the_corrected_rerun(world, tmp_path):
+    res = _collect(world, tmp_path, "-s", "b=tests.train.toy_scorers:boom")
+    _fails(res, "boom")
+    assert not list((tmp_path / "s.parquet.shards").glob("shard-*"))
+    res = _collect(world, tmp_path)  # other settings, nothing collected before: accepted
+    assert res.exit_code == 0, res.output
+    assert pq.read_table(tmp_path / "s.parquet").num_rows == 2 * len(PROMPTS)
