@@ -249,6 +249,10 @@ def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os
     sampling, so MoCAN and PeCAN see the same responses. Writes `out` atomically and returns it."""
     from bridge.tables import read_table
 
+    at_least_one(("--batch-size", batch_size))
+    if max_length is not None:
+        at_least_one(("--max-length", max_length))
+    out = ensure_file_parent(out)
     table = read_table(table_path)
     missing = [c for c in ("prompt_id", "prompt", "response") if c not in table.column_names]
     if missing:

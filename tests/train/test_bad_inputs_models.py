@@ -318,3 +318,18 @@ def test_collect_failure_leaves_nothing_that_blocks_the_corrected_rerun(world, t
     res = _collect(world, tmp_path)  # other settings, nothing collected before: accepted
     assert res.exit_code == 0, res.output
     assert pq.read_table(tmp_path / "s.parquet").num_rows == 2 * len(PROMPTS)
+
+
+@pytest.mark.parametrize(
+    "extra, expect",
+    [(["--batch-size", "0"], "--batch-size"), (["--max-length", "0"], "--max-length"),
+     (["--max-length", "-3"], "--max-length"), (["-o", "AFILE/o.parquet"], "afile")],
+)  # fmt: skip
+def test_logratios_refuses_bad_numbers_and_paths(world, tmp_path, extra, expect):
+    extra = [str(world["afile"] / "o.parquet") if a == "AFILE/o.parquet" else a for a in extra]
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"prompt_id": [0, 0], "prompt": ["hi", "hi"], "response": ["a", "b"]}), table)
+    res = runner.invoke(app, ["logratios", str(table), "-a", f"n={world['policy']}@0.5", "--policy", world["model"],
+                              "-o", str(tmp_path / "o.parquet"), *extra])  # fmt: skip
+    _fails(res, expect)
+    assert not (tmp_path / "o.parquet").exists()
