@@ -38,6 +38,31 @@ def test_chain_moves_the_constraint_in_the_predicted_direction(mocan_run):
     assert (out / "evaluation" / "evaluation.md").exists() and (out / "evaluation" / "evaluation.png").exists()
 
 
+def test_demo_writes_what_the_cli_writes(mocan_run, tmp_path):
+    """Issue 19: the demo runs the stages the CLI runs, so its certificate has the CLI's blocks (bias, scorers,
+    devices) and values, and its pairs carry the collection tokenizer's fingerprint that `can train` checks."""
+    from typer.testing import CliRunner
+
+    from bridge.preferences import PreferenceSet
+    from train.cli import app
+
+    cfg, out, _ = mocan_run
+    demo = json.loads((out / "certificate.json").read_text())
+    assert demo["bias"] and set(demo["scorers"]) == {"brev", "e"} and demo["devices"]["count"] >= 1
+    margins = [f"{n}={m}" for n, m in demo["margins"].items()]
+    res = CliRunner().invoke(app, ["dual", str(out / "scores.parquet"), "--reward", cfg.reward, "--beta",
+                                   str(cfg.beta), *sum((["--constraint", c] for c in margins), []), "--out",
+                                   str(tmp_path / "cli.json")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    cli = json.loads((tmp_path / "cli.json").read_text())
+    volatile = {"created", "timing"}
+    assert {k for k in cli if k not in volatile} == {k for k in demo if k not in volatile}
+    assert {k: v for k, v in cli.items() if k not in volatile} == {k: v for k, v in demo.items() if k not in volatile}
+    record, cert = PreferenceSet.read_metadata(out / "preferences.parquet")
+    assert record["tokenizer_sha256"] and cert.sha256 == record["certificate_sha256"]
+    assert (out / "run" / "policy" / "certificate.json").exists()
+
+
 def test_pecan_chain_beside_mocan(mocan_run, tmp_path):
     from train.demo_pecan import run_pecan
 
