@@ -565,13 +565,8 @@ def train(
                         chat_template=chat_template)  # fmt: skip
     st = state()
     has_ckpt = _check_run_folder(out_dir, record, resume, overwrite)
-    st.wait_for_everyone()  # every rank has looked at OUT before the main process changes it
     if st.is_main_process:
-        ensure_dir(out_dir)
-        if not has_ckpt:
-            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # another run's: never mixed with this one
-        atomic_write_text(out_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
-    st.wait_for_everyone()
+        ensure_dir(out_dir)  # a path that cannot be a folder is refused before the model is loaded
     model, tok = load_policy(policy)
     if set(IDS) <= set(data.column_names) and prefs.tokenizer_sha256:
         from train.tokens import tokenizer_fingerprint
@@ -589,6 +584,11 @@ def train(
         peft_config = LoraConfig(
             r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
         )
+    st.wait_for_everyone()  # every rank has looked at OUT before the main process changes it
+    if st.is_main_process:
+        if not has_ckpt:
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # another run's: never mixed with this one
+        atomic_write_text(out_dir / RUN_RECORD, json.dumps(record, indent=2) + "\n")
     data = _shared_on_disk(data, out_dir / "data")
     if prefs.mode == "soft" and not args.precompute_ref_log_probs:
         raise CanError("DPO option precompute_ref_log_probs=False is not allowed with soft labels: the soft-label "
