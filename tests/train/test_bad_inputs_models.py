@@ -333,3 +333,67 @@ def test_logratios_refuses_bad_numbers_and_paths(world, tmp_path, extra, expect)
                               "-o", str(tmp_path / "o.parquet"), *extra])  # fmt: skip
     _fails(res, expect)
     assert not (tmp_path / "o.parquet").exists()
+
+
+# ---------------------------------------------------------------- fuzz
+def _outcome_ok(res, written):
+    """A fuzzed run either succeeds with its output written, or ends with one `error: …` line (exit 1) and no
+    output: never a traceback, never exit 0 without the output."""
+    if res.exit_code == 0:
+        assert written(), res.output
+    else:
+        _fails(res)
+        assert not written()
+
+
+def test_fuzz_model_stages_numbers(world, tmp_path_factory):
+    """Hypothesis fuzzing of the numeric options of collect, label (pairs), train and evaluate on the tiny model
+    (issue 23): any integer or float, including 0, negatives, NaN and huge values."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    ints = st.one_of(st.integers(-3, 3), st.sampled_from([-(10**9), 10**9]))
+    floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -1.0, 1e-3]))
+    opts = settings(max_examples=6, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+
+    @opts
+    @given(k=ints, new=ints, batch=ints)
+    def collect(k, new, batch):
+        out = tmp_path_factory.mktemp("fz") / "s.parquet"
+        res = runner.invoke(app, ["collect", world["prompts"], "--policy", world["model"], "-s", LEN, "--k",
+                                  str(min(k, 3)), "--max-new-tokens", str(min(new, 3)), "--batch-size",
+                                  str(batch), "-o", str(out)])  # fmt: skip
+        _outcome_ok(res, out.exists)
+
+    @opts
+    @given(k=ints, new=ints)
+    def evaluate(k, new):
+        out = tmp_path_factory.mktemp("fz") / "eval"
+        res = _evaluate(world, out, "--k", str(min(k, 3)), "--max-new-tokens", str(min(new, 3)), "-o", str(out))
+        _outcome_ok(res, lambda: (out / "evaluation.json").exists())
+
+    @opts
+    @given(lr=floats, epochs=floats, batch=ints)
+    def train(lr, epochs, batch):
+        out = tmp_path_factory.mktemp("fz") / "run"
+        epochs = min(epochs, 1.0) if epochs == epochs else epochs  # keep real runs short
+        res = runner.invoke(app, ["train", str(world["prefs"]), "--policy", world["model"], "--out", str(out),
+                                  "--lr", repr(lr), "--epochs", repr(epochs), "--batch-size", str(min(batch, 2)),
+                                  "--max-length", "48", "--precision", "fp32"])  # fmt: skip
+        _outcome_ok(res, lambda: (out / "policy" / "certificate.json").exists())
+
+    @opts
+    @given(mode=st.sampled_from(["bt", "soft", "hard", "", "x"]), seed=ints)
+    def label(mode, seed):
+        out = tmp_path_factory.mktemp("fz") / "p.parquet"
+        pairs = tmp_path_factory.mktemp("fz") / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps({"prompt": p, "response_0": a, "response_1": b, "len_0": 1.0,
+                                             "len_1": 2.0, "e_0": 0.5, "e_1": 0.1}) + "\n"
+                                 for p, a, b in zip(PAIRS["prompt"], PAIRS["chosen"], PAIRS["rejected"])))  # fmt: skip
+        res = runner.invoke(app, ["label", str(pairs), str(world["cert"]), "--mode", mode, "--seed", str(seed),
+                                  "-o", str(out)])  # fmt: skip
+        _outcome_ok(res, out.exists)
+
+    for fuzz in (collect, evaluate, label, train):
+        fuzz()
