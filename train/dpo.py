@@ -334,7 +334,7 @@ def run_record(preferences: Path, prefs, policy: str, args, **choices) -> dict:
     settings = {k: getattr(args, k) for k in RUN_SETTINGS}
     settings = {k: v if isinstance(v, (int, float, bool, str, type(None))) else str(v) for k, v in settings.items()}
     return {"preferences": str(preferences), "preferences_sha256": _content_sha256(Path(preferences)),
-            "certificate_sha256": None if prefs.certificate is None else prefs.certificate.sha256,
+            "certificate_hash": None if prefs.certificate is None else prefs.certificate.sha256,
             "policy": str(policy), "settings": {**settings, **choices}}  # fmt: skip
 
 
@@ -362,7 +362,7 @@ def _check_run_folder(out_dir: Path, record: dict, resume: bool, overwrite: bool
         except (OSError, ValueError) as err:
             raise CanError(f"{out_dir / RUN_RECORD}: unreadable ({err}): --overwrite to start over") from None
         if old.get("preferences_sha256") != record["preferences_sha256"] or (
-            old.get("certificate_sha256") != record["certificate_sha256"]
+            old.get("certificate_hash") != record["certificate_hash"]
         ):
             raise CanError(f"--resume: the checkpoints in {ckpts} were trained on another preference set "
                            f"({old.get('preferences')}): resume with that set, or --overwrite to start "
