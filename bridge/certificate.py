@@ -25,7 +25,6 @@ import numpy as np
 from bridge.files import atomic_write_text
 from bridge.tables import printable
 from can_jax.errors import CanError
-from can_jax.result import Status
 
 _FORMAT = "can.dual-certificate"
 FORMAT_VERSION = 2
@@ -74,6 +73,8 @@ def _body(
     else:
         notes = list(standard_error_notes or [None] * len(names))
     tol_reached = np.broadcast_to(np.asarray(result.tol, float), (len(names),))
+    from can_jax.result import Status
+
     status = Status(int(result.status))
     constraints = []
     for j, name in enumerate(names):

@@ -17,7 +17,6 @@ import numpy as np
 from bridge.certificate import Certificate
 from bridge.tables import ConstraintSpec, load_scores, parse_constraint
 from can_jax.errors import CanError, InvalidArgumentError
-from can_jax.result import Status
 
 
 @dataclass
@@ -80,6 +79,7 @@ def run(cfg: DualConfig) -> Certificate:
 
     from bridge.limits import apply_limits, limit_specs
     from bridge.scores_table import collect_record
+    from can_jax.result import Status
 
     cfg.check()
     t0 = time.perf_counter()
@@ -221,6 +221,7 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     from can_jax.certify import infeasibility_message
     from can_jax.errors import InfeasibleMarginsError, InvalidArgumentError
     from can_jax.inference import solve_with_errors, standard_error_notes
+    from can_jax.result import Status
     from can_jax.solve import default_tol, solve_dual_jit
 
     dtype = jnp.dtype(loaded.dtype)

@@ -13,13 +13,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 from bridge.files import sha256_file
 from can_jax.errors import DegenerateDataError, ScoresFormatError
-from can_jax.scores import Scores, from_grouped
+
+if TYPE_CHECKING:
+    from can_jax.scores import Scores
 
 FORMATS = {
     ".parquet": "parquet",
@@ -316,6 +319,8 @@ def load_scores(
         # E_ref[g_j | x_i] from the reference columns (per-prompt means); the sample mean elsewhere.
         sums = np.stack([np.bincount(index, ref.get(j, g[j]), minlength=len(counts)) for j in range(len(names))], 1)
         ref_utility = sums / np.maximum(counts, 1)[:, None]  # [N, m]
+    from can_jax.scores import from_grouped
+
     scores = from_grouped(index, r, tuple(g), counts=counts, ref_utility=ref_utility)
     if counts.max() < 2:
         raise DegenerateDataError(

@@ -1,9 +1,14 @@
-"""Pseudo-preference labels from scores s = r + λ*ᵀg (DESIGN §4): the one labelling rule of the project."""
+"""Pseudo-preference labels from scores s = r + λ*ᵀg (DESIGN §4): the one labelling rule of the project.
+
+JAX is imported inside the function: the torch stages read `MODES` without loading it."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import jax
+    import jax.numpy as jnp
 
 MODES = ("bt", "soft", "hard")
 
@@ -13,6 +18,9 @@ def pair_targets(key: jax.Array, s_a: jnp.ndarray, s_b: jnp.ndarray, mode: str) 
 
     bt: a sampled 0/1 label; soft: the probability itself; hard: 1 if s_a > s_b (0.5 on exact ties).
     """
+    import jax
+    import jax.numpy as jnp
+
     prob = jax.nn.sigmoid(s_a - s_b)
     if mode == "soft":
         return prob

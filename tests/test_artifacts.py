@@ -97,11 +97,13 @@ def test_the_checks_can_fail():
 
 
 def test_can_train_and_label_import_no_jax_for_nothing():
-    """`can_jax` is lazy: importing it (or its errors, as the torch stages do) loads no JAX."""
+    """`can_jax` is lazy: importing it (or its errors, as the torch stages do) loads no JAX, and neither do the
+    modules `can train`, `can label`, `can collect` and `can evaluate` run (JAX loads where a dual is solved)."""
     import subprocess
     import sys
 
-    code = "import sys, can_jax, can_jax.errors; assert 'jax' not in sys.modules, 'jax imported'; print('ok')"
+    code = ("import sys, can_jax, can_jax.errors, train.cli, train.dpo, train.label, train.collect, train.evaluate, "
+            "bridge.preferences; assert 'jax' not in sys.modules, 'jax imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
