@@ -24,8 +24,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bridge.files import atomic_write_text, write_parquet
-from bridge.scores_table import CollectRecord, collect_record, write_scores_table
+from bridge.scores_table import CollectRecord, write_scores_table
 from can_jax.errors import CanError
+from train.logratios import (  # noqa: F401
+    PREALIGN_FILE,
+    ROWS_PER_UNIT,
+    add_aligned,
+    parse_aligned,
+    pecan_columns,
+    pecan_meta,
+)
+from train.prompts import (  # noqa: F401  (where callers have always found them)
+    at_least_one,
+    check_context,
+    check_sampling,
+    ensure_dir,
+    ensure_file_parent,
+    read_prompts,
+    sample,
+)
 
 
 @dataclass
@@ -64,238 +81,6 @@ class CollectConfig:
             at_least_one(("--scorer-max-length", self.scorer_max_length))
         if self.max_length is not None:
             at_least_one(("max_length", self.max_length))
-
-
-def at_least_one(*named) -> None:
-    """CanError for the first (option, value) below 1."""
-    for name, value in named:
-        if value < 1:
-            raise CanError(f"{name} must be at least 1, got {value}")
-
-
-def check_sampling(k: int, max_new_tokens: int, batch_size: int, k_name: str = "--k") -> None:
-    """K ≥ 1 samples, responses of at least one token, batches of at least one sequence."""
-    at_least_one((k_name, k), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size))
-
-
-def ensure_dir(path: str | os.PathLike) -> Path:
-    """`path` as a folder, created if needed; `OutputError` (one line naming it) where it cannot be: a file in the
-    way or as a parent, no permission, a read-only disk."""
-    from can_jax.errors import OutputError
-
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        reason = (err.strerror or type(err).__name__).lower()
-        if isinstance(err, FileExistsError) or path.is_file():
-            reason = "a file is in the way"
-        raise OutputError(f"cannot write {path}: {reason}") from None
-    return path
-
-
-def ensure_file_parent(path: str | os.PathLike) -> Path:
-    """The folder of an output file created (`ensure_dir`); `OutputError` when the file's path is a folder."""
-    from can_jax.errors import OutputError
-
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a directory")
-    ensure_dir(path.parent)
-    return path
-
-
-def context_length(model, tok) -> int | None:
-    """The policy's context in tokens (its position limit), or None when it declares none."""
-    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(n, int) and n > 0:
-        return n
-    n = getattr(tok, "model_max_length", None)
-    return n if isinstance(n, int) and 0 < n < 10**7 else None
-
-
-def check_context(model, tok, prompts: list, max_new_tokens: int, where: str = "prompts", name: str = "the policy"):
-    """Refuses a prompt (as TRL sees it) whose ids plus `max_new_tokens` do not fit in the policy's context: the
-    samples past it would be garbage (or an index error)."""
-    from train.tokens import prompt_ids
-
-    limit = context_length(model, tok)
-    if limit is None:
-        return
-    for i, p in enumerate(prompts):
-        n = len(prompt_ids(tok, p))
-        if n + max_new_tokens > limit:
-            raise CanError(f"{where}: the prompt on line {i + 1} is {n} tokens, and with --max-new-tokens "
-                           f"{max_new_tokens} it does not fit in {name}'s context of {limit} tokens: shorten it "
-                           "or lower --max-new-tokens")  # fmt: skip
-
-
-def read_prompts(path: str | os.PathLike) -> list:
-    """One prompt per line (.txt), or per line a JSON object whose "prompt" is text or a conversation — a list of
-    {"role", "content"} messages, TRL's conversational format (.jsonl). Empty prompts are an error."""
-    from train.tokens import check_prompt
-
-    path = Path(path)
-    if not path.exists():
-        raise CanError(f"prompt file not found: {path}")
-    if path.is_dir():
-        raise CanError(f"{path} is a directory: give a .txt or .jsonl file of prompts")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise CanError(f"{path}: not UTF-8 text") from None
-    while lines and not lines[-1].strip():
-        lines.pop()  # trailing newlines are fine
-    if not lines:
-        raise CanError(f"{path}: no prompts")
-    if path.suffix == ".jsonl":
-        prompts = []
-        for i, ln in enumerate(lines, 1):
-            try:
-                row = json.loads(ln) if ln.strip() else {}
-            except json.JSONDecodeError as err:
-                raise CanError(f"{path}: line {i} is not JSON ({err})") from None
-            if not isinstance(row, dict) or "prompt" not in row:
-                raise CanError(f'{path}: line {i} has no "prompt" field')
-            prompts.append(check_prompt(row["prompt"], f"{path} line {i}"))
-        return prompts
-    empty = [i + 1 for i, p in enumerate(lines) if not p.strip()]
-    if empty:
-        raise CanError(f"{path}: empty prompt on line(s) {empty[:10]}; remove them")
-    return lines
-
-
-def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: int, seed: int = 0,
-           backend=None) -> dict:  # fmt: skip
-    """K samples of π_ref per prompt (prompts as TRL sees them: `train.tokens.as_prompts`), flattened prompt-major:
-    {"prompt", "response", "prompt_ids", "response_ids", "finished", "retokenizes"} lists of n·K, and "logp" (log π
-    of each sample's ids, from the logits it was drawn from) when the backend reports it. `backend`: a
-    `train.sampling.Backend` (default: the exact loop on `model`)."""
-    from train.sampling import ExactSampler, stop_ids
-    from train.tokens import decode_response, prompt_ids, retokenizes
-
-    check_sampling(k, max_new_tokens, batch_size)
-    p_ids = [prompt_ids(tok, p) for p in prompts]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    backend = backend or ExactSampler(model, pad, batch_size)
-    drawn = backend.sample(p_ids, k, max_new_tokens, stop_ids(model, tok), seed)
-    out = {"prompt": [], "response": [], "prompt_ids": [], "response_ids": [], "finished": [], "retokenizes": []}
-    if drawn.logp is not None:
-        out["logp"] = [lp for row in drawn.logp for lp in row]
-    for p, ids, rs, fs in zip(prompts, p_ids, drawn.ids, drawn.finished, strict=True):
-        for r, f in zip(rs, fs, strict=True):
-            text = decode_response(tok, r)
-            out["prompt"].append(p)
-            out["response"].append(text)
-            out["prompt_ids"].append(ids)
-            out["response_ids"].append(r)
-            out["finished"].append(f)
-            out["retokenizes"].append(retokenizes(tok, p, text, ids, r))
-    return out
-
-
-PREALIGN_FILE = "prealign.json"
-ROWS_PER_UNIT = 256  # rows per unit of work of a log-prob pass over an existing table (`train.dist`)
-
-
-def parse_aligned(text: str) -> tuple[str, str, float]:
-    """`NAME=DIR` (β read from DIR/prealign.json, written by `can prealign`) or `NAME=DIR@BETA` → (name, dir, β)."""
-    name, sep, rest = text.partition("=")
-    if not sep or not name or not rest:
-        raise CanError(f"--aligned {text!r} is not of the form NAME=DIR or NAME=DIR@BETA")
-    path, at, beta = rest.rpartition("@") if "@" in rest else (rest, "", "")
-    if at:
-        try:
-            value = float(beta)
-        except ValueError:
-            raise CanError(f"--aligned {text!r}: β {beta!r} is not a number") from None
-    else:
-        stamp = Path(path) / PREALIGN_FILE
-        if not stamp.exists():
-            raise CanError(f"--aligned {text!r}: {stamp} not found; give the DPO β as NAME=DIR@BETA")
-        value = float(json.loads(stamp.read_text())["beta"])
-    if not value > 0:
-        raise CanError(f"--aligned {text!r}: β must be positive")
-    return name, path, value
-
-
-def pecan_columns(reference, others, tok, aligned, prompts, responses, finished, max_length, batch_size,
-                  ids=None) -> dict:  # fmt: skip
-    """log π_ref of sampled responses (`logp_ref`), and PeCAN's columns (DESIGN §3) per pre-aligned model
-    (name, dir, β): NAME = β·ℓ with ℓ = log π_NAME − log π_ref, logp_NAME, kl_NAME (token-level KL along the sample) and
-    ref_NAME = −β·kl_NAME, whose per-prompt mean is E_ref[β·ℓ | x]. With `ids` (the sampled (prompt_ids,
-    response_ids)), log-probs are those of exactly these ids; without, of TRL's tokenisation of the text pairs."""
-    from train.logps import logps_and_kl
-
-    logp_ref, logp, kl = logps_and_kl(reference, others, tok, prompts, responses, max_length=max_length,
-                                      batch_size=batch_size, finished=finished, ids=ids)  # fmt: skip
-    cols = {"logp_ref": logp_ref.numpy()}
-    for j, (name, _, beta) in enumerate(aligned):
-        cols[f"logp_{name}"] = logp[:, j].numpy()
-        cols[name] = beta * (logp[:, j] - logp_ref).numpy()
-        cols[f"kl_{name}"] = kl[:, j].numpy()
-        cols[f"ref_{name}"] = -beta * kl[:, j].numpy()
-    return cols
-
-
-def pecan_meta(aligned) -> dict:
-    """The PeCAN models of a collect record: NAME → {policy, beta} (`bridge.scores_table.CollectRecord.pecan`)."""
-    return {name: {"policy": path, "beta": beta} for name, path, beta in aligned}
-
-
-def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os.PathLike, policy: str = "smollm2",
-                max_length: int | None = None, batch_size: int = 16, dtype: str = "fp32") -> Path:  # fmt: skip
-    """PeCAN's columns for the responses of an existing table of π_ref samples (e.g. a MoCAN collection): no new
-    sampling, so MoCAN and PeCAN see the same responses. Writes `out` atomically and returns it."""
-    from bridge.tables import read_table
-
-    at_least_one(("--batch-size", batch_size))
-    if max_length is not None:
-        at_least_one(("--max-length", max_length))
-    out = ensure_file_parent(out)
-    table = read_table(table_path)
-    missing = [c for c in ("prompt_id", "prompt", "response") if c not in table.column_names]
-    if missing:
-        raise CanError(f"{table_path}: missing column(s) {missing}; it needs the rendered prompt and the response")
-    if table.num_rows == 0:
-        raise CanError(f"{table_path}: no responses")
-    parsed = [parse_aligned(a) for a in aligned]
-    clash = [n for n, _, _ in parsed if n in table.column_names]
-    if clash:
-        raise CanError(f"{table_path} already has column(s) {clash}: name the pre-aligned models differently")
-    from train import dist
-    from train.models import load_policy
-
-    st = dist.state()
-    device = dist.device(st)
-    reference, tok = load_policy(policy, device, dtype)
-    others = [load_policy(path, device, dtype)[0].eval() for _, path, _ in parsed]
-    rows = table.select(["prompt", "response"]).to_pydict()
-    finished = table.column("finished").to_pylist() if "finished" in table.column_names else None
-    ids = None
-    if {"prompt_ids", "response_ids"} <= set(table.column_names):
-        ids = list(zip(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist(), strict=True))
-
-    def block(u):  # a fixed block of rows, batched the same way whatever the number of processes
-        sl = slice(u * ROWS_PER_UNIT, (u + 1) * ROWS_PER_UNIT)
-        return pecan_columns(reference.eval(), others, tok, parsed, rows["prompt"][sl], rows["response"][sl],
-                             None if finished is None else finished[sl], max_length, batch_size,
-                             ids=None if ids is None else ids[sl])  # fmt: skip
-
-    parts = dist.map_units(st, -(-table.num_rows // ROWS_PER_UNIT), block)
-    if not st.is_main_process:
-        st.wait_for_everyone()
-        return Path(out)
-    cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-    for name, values in cols.items():
-        if name in table.column_names:
-            table = table.drop_columns([name])
-        table = table.append_column(name, pa.array(values))
-    exact = ids is not None and max_length is None and dtype == "fp32"  # logp_ref recomputed here
-    record = collect_record(table).with_pecan(pecan_meta(parsed), exact)
-    path = write_scores_table(out, table, record)
-    st.wait_for_everyone()
-    return path
 
 
 def shard_columns(model, tok, chunk: list, cfg: CollectConfig, seed: int, scorers: list, others=(), aligned=(),

@@ -41,11 +41,11 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     from bridge.dual import run as run_dual
     from bridge.files import write_parquet
     from bridge.labels import score_preferences
-    from train.collect import add_aligned
     from train.dpo import prealign, train
     from train.evaluate import evaluate, insample_gains
     from train.label import LabelConfig
     from train.label import run as run_label
+    from train.logratios import add_aligned
     from train.scorers import parse_scorer
 
     out, mocan_dir = Path(out), Path(mocan_dir)

@@ -164,9 +164,9 @@ def train(
     import shutil
 
     from bridge.files import atomic_write_text
-    from train.collect import ensure_dir
     from train.dist import state
     from train.models import load_policy
+    from train.prompts import ensure_dir
 
     data, prefs = load_preferences(preferences, beta_override if beta_override is not None else beta)
     cert_beta = prefs.beta if prefs.beta is not None else beta  # a plain table: the β given
@@ -294,7 +294,7 @@ def prealign(preferences: str | Path, policy: str, out_dir: str | Path, beta: fl
     import json
 
     from bridge.files import atomic_write_text, sha256_file
-    from train.collect import PREALIGN_FILE
+    from train.logratios import PREALIGN_FILE
     from train.models import resolve_policy
 
     if not beta > 0:

@@ -24,8 +24,8 @@ def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed, 
     """Per-prompt mean scores of K samples of a policy, and the samples. Units of prompts are spread over the
     processes of `accelerate launch` (seeds per unit: the same numbers for any number of processes)."""
     from train import dist
-    from train.collect import check_context, sample
     from train.models import load_policy
+    from train.prompts import check_context, sample
     from train.tokens import as_prompts, is_conversation
 
     st = dist.state()
@@ -67,7 +67,7 @@ def evaluate(
     """Writes OUT/evaluation.json, .md and .png; returns the report dict. `insample` (from `insample_gains`) adds
     the aligned policy's gains on the training samples beside the held-out ones."""
     from train import dist
-    from train.collect import check_sampling, ensure_dir
+    from train.prompts import check_sampling, ensure_dir
     from train.scorers import make_scorer, parse_scorer
 
     check_sampling(k, max_new_tokens, batch_size)
@@ -177,8 +177,8 @@ def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_siz
     import pyarrow.parquet as pq
 
     from train import dist
-    from train.collect import ROWS_PER_UNIT
     from train.logps import sequence_logps
+    from train.logratios import ROWS_PER_UNIT
     from train.models import load_policy
 
     st = dist.state()

@@ -32,7 +32,7 @@ def run(cfg: LabelConfig):
     from bridge.certificate import Certificate
     from bridge.labels import pseudo_preferences
     from bridge.pairs import looks_like_pairs
-    from train.collect import ensure_dir
+    from train.prompts import ensure_dir
 
     cert = Certificate.read(cfg.certificate)
     out = Path(cfg.out)

@@ -120,7 +120,7 @@ def logratios(
     token-level KL (what `can collect --aligned` records), without sampling again — so MoCAN and PeCAN can be
     compared on the same responses."""
     from can_jax.errors import CanError
-    from train.collect import add_aligned
+    from train.logratios import add_aligned
 
     try:
         path = add_aligned(table, list(aligned), out, policy, max_length, batch_size, dtype)

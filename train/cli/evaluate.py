@@ -50,8 +50,8 @@ def evaluate_cmd(
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
     from can_jax.errors import CanError
-    from train.collect import check_sampling, read_prompts
     from train.evaluate import check_scorer_options, check_scorers, evaluate, insample_gains
+    from train.prompts import check_sampling, read_prompts
     from train.scorers import parse_scorer, scorer_options
 
     if not scorer:

@@ -1,0 +1,139 @@
+"""Prompts and sampling shared by `can collect` and `can evaluate`: reading prompt files (text or TRL
+conversations), checking the numbers and paths a stage is given, fitting prompts into the model's context, and
+drawing K samples per prompt from π_ref exactly (`train.sampling`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from can_jax.errors import CanError
+
+
+def at_least_one(*named) -> None:
+    """CanError for the first (option, value) below 1."""
+    for name, value in named:
+        if value < 1:
+            raise CanError(f"{name} must be at least 1, got {value}")
+
+
+def check_sampling(k: int, max_new_tokens: int, batch_size: int, k_name: str = "--k") -> None:
+    """K ≥ 1 samples, responses of at least one token, batches of at least one sequence."""
+    at_least_one((k_name, k), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size))
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """`path` as a folder, created if needed; `OutputError` (one line naming it) where it cannot be: a file in the
+    way or as a parent, no permission, a read-only disk."""
+    from can_jax.errors import OutputError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        if isinstance(err, FileExistsError) or path.is_file():
+            reason = "a file is in the way"
+        raise OutputError(f"cannot write {path}: {reason}") from None
+    return path
+
+
+def ensure_file_parent(path: str | os.PathLike) -> Path:
+    """The folder of an output file created (`ensure_dir`); `OutputError` when the file's path is a folder."""
+    from can_jax.errors import OutputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write {path}: it is a directory")
+    ensure_dir(path.parent)
+    return path
+
+
+def context_length(model, tok) -> int | None:
+    """The policy's context in tokens (its position limit), or None when it declares none."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(n, int) and n > 0:
+        return n
+    n = getattr(tok, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 10**7 else None
+
+
+def check_context(model, tok, prompts: list, max_new_tokens: int, where: str = "prompts", name: str = "the policy"):
+    """Refuses a prompt (as TRL sees it) whose ids plus `max_new_tokens` do not fit in the policy's context: the
+    samples past it would be garbage (or an index error)."""
+    from train.tokens import prompt_ids
+
+    limit = context_length(model, tok)
+    if limit is None:
+        return
+    for i, p in enumerate(prompts):
+        n = len(prompt_ids(tok, p))
+        if n + max_new_tokens > limit:
+            raise CanError(f"{where}: the prompt on line {i + 1} is {n} tokens, and with --max-new-tokens "
+                           f"{max_new_tokens} it does not fit in {name}'s context of {limit} tokens: shorten it "
+                           "or lower --max-new-tokens")  # fmt: skip
+
+
+def read_prompts(path: str | os.PathLike) -> list:
+    """One prompt per line (.txt), or per line a JSON object whose "prompt" is text or a conversation — a list of
+    {"role", "content"} messages, TRL's conversational format (.jsonl). Empty prompts are an error."""
+    from train.tokens import check_prompt
+
+    path = Path(path)
+    if not path.exists():
+        raise CanError(f"prompt file not found: {path}")
+    if path.is_dir():
+        raise CanError(f"{path} is a directory: give a .txt or .jsonl file of prompts")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise CanError(f"{path}: not UTF-8 text") from None
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing newlines are fine
+    if not lines:
+        raise CanError(f"{path}: no prompts")
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, ln in enumerate(lines, 1):
+            try:
+                row = json.loads(ln) if ln.strip() else {}
+            except json.JSONDecodeError as err:
+                raise CanError(f"{path}: line {i} is not JSON ({err})") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise CanError(f'{path}: line {i} has no "prompt" field')
+            prompts.append(check_prompt(row["prompt"], f"{path} line {i}"))
+        return prompts
+    empty = [i + 1 for i, p in enumerate(lines) if not p.strip()]
+    if empty:
+        raise CanError(f"{path}: empty prompt on line(s) {empty[:10]}; remove them")
+    return lines
+
+
+def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: int, seed: int = 0,
+           backend=None) -> dict:  # fmt: skip
+    """K samples of π_ref per prompt (prompts as TRL sees them: `train.tokens.as_prompts`), flattened prompt-major:
+    {"prompt", "response", "prompt_ids", "response_ids", "finished", "retokenizes"} lists of n·K, and "logp" (log π
+    of each sample's ids, from the logits it was drawn from) when the backend reports it. `backend`: a
+    `train.sampling.Backend` (default: the exact loop on `model`)."""
+    from train.sampling import ExactSampler, stop_ids
+    from train.tokens import decode_response, prompt_ids, retokenizes
+
+    check_sampling(k, max_new_tokens, batch_size)
+    p_ids = [prompt_ids(tok, p) for p in prompts]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    backend = backend or ExactSampler(model, pad, batch_size)
+    drawn = backend.sample(p_ids, k, max_new_tokens, stop_ids(model, tok), seed)
+    out = {"prompt": [], "response": [], "prompt_ids": [], "response_ids": [], "finished": [], "retokenizes": []}
+    if drawn.logp is not None:
+        out["logp"] = [lp for row in drawn.logp for lp in row]
+    for p, ids, rs, fs in zip(prompts, p_ids, drawn.ids, drawn.finished, strict=True):
+        for r, f in zip(rs, fs, strict=True):
+            text = decode_response(tok, r)
+            out["prompt"].append(p)
+            out["response"].append(text)
+            out["prompt_ids"].append(ids)
+            out["response_ids"].append(r)
+            out["finished"].append(f)
+            out["retokenizes"].append(retokenizes(tok, p, text, ids, r))
+    return out
