@@ -98,3 +98,23 @@ def test_stability_command_json_and_plot(scores_path, tmp_path):
     full = next(p for p in out["points"] if p["k"] == 8 and p["fraction"] == 1.0)
     assert full["prompts"] == 80 and full["k_mean"] == 8.0
     assert plot.stat().st_size > 1000
+
+
+def test_stability_takes_absolute_limits_like_dual(scores_path):
+    """`--at-least COL=τ` is the margin τ − E_ref[COL] on these samples (issue 24): the same points as the relative
+    margin computed here independently from the table."""
+    rows = pq.read_table(scores_path).to_pylist()
+    by = {}
+    for r in rows:
+        by.setdefault(r["pid"], []).append(r["safe"])
+    e_ref = float(np.mean([np.mean(v) for v in by.values()]))  # mean over prompts of each prompt's mean
+    common = ["--reward", "helpful", "--prompt-id", "pid", "--beta", "0.5", "--fractions", "1", "--no-plot", "--json"]
+    limit = runner.invoke(app, ["stability", str(scores_path), "--at-least", f"safe={e_ref + 0.2!r}", *common])
+    margin = runner.invoke(app, ["stability", str(scores_path), "--constraint", "safe=0.2", *common])
+    assert limit.exit_code == 0 and margin.exit_code == 0, limit.output + margin.output
+    a, b = json.loads(limit.stdout)["points"], json.loads(margin.stdout)["points"]
+    assert [p["k"] for p in a] == [p["k"] for p in b]
+    for p, q in zip(a, b):
+        np.testing.assert_allclose(p["lambda"]["safe"]["plain"], q["lambda"]["safe"]["plain"], rtol=1e-8)
+    bad = runner.invoke(app, ["stability", str(scores_path), "--cost-at-most", "safe", *common])
+    assert bad.exit_code == 1 and "--cost-at-most" in bad.stderr

@@ -86,6 +86,21 @@ DropOpt = Annotated[
     bool, typer.Option("--drop-bad-rows", help="Drop rows with NaN/inf/missing scores instead of failing.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON certificate to stdout.")]
+CostAtMostOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--cost-at-most",
+        help="COL=d: an absolute limit, expected cost ≤ d (Safe-RLHF's form); the margin is E_ref[cost] − d on "
+        "these samples. Repeatable.",
+    ),
+]
+AtLeastOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--at-least",
+        help="COL=τ: an absolute limit, expected utility ≥ τ; the margin is τ − E_ref[utility]. Repeatable.",
+    ),
+]
 
 
 def one_line(message) -> str:
@@ -143,13 +158,18 @@ def check_beta(beta: float, json_out: bool = False):
         fail(f"--beta must be a positive finite number, got {beta}", json_out=json_out, status="invalid")
 
 
-def load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out: bool):
-    """`bridge.dual.load_table`, a user error ending the command with its one line (or JSON status)."""
+def load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out: bool, cost_at_most=(),
+                 at_least=()):  # fmt: skip
+    """`bridge.dual.load_table`, with absolute limits (--cost-at-most/--at-least) turned into margins as `can dual`
+    does; a user error ends the command with its one line (or JSON status)."""
     from bridge.dual import load_table
+    from bridge.limits import apply_limits, limit_specs
     from can_jax.errors import CanError
 
     try:
-        return load_table(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
+        specs, limits = limit_specs(list(cost_at_most or []), list(at_least or []))
+        loaded = load_table(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, extra_specs=specs)
+        return apply_limits(loaded, limits)[0]
     except CanError as err:
         fail(err, json_out=json_out, status=status_of(err))
 

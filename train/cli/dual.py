@@ -10,8 +10,10 @@ import typer
 
 from train.cli.app import (
     EXIT_NOT_CONVERGED,
+    AtLeastOpt,
     BetaOpt,
     ConstraintOpt,
+    CostAtMostOpt,
     CostOpt,
     DropOpt,
     Float32Opt,
@@ -82,21 +84,8 @@ def dual(
         typer.Option("--cache/--no-cache", help="JAX's persistent compilation cache (~/.cache/can/jax, or "
                      "$CAN_CACHE_DIR): a second run on a table of the same shape compiles nothing."),
     ] = True,
-    cost_at_most: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--cost-at-most",
-            help="COL=d: an absolute limit, expected cost ≤ d (Safe-RLHF's form); the margin is E_ref[cost] − d on "
-            "these samples. Repeatable.",
-        ),
-    ] = None,
-    at_least: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--at-least",
-            help="COL=τ: an absolute limit, expected utility ≥ τ; the margin is τ − E_ref[utility]. Repeatable.",
-        ),
-    ] = None,
+    cost_at_most: CostAtMostOpt = None,
+    at_least: AtLeastOpt = None,
 ):
     """Solve the CAN dual once: λ* for the constraints, with its certificate (DESIGN §2).
 

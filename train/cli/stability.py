@@ -11,8 +11,10 @@ from typing import Annotated
 import typer
 
 from train.cli.app import (
+    AtLeastOpt,
     BetaOpt,
     ConstraintOpt,
+    CostAtMostOpt,
     CostOpt,
     DropOpt,
     Float32Opt,
@@ -138,11 +140,14 @@ def stability(
     ] = "0.25,0.5,1",
     seed: Annotated[int, typer.Option(help="Seed of the subsampling.")] = 0,
     json_out: JsonOpt = False,
+    cost_at_most: CostAtMostOpt = None,
+    at_least: AtLeastOpt = None,
 ):
     """Is K enough? λ* and the predicted outcome as prompts and responses per prompt are subsampled, plain and
     jackknife-corrected (DESIGN §5c), with a plot and a verdict.
 
     Example: can stability scores.parquet --reward helpful --cost harm=0.5 --beta 0.1
+    Safe-RLHF-style limit: can stability scores.parquet --reward reward --cost-at-most cost=0 --beta 0.1
     """
     check_beta(beta, json_out)
     try:
@@ -160,7 +165,8 @@ def stability(
     from can_jax.result import Status
     from can_jax.solve import solve_dual_jit
 
-    loaded = load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
+    loaded = load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out, cost_at_most,
+                          at_least)  # fmt: skip
     sc = loaded.scores
     names = loaded.names
     margins = jnp.asarray(loaded.margins, sc.reward.dtype)
