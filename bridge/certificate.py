@@ -48,90 +48,6 @@ def _clean(x):
     return x
 
 
-def _body(
-    result,
-    names: list[str],
-    kinds: list[str],
-    margins,
-    beta: float,
-    data: dict,
-    standard_errors=None,
-    tol: float | None = None,
-    dtype: str = "float64",
-    standard_error_notes: list | None = None,
-) -> dict:
-    """The certificate's JSON body for one solved dual (see `Certificate.build`)."""
-    from can_jax import __version__
-
-    lam = np.asarray(result.x, float)
-    grad = np.asarray(result.jac, float)
-    reach = np.asarray(result.reach, float)
-    gains = np.asarray(result.predicted.utility_gain, float)
-    se = np.full(len(names), np.nan) if standard_errors is None else np.asarray(standard_errors, float)
-    if standard_errors is None:
-        notes = ["not computed"] * len(names)
-    else:
-        notes = list(standard_error_notes or [None] * len(names))
-    tol_reached = np.broadcast_to(np.asarray(result.tol, float), (len(names),))
-    from can_jax.result import Status
-
-    status = Status(int(result.status))
-    constraints = []
-    for j, name in enumerate(names):
-        entry = {
-            "name": name,
-            "kind": kinds[j],
-            "margin": float(margins[j]),
-            "lambda": lam[j],
-            "active": bool(lam[j] > 0),
-            "gradient": grad[j],
-            "reach": reach[j],
-            "predicted_gain": gains[j],
-            "standard_error": se[j],
-            "kkt_tolerance": tol_reached[j],
-        }
-        if not np.isfinite(se[j]):
-            entry["standard_error_note"] = notes[j] or "undefined"
-        if kinds[j] == "cost":
-            entry["predicted_cost_change"] = -gains[j]
-        constraints.append(entry)
-    cert = {
-        "format": _FORMAT,
-        "format_version": FORMAT_VERSION,
-        "can_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "beta": float(beta),
-        "lambda": {n: lam[j] for j, n in enumerate(names)},
-        "margins": {n: float(margins[j]) for j, n in enumerate(names)},
-        "constraints": constraints,
-        "status": status.name.lower(),
-        "status_code": int(status),
-        "converged": status == Status.CONVERGED,
-        "message": result.message,
-        "iterations": int(result.nit),
-        "function_evaluations": int(result.nfev),
-        "kkt_residual": float(result.kkt_residual),
-        "tolerance": tol,
-        "dual_value": float(result.fun),
-        "recession_slope": float(result.slope),
-        "min_hessian_eig": float(result.min_eig),
-        "hessian_condition": float(result.cond),
-        "predicted": {
-            "reward_gain": float(result.predicted.reward_gain),
-            "utility_gains": {n: gains[j] for j, n in enumerate(names)},
-            "kl": float(result.predicted.kl),
-            "ess_fraction": float(result.predicted.ess),
-        },
-        "dtype": dtype,
-        "data": data,
-        "scorers": {},
-        "limits": {},
-        "round": {"index": 0, "parent_sha256": None},
-        "bias": None,
-    }
-    return _clean(cert)
-
-
 ESS_WARN = 0.05
 COND_WARN = 1e8
 
@@ -216,7 +132,74 @@ class Certificate:
         (`bridge.limits`), `scorers` (`CollectRecord.scorer_block`), `pecan` (`bridge.pecan.certificate_block`),
         `round` (a correction round's index and parent hash), `timing` and `devices`.
         """
-        body = _body(result, names, kinds, margins, beta, data, standard_errors, tol, dtype, standard_error_notes)
+        from can_jax import __version__
+
+        lam = np.asarray(result.x, float)
+        grad = np.asarray(result.jac, float)
+        reach = np.asarray(result.reach, float)
+        gains = np.asarray(result.predicted.utility_gain, float)
+        se = np.full(len(names), np.nan) if standard_errors is None else np.asarray(standard_errors, float)
+        if standard_errors is None:
+            notes = ["not computed"] * len(names)
+        else:
+            notes = list(standard_error_notes or [None] * len(names))
+        tol_reached = np.broadcast_to(np.asarray(result.tol, float), (len(names),))
+        from can_jax.result import Status
+
+        status = Status(int(result.status))
+        constraints = []
+        for j, name in enumerate(names):
+            entry = {
+                "name": name,
+                "kind": kinds[j],
+                "margin": float(margins[j]),
+                "lambda": lam[j],
+                "active": bool(lam[j] > 0),
+                "gradient": grad[j],
+                "reach": reach[j],
+                "predicted_gain": gains[j],
+                "standard_error": se[j],
+                "kkt_tolerance": tol_reached[j],
+            }
+            if not np.isfinite(se[j]):
+                entry["standard_error_note"] = notes[j] or "undefined"
+            if kinds[j] == "cost":
+                entry["predicted_cost_change"] = -gains[j]
+            constraints.append(entry)
+        body = {
+            "format": _FORMAT,
+            "format_version": FORMAT_VERSION,
+            "can_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "beta": float(beta),
+            "lambda": {n: lam[j] for j, n in enumerate(names)},
+            "margins": {n: float(margins[j]) for j, n in enumerate(names)},
+            "constraints": constraints,
+            "status": status.name.lower(),
+            "status_code": int(status),
+            "converged": status == Status.CONVERGED,
+            "message": result.message,
+            "iterations": int(result.nit),
+            "function_evaluations": int(result.nfev),
+            "kkt_residual": float(result.kkt_residual),
+            "tolerance": tol,
+            "dual_value": float(result.fun),
+            "recession_slope": float(result.slope),
+            "min_hessian_eig": float(result.min_eig),
+            "hessian_condition": float(result.cond),
+            "predicted": {
+                "reward_gain": float(result.predicted.reward_gain),
+                "utility_gains": {n: gains[j] for j, n in enumerate(names)},
+                "kl": float(result.predicted.kl),
+                "ess_fraction": float(result.predicted.ess),
+            },
+            "dtype": dtype,
+            "data": data,
+            "scorers": {},
+            "limits": {},
+            "round": {"index": 0, "parent_sha256": None},
+            "bias": None,
+        }
         if bias is not None:
             body["bias"] = bias
         if limits:
@@ -380,6 +363,12 @@ class Certificate:
     @property
     def kkt_residual(self) -> float:
         return self._body["kkt_residual"]
+
+    @property
+    def kkt_tolerance(self) -> float | None:
+        """The largest KKT tolerance the solve reached over the constraints (None if none is recorded)."""
+        reached = [float(c["kkt_tolerance"]) for c in self._body["constraints"] if _number(c.get("kkt_tolerance"))]
+        return max(reached) if reached else None
 
     @property
     def created(self) -> str | None:

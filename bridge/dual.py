@@ -154,10 +154,6 @@ def certificate_bias(result, loaded, beta: float, devices: int | None = 1) -> di
                       loaded.names)  # fmt: skip
 
 
-def _number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def loaded_for(scores_path, cert: Certificate, dtype=None):
     """The scores table read exactly as `can dual` read it for this certificate (same columns, kinds, margins,
     reference columns and bad-row rule)."""
@@ -179,8 +175,7 @@ def check_solution(scores_path, cert: Certificate) -> float:
     dtype = loaded.scores.reward.dtype
     lam = jnp.asarray(list(cert.lam.values()), dtype)
     res, floor = kkt_at(loaded.scores, jnp.asarray(loaded.margins, dtype), cert.beta, lam, dtype=jnp.float64)
-    reached = [c.get("kkt_tolerance") for c in cert.constraints]
-    reached = max([float(x) for x in reached if _number(x)] + [float(np.max(np.asarray(floor))), 1e-9])
+    reached = max([cert.kkt_tolerance or 0.0, float(np.max(np.asarray(floor))), 1e-9])
     res = float(res)
     if not res <= 100 * reached:
         raise CanError(
