@@ -48,6 +48,7 @@ class DemoConfig:
     train_prompts: list = field(default_factory=lambda: list(TRAIN_PROMPTS))
     eval_prompts: list = field(default_factory=lambda: list(EVAL_PROMPTS))
     k: int = 8
+    eval_k: int = 8  # samples per held-out prompt and policy
     max_new_tokens: int = 40
     beta: float = 0.5
     margin_frac: float = 0.5  # each margin: this fraction of the constraint's reach on the samples
@@ -72,12 +73,14 @@ class DemoConfig:
                 "lora": self.lora, "train_top": self.train_top, "seed": self.seed, **override}  # fmt: skip
 
 
-def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
-    """Runs the chain into OUT and returns the evaluation report."""
+def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | None = None,
+              reference_memo: dict | None = None) -> dict:
+    """Runs the chain into OUT and returns the evaluation report. `scores`: a scores table already collected with
+    cfg's collection settings (a study shares one collection between configurations); `reference_memo`: see
+    `train.evaluate.evaluate`."""
     from bridge.dual import DualConfig, margins_at_reach
     from bridge.dual import run as run_dual
     from can_jax.errors import CanError
-    from train.collect import CollectConfig, collect
     from train.dpo import train
     from train.evaluate import evaluate, insample_gains
     from train.label import LabelConfig
@@ -88,14 +91,13 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t = time.perf_counter()
-    prompts_file = out / "train_prompts.txt"
-    prompts_file.write_text("\n".join(cfg.train_prompts) + "\n")
-    ccfg = CollectConfig(prompts=str(prompts_file), policy=cfg.policy, scorers=cfg.scorers, k=cfg.k,
-                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed)  # fmt: skip
-    scores_path = collect(ccfg, out / "scores.parquet")
-    times["collect"] = time.perf_counter() - t
-    say(f"① collected {len(cfg.train_prompts)} prompts × {cfg.k} responses → {scores_path} "
-        f"({times['collect']:.0f} s)")  # fmt: skip
+    if scores is None:
+        scores_path = collect_samples(cfg, out)
+        times["collect"] = time.perf_counter() - t
+        say(f"① collected {len(cfg.train_prompts)} prompts × {cfg.k} responses → {scores_path} "
+            f"({times['collect']:.0f} s)")  # fmt: skip
+    else:
+        scores_path = Path(scores)
 
     t = time.perf_counter()
     names = [parse_scorer(s)[0] for s in cfg.scorers if parse_scorer(s)[0] != cfg.reward]
@@ -122,12 +124,25 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print) -> dict:
     t = time.perf_counter()
     insample = insample_gains(str(final), scores_path, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,
                               cfg.max_length)  # fmt: skip
-    report = evaluate(str(final), cfg.policy, cfg.eval_prompts, cfg.scorers, cert, out / "evaluation", k=cfg.k,
+    report = evaluate(str(final), cfg.policy, cfg.eval_prompts, cfg.scorers, cert, out / "evaluation", k=cfg.eval_k,
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
-                      insample=insample)  # fmt: skip
+                      insample=insample, reference_memo=reference_memo)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
     report["seconds"] = times
     (out / "evaluation" / "timing.json").write_text(json.dumps(times, indent=2))
     say(f"⑤ evaluated on {len(cfg.eval_prompts)} held-out prompts ({times['evaluate']:.0f} s): "
         f"{out / 'evaluation' / 'evaluation.md'}")  # fmt: skip
     return report
+
+
+def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
+    """Stage ①: K samples of the policy per training prompt, scored, into OUT/scores.parquet (resumes its shards)."""
+    from train.collect import CollectConfig, collect
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_file = out / "train_prompts.txt"
+    prompts_file.write_text("\n".join(cfg.train_prompts) + "\n")
+    ccfg = CollectConfig(prompts=str(prompts_file), policy=cfg.policy, scorers=cfg.scorers, k=cfg.k,
+                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed)  # fmt: skip
+    return collect(ccfg, out / "scores.parquet")

@@ -40,12 +40,57 @@ def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed, 
         drawn = sample(model, tok, as_prompts(tok, chunk, chat_template), k, max_new_tokens, batch_size, seed + u)
         instr = [p for p in (as_prompts(tok, chunk, True) if conv else chunk) for _ in range(k)]
         scores = {sc.name: np.asarray(sc(instr, drawn["response"])).reshape(len(chunk), k) for sc in scorers}
-        return scores, drawn["response"]
+        return scores, drawn["response"], list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
 
     parts = dist.map_units(st, -(-len(prompts) // PROMPTS_PER_UNIT), unit)
     per_prompt = {sc.name: np.concatenate([p[0][sc.name] for p in parts]).mean(axis=1) for sc in scorers}
     resp = [r for p in parts for r in p[1]]
-    return per_prompt, [resp[j * k : (j + 1) * k] for j in range(len(prompts))]
+    ids = [i for p in parts for i in p[2]]
+    return per_prompt, [resp[j * k : (j + 1) * k] for j in range(len(prompts))], ids
+
+
+def distinct_2(texts: list[str]) -> float:
+    """Distinct-2: unique word bigrams over all bigrams of the samples (1 = no bigram repeats; degenerate,
+    repetitive text drives it down)."""
+    grams = [tuple(w[i : i + 2]) for w in (t.lower().split() for t in texts) for i in range(len(w) - 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def sample_logps(spec, ids: list, batch_size: int, dtype: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """[n] summed log π(response | prompt) of sampled (prompt_ids, response_ids) under policy `spec`, and [n]
+    response lengths in tokens, spread over the processes in units."""
+    from train import dist
+    from train.logps import sequence_logps
+    from train.logratios import ROWS_PER_UNIT
+    from train.models import load_policy
+
+    st = dist.state()
+    model, tok = load_policy(spec, dist.device(st), dtype)
+    model.eval()
+
+    def block(u):
+        sl = ids[u * ROWS_PER_UNIT : (u + 1) * ROWS_PER_UNIT]
+        return sequence_logps(model, tok, [None] * len(sl), [None] * len(sl), batch_size=batch_size, ids=sl)
+
+    logp = torch.cat(dist.map_units(st, -(-len(ids) // ROWS_PER_UNIT), block)).double().numpy()
+    return logp, np.array([len(r) for _, r in ids], float)
+
+
+def text_health(aligned: str, reference: str, samples_a, samples_r, ids_a, ids_r, batch_size, dtype) -> dict:
+    """The degeneration check (issue 20): distinct-2 of each policy's samples and their mean log π_ref per token
+    (a policy that games lexical scorers with broken text shows lower values than the reference's own samples),
+    and the KL(π_aligned ‖ π_ref) estimate E_aligned[log π_aligned − log π_ref] per response, in nats."""
+    ref_a, n_a = sample_logps(reference, ids_a, batch_size, dtype)
+    ref_r, n_r = sample_logps(reference, ids_r, batch_size, dtype)
+    own_a, _ = sample_logps(aligned, ids_a, batch_size, dtype)
+    per_tok = lambda lp, n: float(lp.sum() / max(n.sum(), 1))  # noqa: E731
+    return {
+        "distinct_2": {"aligned": distinct_2([r for s in samples_a for r in s]),
+                       "reference": distinct_2([r for s in samples_r for r in s])},
+        "logp_ref_per_token": {"aligned": per_tok(ref_a, n_a), "reference": per_tok(ref_r, n_r)},
+        "mean_tokens": {"aligned": float(n_a.mean()), "reference": float(n_r.mean())},
+        "kl": float(np.mean(own_a - ref_a)),
+    }  # fmt: skip
 
 
 def evaluate(
@@ -63,9 +108,12 @@ def evaluate(
     chat_template: bool = True,
     scorer_options: dict | None = None,
     dtype: str = "fp32",
+    reference_memo: dict | None = None,
 ) -> dict:
     """Writes OUT/evaluation.json, .md and .png; returns the report dict. `insample` (from `insample_gains`) adds
-    the aligned policy's gains on the training samples beside the held-out ones."""
+    the aligned policy's gains on the training samples beside the held-out ones. `reference_memo`: a dict that keeps
+    the reference policy's samples and scores between calls of one process (a study evaluating several aligned
+    policies on the same prompts samples the reference once)."""
     from train import dist
     from train.prompts import check_sampling, ensure_dir
     from train.scorers import make_scorer, parse_scorer
@@ -80,10 +128,23 @@ def evaluate(
     if st.is_main_process:
         ensure_dir(out)  # before any sampling: an output path that cannot be written is refused first
     scorers = [make_scorer(*parse_scorer(s), **(scorer_options or {}), device=dist.device(st)) for s in scorer_specs]
-    ours, samples_a = _policy_scores(aligned, prompts, scorers, k, max_new_tokens, batch_size, seed, chat_template,
-                                     dtype)  # fmt: skip
-    base, samples_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size, seed, chat_template,
-                                     dtype)  # fmt: skip
+    ours, samples_a, ids_a = _policy_scores(aligned, prompts, scorers, k, max_new_tokens, batch_size, seed,
+                                            chat_template, dtype)  # fmt: skip
+    key = (reference, tuple(map(str, prompts)), tuple(scorer_specs), k, max_new_tokens, seed, chat_template, dtype)
+    if reference_memo is not None and key in reference_memo:
+        base, samples_r, ids_r = reference_memo[key]
+    else:
+        base, samples_r, ids_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size, seed,
+                                                chat_template, dtype)  # fmt: skip
+        if reference_memo is not None:
+            reference_memo[key] = (base, samples_r, ids_r)
+    health = text_health(aligned, reference, samples_a, samples_r, ids_a, ids_r, batch_size, dtype)
+    same = [a == r for a, r in zip(ids_a, ids_r, strict=True)]
+    note = None
+    if all(same):
+        note = ("the aligned policy drew exactly the reference's samples on every prompt (the same seeds): training "
+                "did not move it measurably, so every gain is 0. Check the run's loss and learning rate (a LoRA "
+                "adapter needs a larger one than full fine-tuning) and that it trained on this policy.")
     from bridge.tables import sign_of
 
     reward_col = cert.reward
@@ -106,7 +167,8 @@ def evaluate(
                      "reference_mean": float(sign * base[sc.name].mean()),
                      "insample_gain": None if insample is None else sign * insample[sc.name]})  # fmt: skip
     report = {"aligned": aligned, "reference": reference, "prompts": len(prompts), "samples_per_prompt": k,
-              "beta": cert.beta, "lambda": cert.lam, "rows": rows,
+              "beta": cert.beta, "lambda": cert.lam, "rows": rows, "text": health,
+              "identical_samples": float(np.mean(same)), "note": note,
               "examples": [{"prompt": p, "reference": r[0], "aligned": a[0]}
                            for p, r, a in list(zip(prompts, samples_r, samples_a))[:5]]}  # fmt: skip
     if st.is_main_process:  # one writer
@@ -230,11 +292,25 @@ def markdown(report: dict) -> str:
     lines += ["", "Gains are in the safe direction for constraints (a cost's decrease counts as a gain). "
               "\"On the training samples\": the reference samples the dual saw, reweighted by π_aligned/π_ref — "
               "how far DPO moved the policy towards π_λ* where the prediction was made; the held-out column adds "
-              "fresh samples on new prompts.", "",
+              "fresh samples on new prompts.", "", *([f"**Note:** {report['note']}", ""] if report.get("note") else []),
+              *health_lines(report.get("text")),
               "![gains](evaluation.png)", "", "## Examples (first sample of each policy)", ""]  # fmt: skip
     for e in report["examples"]:
         lines += [f"**{e['prompt']}**", "", f"- reference: {e['reference']!r}", f"- aligned: {e['aligned']!r}", ""]
     return "\n".join(lines) + "\n"
+
+
+def health_lines(text: dict | None) -> list[str]:
+    """The degeneration check and KL as markdown lines (nothing for a report written before they existed)."""
+    if not text:
+        return []
+    d, lp, n = text["distinct_2"], text["logp_ref_per_token"], text["mean_tokens"]
+    return ["| samples | distinct-2 | mean log π_ref per token | mean tokens |", "|---|---|---|---|",
+            f"| aligned | {d['aligned']:.3f} | {lp['aligned']:+.3f} | {n['aligned']:.1f} |",
+            f"| reference | {d['reference']:.3f} | {lp['reference']:+.3f} | {n['reference']:.1f} |", "",
+            f"KL(π_aligned ‖ π_ref) ≈ {text['kl']:.2f} nats per response (mean of log π_aligned − log π_ref over "
+            "the aligned samples). Text that games the lexical scorers by breaking down shows as lower distinct-2 "
+            "or a much lower log π_ref per token than the reference's own samples.", ""]  # fmt: skip
 
 
 def plot(rows, path) -> None:

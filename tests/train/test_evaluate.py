@@ -34,3 +34,65 @@ def test_insample_gains_are_zero_for_the_reference_itself(tiny_lm, tmp_path):
                         max_new_tokens=5)  # fmt: skip
     table = collect(cfg, tmp_path / "s.parquet")
     assert insample_gains(str(path), table, ["len"])["len"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_distinct_2_counts_unique_word_bigrams():
+    from train.evaluate import distinct_2
+
+    # bigrams: (a b) (b a) (a b) | (c d) → 3 unique of 4
+    assert distinct_2(["a b a b", "C d"]) == pytest.approx(3 / 4)
+    assert np.isnan(distinct_2(["one", ""]))
+
+
+def test_text_check_against_the_samplers_own_logps(tiny_lm, other_lm, tmp_path):
+    """log π_ref of the reference's samples, recomputed by `sample_logps`, equals the log-probs the sampler drew them
+    with (an independent computation: the sampling loop's logits); KL of a policy to itself is 0, to another policy
+    the mean log-ratio computed here directly with transformers."""
+    import torch
+
+    from train.evaluate import sample_logps, text_health
+    from train.prompts import sample
+    from train.tokens import as_prompts
+
+    model, tok, path = tiny_lm
+    other = other_lm[1]
+    drawn = sample(model.eval(), tok, as_prompts(tok, ["hello", "tell me a joke."]), 3, 6, 8, seed=3)
+    ids = list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
+    lp, n = sample_logps(str(path), ids, 4)
+    np.testing.assert_allclose(lp, drawn["logp"], atol=1e-4)
+    assert list(n) == [len(r) for r in drawn["response_ids"]]
+    texts = [drawn["response"][:3], drawn["response"][3:]]
+    same = text_health(str(path), str(path), texts, texts, ids, ids, 4, "fp32")
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert same["logp_ref_per_token"]["aligned"] == pytest.approx(float(np.sum(drawn["logp"]) / n.sum()), abs=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    o = AutoModelForCausalLM.from_pretrained(other).eval()
+
+    def direct(m, p, r):
+        x = torch.tensor([p + r])
+        with torch.no_grad():
+            logits = m(input_ids=x).logits[0, len(p) - 1 : -1].log_softmax(-1)
+        return float(logits[torch.arange(len(r)), torch.tensor(r)].sum())
+
+    expect = np.mean([direct(o, p, r) - direct(model, p, r) for p, r in ids])
+    health = text_health(str(other), str(path), texts, texts, ids, ids, 4, "fp32")
+    assert health["kl"] == pytest.approx(expect, abs=1e-4)
+
+
+def test_evaluate_says_so_when_training_moved_nothing(tiny_lm, tmp_path):
+    """An "aligned" policy that is the reference draws the same samples: gains are exactly 0 and the report says
+    why, instead of a bare +0.000 [+0.000, +0.000]."""
+    from train.evaluate import evaluate
+
+    _, _, path = tiny_lm
+
+    class Cert:
+        reward, names, kinds, beta, lam, margins = "len", [], [], 0.5, {}, {}
+        predicted_gains, predicted_reward_gain = {}, 0.1
+
+    rep = evaluate(str(path), str(path), ["hello", "tell me a joke."], ["len=tests.train.toy_scorers:length"], Cert(),
+                   tmp_path / "e", k=2, max_new_tokens=4)  # fmt: skip
+    assert rep["identical_samples"] == 1.0 and "did not move" in rep["note"]
+    assert rep["rows"][0]["achieved_gain"] == 0.0
+    assert "did not move" in (tmp_path / "e" / "evaluation.md").read_text()

@@ -108,3 +108,11 @@ def print_evaluation(report: dict):
                       "—" if r.get("insample_gain") is None else f"{r['insample_gain']:+.3f}",
                       f"{r['achieved_gain']:+.3f}", f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")  # fmt: skip
     console().print(table)
+    if report.get("note"):
+        console().print(f"[yellow]note:[/] {report['note']}")
+    text = report.get("text")
+    if text:
+        d, lp = text["distinct_2"], text["logp_ref_per_token"]
+        console().print(f"text check: distinct-2 {d['aligned']:.3f} aligned / {d['reference']:.3f} reference; "
+                        f"log π_ref per token {lp['aligned']:+.3f} / {lp['reference']:+.3f}; "
+                        f"KL ≈ {text['kl']:.2f} nats per response")  # fmt: skip
