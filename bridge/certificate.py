@@ -410,8 +410,16 @@ class Certificate:
         def num(x, fmt=".6g"):
             return "—" if x is None else format(x, fmt)
 
+        from bridge.limits import limit_lines, limit_text
+
         b = self._body
-        rows = [[c["name"], c["kind"], num(c["margin"]), num(c["lambda"]), num(c["standard_error"], ".2g"),
+        limits = b.get("limits") or {}
+
+        def margin(c):  # a limit as the user stated it, the margin it implies beside it
+            lim = limits.get(c["name"])
+            return f"{limit_text(c['name'], lim)} (b {num(c['margin'])})" if lim else num(c["margin"])
+
+        rows = [[c["name"], c["kind"], margin(c), num(c["lambda"]), num(c["standard_error"], ".2g"),
                  "yes" if c["active"] else "no", num(c["predicted_gain"]), num(c["reach"])]
                 for c in b["constraints"]]  # fmt: skip
         p, d = b["predicted"], b["data"]
@@ -424,6 +432,7 @@ class Certificate:
             f"sample fraction {p['ess_fraction']:.3f}",
             f"data: {d['n_prompts']} prompts, {d['n_responses']} responses"
             + (f", {d['dropped_rows']} bad rows dropped" if d.get("dropped_rows") else ""),
+            *limit_lines(limits),
         ]
         if "pecan" in b:
             lines.append(f"PeCAN: E_ref[g̃ | x] from the {b['pecan']['reference']} KL estimate")
@@ -443,10 +452,12 @@ class Certificate:
         lines = [f"- reward: `{b['data'].get('reward')}`; dual status: {b.get('status')} (KKT residual "
                  f"{b.get('kkt_residual')})", "", "| constraint | kind | margin | limit | λ* | predicted gain |",
                  "|---|---|---|---|---|---|"]  # fmt: skip
+        from bridge.limits import limit_text
+
         limits = b.get("limits") or {}
         for c in b["constraints"]:
             lim = limits.get(c["name"])
-            lim_text = "—" if not lim else f"{lim.get('kind')} {lim.get('value')}"
+            lim_text = "—" if not lim else limit_text(c["name"], lim)
             lines.append(f"| {c['name']} | {c['kind']} | {c['margin']:+.4g} | {lim_text} | {c['lambda']:.4g} | "
                          f"{c['predicted_gain']:+.4g} |")  # fmt: skip
         pred = b.get("predicted", {})

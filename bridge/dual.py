@@ -96,7 +96,7 @@ def run(cfg: DualConfig) -> Certificate:
     from can_jax.shard import device_count
 
     devices = device_count(cfg.devices)
-    result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se, devices)
+    result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se, devices, limit_block)
     t2 = time.perf_counter()
     bias = None
     if cfg.bias and int(result.status) == Status.CONVERGED:
@@ -205,11 +205,12 @@ def data_summary(loaded, reward: str, prompt_id: str) -> dict:
     }
 
 
-def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None = 1):
+def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None = 1, limits: dict | None = None):
     """Solves the dual of a loaded table in its `dtype` over `devices` local devices (None: all of them):
     (DualResult, standard errors or None, their notes, tol used).
 
-    Out-of-reach margins raise `InfeasibleMarginsError` with the one-line diagnosis (never a huge λ).
+    Out-of-reach margins raise `InfeasibleMarginsError` with the one-line diagnosis (never a huge λ); said in limits
+    where the constraints were stated as limits (`limits`: the certificate's block, `bridge.limits`).
     """
     import jax.numpy as jnp
 
@@ -228,7 +229,10 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     else:
         result, errs = solve_dual_jit(loaded.scores, margins, beta, **kw), None
     if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
-        raise InfeasibleMarginsError(infeasibility_message(result, loaded.names, loaded.margins))
+        from bridge.limits import infeasible_limits_message
+
+        said = infeasible_limits_message(result, loaded.names, loaded.margins, limits or {})
+        raise InfeasibleMarginsError(said or infeasibility_message(result, loaded.names, loaded.margins))
     if int(result.status) == Status.INVALID:
         raise InvalidArgumentError(result.message)
     notes = None

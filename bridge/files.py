@@ -14,6 +14,23 @@ from pathlib import Path
 from can_jax.errors import OutputError
 
 
+def path_problem(path: str | os.PathLike, err: OSError | None = None) -> str:
+    """Why `path` cannot be written or read, said of the path: "X is a file, not a folder" for a file where a folder
+    is needed (which the OS calls "file exists" or "not a directory"), "it is a folder" for a folder where a file
+    is needed, else the OS's reason in lower case ("permission denied", "no space left on device")."""
+    path = Path(path)
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is a file, not a folder"
+    if isinstance(err, FileExistsError) and path.exists() and not path.is_dir():
+        return f"{path} is a file, not a folder"
+    if isinstance(err, IsADirectoryError) or (err is None and path.is_dir()):
+        return "it is a folder"
+    if err is None:
+        return "not found" if not path.exists() else "unknown reason"
+    return (err.strerror or type(err).__name__).lower()
+
+
 def _umask() -> int:
     """The process umask, read without changing it where /proc allows (os.umask can only set-and-return)."""
     try:
@@ -33,7 +50,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     tmp = None
     try:
         if path.is_dir():
-            raise IsADirectoryError(21, "is a directory")
+            raise IsADirectoryError(21, "is a folder")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
@@ -46,8 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        reason = err.strerror or type(err).__name__
-        raise OutputError(f"cannot write {path}: {reason.lower()}") from None
+        raise OutputError(f"cannot write {path}: {path_problem(path, err)}") from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

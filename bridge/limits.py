@@ -66,3 +66,61 @@ def apply_limits(loaded, limits: dict[str, tuple[str, float]]):
         block[name] = {"kind": KINDS[kind], "value": value, "reference_mean": float(reference),
                        "implied_margin": float(margins[j])}  # fmt: skip
     return dataclasses.replace(loaded, margins=margins), block
+
+
+def limit_text(name: str, entry: dict) -> str:
+    """A limit as the user stated it: "E[cost] ≤ 0" (--cost-at-most cost=0) or "E[safe] ≥ 0.5" (--at-least)."""
+    sign = "≤" if entry.get("kind") == KINDS["cost"] else "≥"
+    return f"E[{name}] {sign} {_typed(entry.get('value'))}"
+
+
+def _typed(value) -> str:
+    """A number as typed: 0, 0.25, 1e-05 (the shortest repr, integers without ".0")."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def limit_lines(block: dict) -> list[str]:
+    """The summary line of each limit: as stated, then E_ref on these samples and the margin it implies."""
+    lines = []
+    for name, entry in block.items():
+        ref, b = entry.get("reference_mean"), entry.get("implied_margin")
+        if ref is None or b is None:
+            continue
+        lines.append(f"limit {limit_text(name, entry)}: the reference policy's E_ref[{name}] = {ref:.6g} on these "
+                     f"samples, so the margin is b = {b:+.6g}")  # fmt: skip
+    return lines
+
+
+def infeasible_limits_message(result, names: list[str], margins, block: dict) -> str | None:
+    """The infeasibility of a problem stated (partly) in limits, said in limits: per limit out of reach, the limit
+    asked and the best expected value a policy on these samples reaches (E_ref plus or minus the reach). None when
+    no limit is out of reach alone (the margins' message then says which combination is)."""
+    reach = np.asarray(result.reach, float)
+    margins = np.asarray(margins, float)
+    parts, other = [], []
+    for j, name in enumerate(names):
+        size = max(abs(reach[j]), abs(margins[j]))
+        if not margins[j] >= reach[j] - 1e-9 * size or (reach[j] <= 1e-12 * size and margins[j] <= 1e-9 * size):
+            continue
+        entry = block.get(name)
+        if entry is None:
+            other.append(f"{name!r} asks for a gain of {margins[j]:+.6g}, at most {reach[j]:+.6g} is reachable")
+            continue
+        ref = float(entry["reference_mean"])
+        if entry["kind"] == KINDS["cost"]:
+            best, word = ref - reach[j], "least"
+        else:
+            best, word = ref + reach[j], "most"
+        if margins[j] > reach[j]:
+            parts.append(f"{limit_text(name, entry)} is out of reach: the {word} E[{name}] a policy on these "
+                         f"samples attains is {best:.6g} (E_ref[{name}] = {ref:.6g})")  # fmt: skip
+        else:
+            parts.append(f"{limit_text(name, entry)} is the very edge of what these samples reach (E_ref[{name}] = "
+                         f"{ref:.6g}), which only an infinite λ attains")  # fmt: skip
+    if not parts:
+        return None
+    return "infeasible limits: " + "; ".join(parts + other)

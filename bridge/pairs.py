@@ -139,10 +139,28 @@ def _layout_of(table: pa.Table, path) -> tuple[pa.Table, str]:
             if table.num_rows == 0:
                 raise CanError(f"{path}: no pairs")
             return table, layout
-    pku = sorted({"prompt", "response_0", "response_1"} - cols)
-    trl = sorted({"prompt", "chosen", "rejected"} - cols)
-    raise CanError(f"{path}: not a pairs dataset — missing {pku} (PKU-SafeRLHF layout) or {trl} (TRL layout); "
-                   f"it has {sorted(cols)[:12]}")  # fmt: skip
+    raise CanError(f"{path}: not a pairs dataset — {missing_pair_columns(cols)}")
+
+
+NAMES = {"pku": "PKU-SafeRLHF layout", "trl": "TRL layout"}
+
+
+def missing_pair_columns(cols) -> str:
+    """Which columns a pairs dataset lacks, in the layout it comes closest to, with a near name it has ("did you
+    mean"), and the columns it has."""
+    import difflib
+
+    cols = set(cols)
+    need = {layout: ["prompt", a, b] for layout, (a, b, _, _) in LAYOUTS.items()}
+    # the layout with the most of its columns present (PKU on a tie with none: the authors' MoCAN data)
+    layout = max(need, key=lambda k: (len(cols & set(need[k])), k == "pku"))
+    parts = []
+    for name in (c for c in need[layout] if c not in cols):
+        near = difflib.get_close_matches(name, sorted(cols), n=1, cutoff=0.6)
+        parts.append(f"no column {name!r}" + (f" (is {near[0]!r} it, misspelt?)" if near else ""))
+    other = next(k for k in need if k != layout)
+    return (f"{'; '.join(parts)} for the {NAMES[layout]} ({', '.join(need[layout])}; or the {NAMES[other]}: "
+            f"{', '.join(need[other])}); it has {sorted(cols)[:12]}")  # fmt: skip
 
 
 def completion_text(value) -> str:
@@ -152,6 +170,13 @@ def completion_text(value) -> str:
     if isinstance(value, (list, tuple)) and value and isinstance(value[-1], dict) and "content" in value[-1]:
         return str(value[-1]["content"])
     raise CanError(f"a completion is text or a list of messages, got {value!r:.80}")
+
+
+def score_columns(name: str, layout: str) -> tuple[str, str]:
+    """The two columns holding a score's values for the two responses, e.g. ("len_0", "len_1") or ("len_chosen",
+    "len_rejected")."""
+    _, _, sa, sb = LAYOUTS[layout]
+    return name + sa, name + sb
 
 
 def missing_scores(table: pa.Table, layout: str, cert) -> list[str]:
@@ -227,8 +252,9 @@ def pairs_meta(mode: str, seed: int, pairs_path) -> dict:
             "pairs_sha256": sha256_file(path) if path.is_file() else None}  # fmt: skip
 
 
-def looks_like_pairs(path: str | os.PathLike) -> bool:
-    """Whether `path` is a pairs dataset (two responses per row) rather than a scores table (one per row)."""
+def looks_like_pairs(path: str | os.PathLike, response_col: str = "response") -> bool:
+    """Whether `path` is a pairs dataset (two responses per row) rather than a scores table (one per row, in
+    `response_col`)."""
     path = Path(path)
     if path.is_dir():
         return (path / "dataset_info.json").exists() or (path / "state.json").exists()
@@ -245,7 +271,17 @@ def looks_like_pairs(path: str | os.PathLike) -> bool:
             cols = set(read_table(path).column_names)
     except Exception:  # unreadable as a table: judge by the first record's names, the reader then says why
         cols = _first_record_names(path)
-    return "response" not in cols and any({a, b} <= cols for a, b, _, _ in LAYOUTS.values())
+    return is_pairs_columns(cols, response_col)
+
+
+PAIR_COLUMNS = {c for a, b, _, _ in LAYOUTS.values() for c in (a, b)}
+
+
+def is_pairs_columns(cols, response_col: str = "response") -> bool:
+    """Columns of a pairs dataset — one response column of either layout and no single response column — even with
+    the other misspelt or missing: the pairs reader then names it (never a scores table's hash check)."""
+    cols = set(cols)
+    return response_col not in cols and bool(cols & PAIR_COLUMNS)
 
 
 def _first_record_names(path: Path) -> set:

@@ -160,7 +160,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
         raise CanError(f"scorer and aligned-model names must be distinct and not one of {sorted(reserved)}: {names}")
     model, tok = load_policy(cfg.policy, device, cfg.dtype)
     model.eval()
-    rendered = as_prompts(tok, prompts, cfg.chat_template)  # conversations without a template: refused before work
+    rendered = as_prompts(tok, prompts, cfg.chat_template, where=cfg.prompts)  # refused before work: no template
     check_context(model, tok, rendered, cfg.max_new_tokens, cfg.prompts)
     shard_dir = ensure_dir(out.with_name(out.name + ".shards"))
     stamp = shard_dir / "settings.json"

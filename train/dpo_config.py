@@ -105,8 +105,9 @@ def make_config(out_dir: str | Path, beta: float, precision: str = "auto", confi
         reason = " ".join(str(err).split())
         raise CanError(f"--config {config_file}: not a valid YAML/JSON file ({reason})") from None
     except OSError as err:
-        reason = (err.strerror or type(err).__name__).lower()
-        raise CanError(f"--config {config_file}: cannot read it ({reason})") from None
+        from bridge.files import path_problem
+
+        raise CanError(f"--config {config_file}: cannot read it ({path_problem(config_file, err)})") from None
     except SystemExit:
         raise CanError("invalid DPO option (argparse's message above); see `can train --help`") from None
     except (ValueError, TypeError) as err:  # e.g. a config file that is not a mapping, or a bad value

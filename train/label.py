@@ -39,9 +39,9 @@ def run(cfg: LabelConfig):
     if out.suffix == ".parquet" and out.is_dir():
         from can_jax.errors import OutputError
 
-        raise OutputError(f"cannot write {out}: it is a directory")
+        raise OutputError(f"cannot write {out}: it is a folder")
     ensure_dir(out.parent)  # an output that cannot be written is refused before the work
-    if looks_like_pairs(cfg.scores):
+    if looks_like_pairs(cfg.scores, cfg.response_col):
         from train.relabel import relabel_pairs
         from train.scorers import scorer_options
 
@@ -53,7 +53,8 @@ def run(cfg: LabelConfig):
     try:
         prefs.write(out)
     except OSError as err:  # a `datasets` directory is written by `datasets`, which raises plain OSErrors
+        from bridge.files import path_problem
         from can_jax.errors import OutputError
 
-        raise OutputError(f"cannot write {out}: {(err.strerror or type(err).__name__).lower()}") from None
+        raise OutputError(f"cannot write {out}: {path_problem(out, err)}") from None
     return prefs, stats

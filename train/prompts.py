@@ -26,16 +26,14 @@ def check_sampling(k: int, max_new_tokens: int, batch_size: int, k_name: str = "
 def ensure_dir(path: str | os.PathLike) -> Path:
     """`path` as a folder, created if needed; `OutputError` (one line naming it) where it cannot be: a file in the
     way or as a parent, no permission, a read-only disk."""
+    from bridge.files import path_problem
     from can_jax.errors import OutputError
 
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        reason = (err.strerror or type(err).__name__).lower()
-        if isinstance(err, FileExistsError) or path.is_file():
-            reason = "a file is in the way"
-        raise OutputError(f"cannot write {path}: {reason}") from None
+        raise OutputError(f"cannot write {path}: {path_problem(path, err)}") from None
     return path
 
 
@@ -45,7 +43,7 @@ def ensure_file_parent(path: str | os.PathLike) -> Path:
 
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"cannot write {path}: it is a directory")
+        raise OutputError(f"cannot write {path}: it is a folder")
     ensure_dir(path.parent)
     return path
 
@@ -62,17 +60,27 @@ def context_length(model, tok) -> int | None:
 def check_context(model, tok, prompts: list, max_new_tokens: int, where: str = "prompts", name: str = "the policy"):
     """Refuses a prompt (as TRL sees it) whose ids plus `max_new_tokens` do not fit in the policy's context: the
     samples past it would be garbage (or an index error)."""
-    from train.tokens import prompt_ids
-
     limit = context_length(model, tok)
-    if limit is None:
-        return
     for i, p in enumerate(prompts):
-        n = len(prompt_ids(tok, p))
-        if n + max_new_tokens > limit:
+        n = len(prompt_ids_or_fail(tok, p, f"{where} line {i + 1}", name))  # a template's refusal: file and line
+        if limit is not None and n + max_new_tokens > limit:
             raise CanError(f"{where}: the prompt on line {i + 1} is {n} tokens, and with --max-new-tokens "
                            f"{max_new_tokens} it does not fit in {name}'s context of {limit} tokens: shorten it "
                            "or lower --max-new-tokens")  # fmt: skip
+
+
+def prompt_ids_or_fail(tok, prompt, where: str, name: str = "the policy") -> list[int]:
+    """TRL's ids of a prompt (`train.tokens.prompt_ids`); a conversation the chat template refuses (roles out of
+    order, a role it does not know) is one line naming `where` (the file and line) and the template's reason."""
+    from train.tokens import is_conversation, prompt_ids
+
+    if not is_conversation(prompt):
+        return prompt_ids(tok, prompt)
+    try:
+        return prompt_ids(tok, prompt)
+    except Exception as err:  # noqa: BLE001 — jinja2's TemplateError, or whatever a template's raise_exception raises
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise CanError(f"{where}: {name}'s chat template refuses this conversation ({reason})") from None
 
 
 def read_prompts(path: str | os.PathLike) -> list:

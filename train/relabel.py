@@ -9,8 +9,9 @@ import os
 from can_jax.errors import CanError
 
 
-def scorer_specs(cert, given: list[str] | None, needed: list[str]) -> dict[str, dict]:
-    """name → {"spec", "template"} for the scores to compute, checked against the certificate's record."""
+def scorer_specs(cert, given: list[str] | None, needed: list[str], columns=(), layout: str = "pku") -> dict[str, dict]:
+    """name → {"spec", "template"} for the scores to compute, checked against the certificate's record; `columns`
+    (the pairs') name a near miss when a score has neither columns nor a scorer."""
     from train.scorers import parse_scorer
 
     recorded = cert.scorers
@@ -30,8 +31,12 @@ def scorer_specs(cert, given: list[str] | None, needed: list[str]) -> dict[str, 
             continue
         rec = recorded.get(name)
         if rec is None or not rec.get("spec"):
-            raise CanError(f"no scores for {name!r}: the pairs have no {name}_… columns and the certificate records "
-                           f"no scorer for it; give -s {name}=SPEC")  # fmt: skip
+            from bridge.pairs import score_columns
+
+            want = score_columns(name, layout)
+            near = _near(want, columns)
+            raise CanError(f"no scores for {name!r}: the pairs have no columns {want[0]!r} and {want[1]!r}{near}, and "
+                           f"the certificate records no scorer for it; add them or give -s {name}=SPEC")  # fmt: skip
         out[name] = {"spec": rec["spec"], "template": rec.get("template")}
     return out
 
@@ -47,7 +52,7 @@ def relabel_pairs(pairs_path: str | os.PathLike, cert, mode: str = "soft", seed:
 
     table, layout = read_pairs(pairs_path)
     needed = missing_scores(table, layout, cert)
-    specs = scorer_specs(cert, scorers, needed)
+    specs = scorer_specs(cert, scorers, needed, table.column_names, layout)
     scores = {}
     if specs:
         from train.scorers import make_scorer
@@ -69,6 +74,15 @@ def relabel_pairs(pairs_path: str | os.PathLike, cert, mode: str = "soft", seed:
     record = {**pairs_meta(mode, seed, pairs_path), "layout": layout,
               "scored_by": {n: r["spec"] for n, r in specs.items()}}  # fmt: skip
     return PreferenceSet(out, record, cert), stats
+
+
+def _near(wanted, columns) -> str:
+    """The columns close to the wanted names, as " (it has 'x': misspelt?)", or "" when none is."""
+    import difflib
+
+    columns = [c for c in columns if c not in wanted]
+    near = sorted({m for w in wanted for m in difflib.get_close_matches(w, columns, n=1, cutoff=0.7)})
+    return f" (it has {', '.join(map(repr, near))}: misspelt?)" if near else ""
 
 
 def _is_model_template(template: str) -> bool:

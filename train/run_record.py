@@ -45,7 +45,7 @@ def check_run_folder(out_dir: Path, record: dict, resume: bool, overwrite: bool)
     if out_dir.exists() and not out_dir.is_dir():
         from can_jax.errors import OutputError
 
-        raise OutputError(f"cannot write {out_dir}: a file is in the way")
+        raise OutputError(f"cannot write {out_dir}: it is a file, not a folder")
     has_ckpt = ckpts.is_dir() and any(ckpts.glob("checkpoint-*"))
     finished = (out_dir / "policy").exists()
     if resume and has_ckpt:

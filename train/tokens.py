@@ -24,8 +24,12 @@ def is_conversation(prompt) -> bool:
     return isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) and "role" in m for m in prompt)
 
 
+PROMPT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def check_prompt(prompt, where: str = "prompt") -> Prompt:
-    """A prompt as TRL takes it: non-empty text, or a non-empty list of messages with string roles and contents."""
+    """A prompt as TRL takes it: non-empty text, or a non-empty list of messages with string roles (system, user,
+    assistant, tool) and contents, ending with a turn that is not the assistant's."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise CanError(f"{where}: empty prompt")
@@ -36,7 +40,14 @@ def check_prompt(prompt, where: str = "prompt") -> Prompt:
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
                 raise CanError(f"{where}: a conversation is a list of {{'role': str, 'content': str}} messages, "
                                f"got {m!r:.80}")  # fmt: skip
+            if m["role"] not in PROMPT_ROLES:
+                raise CanError(f"{where}: a message has role {m['role']!r}; roles are {', '.join(PROMPT_ROLES)}")
             msgs.append({"role": m["role"], "content": m["content"]})
+        if msgs[-1]["role"] == "assistant":
+            raise CanError(f"{where}: the conversation ends with the assistant's turn; a prompt ends with the user's "
+                           "(the response is sampled)")  # fmt: skip
+        if not any(m["content"].strip() for m in msgs):
+            raise CanError(f"{where}: empty prompt (every message is empty)")
         return msgs
     raise CanError(f"{where}: a prompt is text or a list of messages, got {type(prompt).__name__}")
 
@@ -45,17 +56,20 @@ def has_template(tok) -> bool:
     return bool(getattr(tok, "chat_template", None))
 
 
-def as_prompts(tok, prompts: list, chat_template: bool = True, name: str = "the policy") -> list:
+def as_prompts(tok, prompts: list, chat_template: bool = True, name: str = "the policy", where: str | None = None
+               ) -> list:  # fmt: skip
     """The prompts as TRL should see them: with `chat_template` and a tokenizer that has one, text prompts become
-    one-turn user conversations (the template is then applied once, as ids); conversations need a template."""
+    one-turn user conversations (the template is then applied once, as ids); conversations need a template.
+    `where` (the prompt file, one prompt a line) lets a refusal name the file and the line."""
     conv = [is_conversation(p) for p in prompts]
+    at = f"{where} line {conv.index(True) + 1} is a conversation: " if where and any(conv) else ""
     if any(conv) and not has_template(tok):
-        raise CanError(f"conversational prompts need a chat template, and {name}'s tokenizer has none: "
+        raise CanError(f"{at}conversational prompts need a chat template, and {name}'s tokenizer has none: "
                        "give plain-text prompts or a policy with a chat template")  # fmt: skip
     if chat_template and has_template(tok):
         return [p if c else [{"role": "user", "content": p}] for p, c in zip(prompts, conv, strict=True)]
     if any(conv) and not all(conv):
-        raise CanError("prompts mix text and conversations: with --no-chat-template all must be text")
+        raise CanError(f"{at}prompts mix text and conversations: with --no-chat-template all must be text")
     return list(prompts)
 
 

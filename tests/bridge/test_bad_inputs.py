@@ -202,3 +202,6 @@ def test_write_errors_are_one_line(tmp_path, where):
     with pytest.raises(CanError, match="cannot write") as err:
         cert.write(target)
     assert "\n" not in str(err.value)
+    # the path is described (issue 24), not the OS's "file exists" / "not a directory"
+    said = str(err.value).split(": ", 1)[1]
+    assert said == ("it is a folder" if where == "dir" else f"{tmp_path / 'f'} is a file, not a folder")

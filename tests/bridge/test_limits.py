@@ -87,3 +87,33 @@ def test_version_1_certificates_are_read_as_version_2(table_path, tmp_path):
 
     with pytest.raises(CanError, match="versions 1, 2"):
         Certificate.read(out)
+
+
+def test_limits_are_echoed_as_typed_with_the_implied_margin(table_path, tmp_path):
+    """Issue 24: `--cost-at-most c=0.8` is shown as E[c] ≤ 0.8, the margin it implies beside it."""
+    t = pq.read_table(table_path).to_pandas()
+    e_ref_c = t.groupby("prompt_id")["c"].mean().mean()
+    res, out = _dual(table_path, tmp_path, "--cost-at-most", "c=0.8", "--at-least", "u=0")
+    assert res.exit_code == 0, res.output
+    assert f"E[c] ≤ 0.8 (b {e_ref_c - 0.8:.6g})" in res.stdout
+    assert "E[u] ≥ 0 (b" in res.stdout
+    assert f"limit E[c] ≤ 0.8: the reference policy's E_ref[c] = {e_ref_c:.6g}" in " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_infeasible_limits_speak_in_limits(table_path, tmp_path, json_out):
+    """An out-of-reach limit is named as typed, with the best expected value these samples allow (the least mean
+    of per-prompt minimum costs; the most of per-prompt maximum utilities)."""
+    t = pq.read_table(table_path).to_pandas()
+    least_c = t.groupby("prompt_id")["c"].min().mean()
+    most_u = t.groupby("prompt_id")["u"].max().mean()
+    for args, limit, best in [(["--cost-at-most", "c=-5"], "E[c] ≤ -5", least_c),
+                              (["--at-least", "u=7.5", "--cost", "c=0.1"], "E[u] ≥ 7.5", most_u)]:  # fmt: skip
+        res, out = _dual(table_path, tmp_path, *args, *(["--json"] if json_out else []))
+        assert res.exit_code == 1 and not out.exists(), res.output
+        line = res.stderr.strip()
+        assert line.startswith("error: infeasible limits: ") and "\n" not in line, line
+        assert f"{limit} is out of reach" in line and f"attains is {best:.6g}" in line, line
+        assert "margin" not in line
+        if json_out:
+            assert json.loads(res.stdout)["status"] == "infeasible"

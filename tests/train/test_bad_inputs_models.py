@@ -106,7 +106,26 @@ def test_collect_refuses_bad_numbers(world, tmp_path, extra, expect):
 def test_collect_output_under_a_file(world):
     res = runner.invoke(app, ["collect", world["prompts"], "--policy", world["model"], "-s", LEN, "--k", "2",
                               "--max-new-tokens", "4", "-o", str(world["afile"] / "o.parquet")])  # fmt: skip
-    _fails(res, "afile")
+    _fails(res, f"{world['afile']} is a file, not a folder")  # (issue 24: not "file exists")
+    res = runner.invoke(app, ["collect", world["prompts"], "--policy", world["model"], "-s", LEN, "--k", "2",
+                              "--max-new-tokens", "4", "-o", str(world["afile"] / "deeper" / "o.parquet")])  # fmt: skip
+    _fails(res, f"{world['afile']} is a file, not a folder")
+
+
+@pytest.mark.parametrize(
+    "prompt, expect",
+    [([{"role": "user", "content": "hi"}], "chat template"),
+     ([{"role": "usr", "content": "hi"}], "role 'usr'"),
+     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "assistant's turn"),
+     ([{"role": "user", "content": " "}], "empty"), ([{"content": "hi"}], "'role'"), (7, "text or a list")],
+)  # fmt: skip
+def test_collect_names_the_file_and_line_of_a_bad_conversation(world, tmp_path, prompt, expect):
+    """Issue 24: an error about a JSONL conversation names the file and the line (the tiny tokenizer has no chat
+    template, so even a good conversation is refused, at its line)."""
+    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}, {"prompt": "bake bread"}, {"prompt": prompt}])
+    res = runner.invoke(app, ["collect", str(path), "--policy", world["model"], "-s", LEN, "--k", "2",
+                              "--max-new-tokens", "4", "-o", str(tmp_path / "s.parquet")])  # fmt: skip
+    _fails(res, f"{path} line 3", expect)
 
 
 def test_collect_prompt_longer_than_the_context(world, tmp_path):
@@ -243,6 +262,34 @@ def test_label_refuses_bad_pairs(world, tmp_path, conv, edit, expect):
     if not (conv and "content" in expect):  # (Arrow cannot even store that column)
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
         _fails(_label(world, tmp_path / "pairs.parquet", tmp_path), expect, "row 1")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+@pytest.mark.parametrize(
+    "rename, expect",
+    [({"rejected": "rejectd"}, ["'rejected'", "'rejectd'", "TRL layout"]),
+     ({"chosen": "choosen"}, ["'chosen'", "'choosen'"]),
+     ({"prompt": "promt"}, ["'prompt'", "'promt'"]),
+     ({"rejected": None}, ["'rejected'"])],
+)  # fmt: skip
+def test_label_names_a_missing_or_misspelt_pairs_column(world, tmp_path, fmt, rename, expect):
+    """Issue 24: a pairs file with a column missing or misspelt is recognised as pairs before any hash check, and
+    the column is named (not "the certificate was computed on another scores table")."""
+    rows = [{rename.get(k, k): v for k, v in r.items() if rename.get(k, k) is not None} for r in _trl_rows()]
+    path = tmp_path / f"pairs.{fmt}"
+    _jsonl(path, rows) if fmt == "jsonl" else pq.write_table(pa.Table.from_pylist(rows), path)
+    res = _label(world, path, tmp_path)
+    _fails(res, "not a pairs dataset", *expect)
+    assert "another scores table" not in res.output
+    # PKU's layout, misspelt
+    rows = [{"prompt": r["prompt"], "response_0": r["chosen"], "respons_1": r["rejected"]} for r in _trl_rows()]
+    _fails(_label(world, _jsonl(tmp_path / "pku.jsonl", rows), tmp_path), "'response_1'", "'respons_1'",
+           "PKU-SafeRLHF layout")  # fmt: skip
+
+
+def test_label_names_misspelt_score_columns(world, tmp_path):
+    rows = [{("len_chosn" if k == "len_chosen" else k): v for k, v in r.items()} for r in _trl_rows()]
+    _fails(_label(world, _jsonl(tmp_path / "pairs.jsonl", rows), tmp_path), "'len_chosen'", "'len_chosn'")
 
 
 def test_label_drops_and_counts_identical_responses(world, tmp_path):

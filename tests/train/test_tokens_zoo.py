@@ -213,6 +213,22 @@ def test_collect_cli_refuses_conversations_without_template_in_one_line(zoo_dirs
     assert not out.exists()
 
 
+def test_a_conversation_the_template_refuses_is_named_by_file_and_line(zoo_dirs, tmp_path):
+    """Issue 24: Gemma's template raises on roles that do not alternate; the refusal names the file and line."""
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    f = tmp_path / "p.jsonl"
+    twice = [{"role": "user", "content": "hello"}, {"role": "user", "content": "again"}]
+    f.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": twice}) + "\n")
+    res = CliRunner().invoke(app, ["collect", str(f), "--policy", str(zoo_dirs["gemma"][0]), "-o",
+                                   str(tmp_path / "s.parquet"), "-s", "n=tests.train.toy_scorers:length"])  # fmt: skip
+    assert res.exit_code == 1 and "Traceback" not in res.output, res.output
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {f} line 2: ") and "chat template refuses" in line, line
+
+
 def test_identity_holds_through_label_and_train_on_llama3(zoo_dirs, tmp_path):
     """collect → dual → label → train on the Llama-3 stand-in: the pairs carry the sampled ids and DPO's reference
     log-probs (TRL's precomputed ref_chosen_logps) equal the collected logp_ref."""

@@ -200,7 +200,7 @@ def print_certificate(cert, title: str):
     for col in ("constraint", "kind", "margin b", "λ*", "± s.e.", "active", "predicted gain", "reach"):
         table.add_column(col, justify="left" if col in ("constraint", "kind") else "right")
     for row in rows:
-        table.add_row(escape(row[0]), *row[1:])
+        table.add_row(*(escape(cell) for cell in row))
     out.print(table)
     out.print(escape("\n".join(lines)))
     for note in warnings:
