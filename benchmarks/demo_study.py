@@ -1,0 +1,143 @@
+"""What makes the demo's DPO carry the certificate's gains to fresh prompts (issue 20).
+
+Runs configurations of the embedded chain (SmolLM2-135M-Instruct, lexical scorers, CPU) and writes one row each to
+benchmarks/results/demo_study/{selection,test}.{md,json}: predicted gains, gains on the training samples, held-out
+gains with 95% intervals, the reward gain, KL, the text check (distinct-2, log π_ref per token) and wall times.
+
+    python benchmarks/demo_study.py --set selection baseline prompts128 ...   # choose on the selection set
+    python benchmarks/demo_study.py --set test --seeds 0 1 chosen             # check the choice once, fresh prompts
+
+Configurations with the same collection settings share one collection (its time is counted in each row); the
+reference policy is sampled once per prompt set and seed. Finished configurations are read back, not rerun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# name → (what it changes, DemoConfig overrides; "n_train": templated training prompts instead of the 32 fixed ones)
+CONFIGS = {
+    "baseline": ("the demo before issue 20: 32 fixed prompts, 8 pairs each, 3 epochs", {}),
+    "prompts128": ("128 templated prompts, 2 pairs each (same 768 pair-epochs)", {"n_train": 128, "pairs_per_prompt": 2}),
+    "prompts128-1ep": ("128 prompts, 6 pairs each, 1 epoch (768 pair-epochs, no pair seen twice)",
+                       {"n_train": 128, "pairs_per_prompt": 6, "epochs": 1.0}),
+    "prompts128-lr2": ("prompts128 at lr 2e-4", {"n_train": 128, "pairs_per_prompt": 2, "lr": 2e-4}),
+    "prompts128-hard": ("prompts128 with hard labels", {"n_train": 128, "pairs_per_prompt": 2, "mode": "hard"}),
+    "prompts128-lora": ("prompts128, LoRA r16 on all linear layers at lr 1e-3",
+                        {"n_train": 128, "pairs_per_prompt": 2, "lora": True, "train_top": None, "lr": 1e-3}),
+    "prompts192-k4": ("192 prompts × K 4, 4 pairs each, 1 epoch", {"n_train": 192, "k": 4, "pairs_per_prompt": 4,
+                                                                    "epochs": 1.0}),
+    "prompts128-top16": ("prompts128 training the top 16 blocks", {"n_train": 128, "pairs_per_prompt": 2,
+                                                                   "train_top": 16}),
+}  # fmt: skip
+
+
+def config(name: str, seed: int, eval_prompts: list):
+    from train.demo import DemoConfig
+    from train.demo_prompts import training_prompts
+
+    over = dict(CONFIGS[name][1])
+    n = over.pop("n_train", None)
+    cfg = replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts), **over)
+    if n is not None:
+        cfg = replace(cfg, train_prompts=training_prompts(n, seed=0))
+    return cfg
+
+
+def collection(cfg, work: Path) -> tuple[Path, float]:
+    """The shared collection for cfg's settings, and the seconds it took when it was made."""
+    from train.demo import collect_samples
+
+    digest = hashlib.sha256("\n".join(cfg.train_prompts).encode()).hexdigest()[:8]
+    key = f"collect-n{len(cfg.train_prompts)}-{digest}-k{cfg.k}-t{cfg.max_new_tokens}-s{cfg.seed}"
+    folder = work / key
+    done = folder / "seconds.json"
+    if done.exists():
+        return folder / "scores.parquet", json.loads(done.read_text())["collect"]
+    t = time.perf_counter()
+    path = collect_samples(cfg, folder)
+    sec = time.perf_counter() - t
+    done.write_text(json.dumps({"collect": sec}))
+    return path, sec
+
+
+def row(name: str, seed: int, report: dict, collect_s: float) -> dict:
+    sec = dict(report["seconds"], collect=collect_s)
+    return {"config": name, "seed": seed, "what": CONFIGS[name][0], "rows": report["rows"], "text": report["text"],
+            "lambda": report["lambda"], "seconds": sec, "total_s": sum(sec.values())}  # fmt: skip
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    names = [r["name"] for r in rows[0]["rows"]]
+    head = ["config", "seed"]
+    for n in names:
+        head += [f"{n}: predicted / on training / held out [95%] (ratio)"]
+    head += ["KL", "distinct-2 (ref)", "log π_ref/token (ref)", "wall"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["config"], str(r["seed"])]
+        for g in r["rows"]:
+            pred, ins, ach, (lo, hi) = g["predicted_gain"], g["insample_gain"], g["achieved_gain"], g["ci95"]
+            ratio = "" if not pred else f" ({ach / pred:.2f})"
+            cells.append(f"{pred:+.3f} / {ins:+.3f} / **{ach:+.3f}** [{lo:+.3f}, {hi:+.3f}]{ratio}")
+        t = r["text"]
+        cells += [f"{t['kl']:.2f}", f"{t['distinct_2']['aligned']:.3f} ({t['distinct_2']['reference']:.3f})",
+                  f"{t['logp_ref_per_token']['aligned']:+.2f} ({t['logp_ref_per_token']['reference']:+.2f})",
+                  f"{r['total_s'] / 60:.1f} min"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Configurations:", ""] + [f"- **{n}**: {CONFIGS[n][0]}" for n in dict.fromkeys(r["config"] for r in rows)]
+    lines += ["", "Gains in the safe direction; ratio = held-out / predicted. Wall: collect + dual + label + DPO + "
+              "evaluate on 2 CPU cores (a shared collection counts in full in each row)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="+", choices=sorted(CONFIGS))
+    ap.add_argument("--set", choices=["selection", "test"], default="selection")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/can-demo-study"))
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "demo_study")
+    args = ap.parse_args()
+
+    from train.demo import run_chain
+    from train.demo_prompts import SELECTION_PROMPTS, TEST_PROMPTS
+
+    prompts = SELECTION_PROMPTS if args.set == "selection" else TEST_PROMPTS
+    args.results.mkdir(parents=True, exist_ok=True)
+    table = args.results / f"{args.set}.json"
+    done = json.loads(table.read_text()) if table.exists() else []
+    sets = {"selection": SELECTION_PROMPTS, "test": TEST_PROMPTS}
+    snap = args.results / "prompt_sets.json"  # every row of a table is measured on the same prompts
+    if snap.exists() and json.loads(snap.read_text()) != sets:
+        sys.exit(f"the prompt sets changed since {snap} was written: move the old results away first")
+    snap.write_text(json.dumps(sets, indent=1) + "\n")
+    memo: dict = {}
+    for seed in args.seeds:
+        for name in args.configs:
+            if any(r["config"] == name and r["seed"] == seed for r in done):
+                print(f"{name} seed {seed}: already in {table}")
+                continue
+            cfg = config(name, seed, prompts)
+            scores, collect_s = collection(cfg, args.work)
+            print(f"== {name} seed {seed}: {CONFIGS[name][0]}", flush=True)
+            report = run_chain(cfg, args.work / args.set / f"{name}-s{seed}", scores=scores, reference_memo=memo)
+            done.append(row(name, seed, report, collect_s))
+            table.write_text(json.dumps(done, indent=2) + "\n")
+            title = f"Demo study: {len(prompts)} {args.set} prompts × {cfg.eval_k} samples per policy"
+            (args.results / f"{args.set}.md").write_text(markdown(done, title))
+            print(markdown(done[-1:], name), flush=True)
+
+
+if __name__ == "__main__":
+    main()
