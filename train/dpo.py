@@ -182,7 +182,8 @@ def train(
              "max_length": max_length, "seed": seed}  # fmt: skip
     # Every setting is parsed and checked before the run folder is touched or a model loaded.
     args = make_config(out_dir / "checkpoints", cert_beta if beta is None else beta, precision, config_file,
-                       extra_args, **{k: v for k, v in given.items() if v is not None}, **config_kw)  # fmt: skip
+                       extra_args, lora=lora, **{k: v for k, v in given.items() if v is not None},
+                       **config_kw)  # fmt: skip
     check_config(args)
     if train_top is not None:
         if lora:

@@ -77,16 +77,36 @@ class ExactSampler:
         return sample_ids(self.model, prompt_ids, k, max_new_tokens, stop, self.pad_id, self.batch_size, gen)
 
 
-def _next_logits(model, exact_head: bool, **inputs):
+def cache_name(module) -> str:
+    """The keyword a model's forward takes its key/value cache by: `cache` (transformers ≥ 5.2x, which deprecates
+    `past_key_values` with a FutureWarning and removes it in 5.40), else `past_key_values`."""
+    import inspect
+
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out):
+    """The key/value cache a forward returned, by its current name (`cache`) or its old one."""
+    cache = out.get("cache") if hasattr(out, "get") else getattr(out, "cache", None)
+    return cache if cache is not None else out["past_key_values"]
+
+
+def _next_logits(model, exact_head: bool, cache=None, **inputs):
     """(cache, [B, V] float32 logits of the last position): the LM head in float32 (`train.logps.head_logits`),
-    or the model's own logits for a head rule `train.logps` does not know."""
+    or the model's own logits for a head rule `train.logps` does not know. `cache`: the one to extend, if any."""
     from train.logps import decoder, head_logits
 
+    module = decoder(model) if exact_head else model
+    if cache is not None:
+        inputs[cache_name(module)] = cache
+    out = module(**inputs, use_cache=True)
     if exact_head:
-        out = decoder(model)(**inputs, use_cache=True)
-        return out.past_key_values, head_logits(model, out.last_hidden_state[:, -1])
-    out = model(**inputs, use_cache=True)
-    return out.past_key_values, out.logits[:, -1].float()
+        return _cache_of(out), head_logits(model, out.last_hidden_state[:, -1])
+    return _cache_of(out), out.logits[:, -1].float()
 
 
 BLOCK = 256  # vocabulary entries per block of `draw`'s two-level inverse CDF
@@ -186,7 +206,7 @@ def sample_ids(
             attn = torch.cat([attn, torch.ones(n, 1, dtype=attn.dtype, device=device)], 1)
             last = last + 1
             cache, logits = _next_logits(model, exact_head, input_ids=nxt[:, None], attention_mask=attn,
-                                         position_ids=last[:, None], past_key_values=cache)  # fmt: skip
+                                         position_ids=last[:, None], cache=cache)  # fmt: skip
         if bool(broken):
             from can_jax.errors import CanError
 

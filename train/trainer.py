@@ -61,9 +61,46 @@ def compact_lm_head(enabled: bool = True):
         tu._use_triton = original
 
 
+def metric_line(logs: dict) -> str:
+    """A Trainer log as TRL prints it — `{'loss': 0.6931, 'rewards/margins': 2.575e-05, …}` — with the numbers as
+    numbers (4 significant digits), not transformers 5's dict of strings; `total_flos` left out."""
+    import math
+
+    def number(v):
+        if isinstance(v, float) and math.isfinite(v):
+            return float(f"{v:.4g}")
+        return v
+
+    return str({k: number(v) for k, v in logs.items() if k != "total_flos"})
+
+
+def _metric_callbacks():
+    """Transformers' progress bar and printer, each with its log line replaced by `metric_line`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class MetricProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(metric_line(logs))
+
+    class MetricPrinter(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs:
+                print(metric_line(logs))
+
+    return {ProgressCallback: MetricProgress, PrinterCallback: MetricPrinter}
+
+
 class CanDPOTrainer(DPOTrainer):
     """DPOTrainer with soft Bradley–Terry targets (used when the batch carries `p_chosen`), trained on the sampled
-    token ids when the pairs carry them (`prompt_ids`, `chosen_ids`, `rejected_ids`: `train.tokens`)."""
+    token ids when the pairs carry them (`prompt_ids`, `chosen_ids`, `rejected_ids`: `train.tokens`). Its metric
+    lines print numbers (`metric_line`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for old, new in _metric_callbacks().items():
+            if self.pop_callback(old) is not None:
+                self.add_callback(new)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # TRL 1.x always re-tokenises the text columns; pairs of sampled ids must be trained as they are (the ids

@@ -219,6 +219,22 @@ def test_train_overwrite_resume_and_foreign_checkpoints(world, tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_train_lora_defaults_to_a_learning_rate_that_moves_the_policy(world, tmp_path):
+    """Issue 24: `can train --lora` without --lr trains at 5e-5 (recorded), and the merged policy differs from the
+    base weights by more than rounding."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    res = _train(world, run, "--lora", "--max_steps", "2")
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "run.json").read_text())["settings"]["learning_rate"] == 5e-5
+    base = load_file(f"{world['model']}/model.safetensors")
+    tuned = load_file(str(run / "policy" / "model.safetensors"))
+    moved = max(float((tuned[k].float() - v.float()).abs().max()) for k, v in base.items() if k in tuned)
+    assert moved > 1e-5, moved
+    assert "5e-5 with --lora" in " ".join(runner.invoke(app, ["train", "--help"]).output.split())
+
+
 # ---------------------------------------------------------------- label on pairs
 def _label(world, pairs, tmp_path, out="prefs.parquet"):
     return runner.invoke(app, ["label", str(pairs), str(world["cert"]), "--mode", "soft", "-o",

@@ -80,6 +80,31 @@ def test_dpo_options_from_file_and_command_line(tmp_path):
         make_config(tmp_path, 0.5, "fp32", tmp_path / "none.yaml")
 
 
+def test_lora_default_learning_rate_and_checkpointing_names(tmp_path):
+    """Issue 24: with --lora and no learning rate given, 10× the full-fine-tuning default (an adapter at 5e-6 left
+    the policy unmoved); one given anywhere wins. Gradient checkpointing under either name, without transformers'
+    deprecation warning."""
+    import warnings
+
+    from train.dpo import make_config
+    from train.dpo_config import LEARNING_RATE, LORA_LEARNING_RATE
+
+    assert LORA_LEARNING_RATE == 10 * LEARNING_RATE
+    assert make_config(tmp_path, 0.5, "fp32").learning_rate == LEARNING_RATE
+    assert make_config(tmp_path, 0.5, "fp32", lora=True).learning_rate == LORA_LEARNING_RATE
+    assert make_config(tmp_path, 0.5, "fp32", lora=True, learning_rate=1e-6).learning_rate == 1e-6
+    assert make_config(tmp_path, 0.5, "fp32", None, ["--learning_rate", "2e-6"], lora=True).learning_rate == 2e-6
+    f = tmp_path / "dpo.yaml"
+    f.write_text("learning_rate: 3e-6\ngradient_checkpointing: true\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        cfg = make_config(tmp_path, 0.5, "fp32", f, lora=True)
+        assert cfg.learning_rate == 3e-6 and cfg.gradient_checkpointing
+        assert getattr(cfg, "activation_checkpointing", True)
+        cfg = make_config(tmp_path, 0.5, "fp32")
+        assert cfg.gradient_checkpointing == torch.cuda.is_available()
+
+
 def _prompts(tmp_path):
     f = tmp_path / "prompts.txt"
     f.write_text("\n".join(PROMPTS) + "\n")
@@ -188,6 +213,8 @@ def test_shipped_configs_load():
 
     cfg = make_config(ROOT / "run", 0.5, "fp32", ROOT / "examples" / "dpo.yaml")
     assert cfg.gradient_accumulation_steps == 4 and cfg.beta == 0.5
+    # warm-up is a tenth of the run whatever its length (issue 24: 20 steps were all of a small run)
+    assert cfg.get_warmup_steps(12) == 2 and cfg.get_warmup_steps(1000) == 100
     kinds = {p.stem: ClusterConfig.from_yaml_file(str(p)).distributed_type.value
              for p in (ROOT / "examples" / "accelerate").glob("*.yaml")}  # fmt: skip
     assert kinds == {"ddp": "MULTI_GPU", "deepspeed_zero2": "DEEPSPEED", "deepspeed_zero3": "DEEPSPEED",

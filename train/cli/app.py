@@ -20,7 +20,16 @@ from typer.core import TyperGroup
 
 class _CanGroup(TyperGroup):
     """Every command's `CanError` ends as one `error: …` line and exit 1, never a traceback (STYLE point 5); with
-    --json a usage mistake still prints a JSON object with `status` and `message` on stdout."""
+    --json a usage mistake still prints a JSON object with `status` and `message` on stdout. `--verbose` is taken
+    anywhere on the line (`can collect … --verbose` as well as `can --verbose collect …`)."""
+
+    def parse_args(self, ctx, args):
+        args = list(args)
+        end = args.index("--") if "--" in args else len(args)
+        if "--verbose" in args[:end]:
+            args.remove("--verbose")
+            args.insert(0, "--verbose")
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         from can_jax.errors import CanError
@@ -50,6 +59,70 @@ app = typer.Typer(
 
 EXIT_USER_ERROR = 1
 EXIT_NOT_CONVERGED = 3
+
+# The libraries whose own output — deprecation warnings, progress bars of weight loading and of `datasets`
+# map/filter/save, loading reports, accelerate's and DDP's notices — is hidden unless --verbose (issue 24). Our own
+# lines, the progress bars of sampling/scoring and of DPO's steps, and the metric lines stay.
+LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "torch", "jax", "jaxlib",
+             "tokenizers", "pyarrow", "absl")  # fmt: skip
+QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "ACCELERATE_LOG_LEVEL": "error",
+             "TORCH_CPP_LOG_LEVEL": "ERROR"}  # fmt: skip
+_set_by_us: set[str] = set()
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", help="Show the libraries' own output (their warnings, progress bars and notices)."),
+    ] = False,
+):
+    configure_output(verbose)
+
+
+def configure_output(verbose: bool = False) -> None:
+    """Quiet by default: the libraries' warnings, loggers below ERROR and progress bars off (through their
+    environment variables for those not imported yet, their switches for those already imported: torch is never
+    imported here); `verbose` turns them back on. Warnings of our own code print as one `warning: …` line."""
+    import logging
+    import sys
+    import warnings
+
+    if verbose:
+        for key in _set_by_us:
+            os.environ.pop(key, None)
+        _set_by_us.clear()
+    else:
+        for key, value in QUIET_ENV.items():
+            if key not in os.environ:
+                os.environ[key] = value
+                _set_by_us.add(key)
+        pattern = "^(" + "|".join(LIBRARIES) + r")(\.|$)"
+        warnings.filterwarnings("ignore", module=pattern)
+        warnings.formatwarning = _one_line_warning
+    level = logging.WARNING if verbose else logging.ERROR
+    for name in LIBRARIES:
+        logging.getLogger(name).setLevel(level)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tlog
+
+        (tlog.set_verbosity_warning if verbose else tlog.set_verbosity_error)()
+        (tlog.enable_progress_bar if verbose else tlog.disable_progress_bar)()
+    if "datasets" in sys.modules:
+        import datasets
+
+        (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
+        datasets.logging.set_verbosity(level)
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if verbose else disable_progress_bars)()
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {one_line(message)}\n"
+
 
 ScoresArg = Annotated[
     Path,

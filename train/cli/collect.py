@@ -77,12 +77,16 @@ def collect_cmd(
         chat_template=chat_template, scorer_template=scorer_template, scorer_dtype=scorer_dtype,
         scorer_max_length=scorer_max_length, scorer_batch_size=scorer_batch_size, dtype=dtype,
     )  # fmt: skip
+    reused, shards = [], [0]
     try:
-        with Progress(transient=True) as bar:
-            task = bar.add_task("collecting", total=None)
+        with Progress(transient=True, disable=not is_main_process()) as bar:
+            task = bar.add_task("sampling and scoring (shards)", total=None)
 
             def step(s, n, skipped):
-                bar.update(task, total=n, completed=s + 1, description="resumed" if skipped else "collecting")
+                shards[0] = n
+                if skipped:
+                    reused.append(s)
+                bar.update(task, total=n, advance=1)
 
             path = collect(cfg, out, progress=step)
     except CanError as err:
@@ -91,6 +95,9 @@ def collect_cmd(
         return
     from bridge.scores_table import collect_record
 
+    if reused:
+        typer.echo(f"resumed: {len(reused)} of {shards[0]} shards reused from {out}.shards/ (same settings and "
+                   "prompts), the rest sampled")  # fmt: skip
     rec = collect_record(path)
     typer.echo(
         f"scores written to {path}: {rec.count('samples')} samples, {rec.count('unfinished')} cut at "

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import ScoresArg, app, fail
+from train.cli.app import ScoresArg, app, fail, setup_jax
 from train.cli.options import ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
 
 
@@ -66,6 +66,8 @@ def label(
     """
     from can_jax.errors import CanError
     from train.label import LabelConfig, run
+
+    setup_jax()  # the solution check re-evaluates the dual in float64, as `can dual` solved it
 
     cfg = LabelConfig(scores=str(scores), certificate=str(certificate), out=str(out), mode=mode,
                       pairs_per_prompt=pairs_per_prompt, seed=seed, prompt_col=prompt_col, response_col=response_col,

@@ -21,7 +21,10 @@ TemplateOpt = Annotated[
 ]
 # The DPO options both commands take; unset ones come from --config, `--name value` or the defaults.
 EpochsOpt = Annotated[Optional[float], typer.Option(help="Epochs over the pairs [default: 1].")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Learning rate [default: 5e-6].")]
+LrOpt = Annotated[
+    Optional[float],
+    typer.Option(help="Learning rate [default: 5e-6; 5e-5 with --lora, whose adapter needs a larger step]."),
+]
 BatchOpt = Annotated[Optional[int], typer.Option(help="Pairs per device step [default: 8].")]
 MaxLengthOpt = Annotated[
     Optional[int], typer.Option(help="Token limit of prompt + response (TRL truncation) [default: 512].")
