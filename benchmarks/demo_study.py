@@ -25,33 +25,37 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# name → (what it changes, DemoConfig overrides; "n_train": templated training prompts instead of the 32 fixed ones)
+# The demo's settings before issue 20; each configuration changes some of them. "n_train": that many templated
+# training prompts (train.demo_prompts) instead of the 32 fixed ones. "demo" is `can demo`'s default as it is now.
+BASE = {"n_train": None, "k": 8, "max_new_tokens": 40, "mode": "soft", "pairs_per_prompt": 8, "epochs": 3.0,
+        "lr": 1e-4, "lora": False, "train_top": 8, "margin_frac": 0.5}  # fmt: skip
+P128 = {"n_train": 128, "pairs_per_prompt": 2}
 CONFIGS = {
     "baseline": ("the demo before issue 20: 32 fixed prompts, 8 pairs each, 3 epochs", {}),
-    "prompts128": ("128 templated prompts, 2 pairs each (same 768 pair-epochs)", {"n_train": 128, "pairs_per_prompt": 2}),
+    "prompts128": ("128 templated prompts, 2 pairs each (same 768 pair-epochs)", P128),
     "prompts128-1ep": ("128 prompts, 6 pairs each, 1 epoch (768 pair-epochs, no pair seen twice)",
-                       {"n_train": 128, "pairs_per_prompt": 6, "epochs": 1.0}),
-    "prompts128-lr2": ("prompts128 at lr 2e-4", {"n_train": 128, "pairs_per_prompt": 2, "lr": 2e-4}),
-    "prompts128-hard": ("prompts128 with hard labels", {"n_train": 128, "pairs_per_prompt": 2, "mode": "hard"}),
+                       {**P128, "pairs_per_prompt": 6, "epochs": 1.0}),
+    "prompts128-lr2": ("prompts128 at lr 2e-4", {**P128, "lr": 2e-4}),
+    "prompts128-hard": ("prompts128 with hard labels", {**P128, "mode": "hard"}),
     "prompts128-lora": ("prompts128, LoRA r16 on all linear layers at lr 1e-3",
-                        {"n_train": 128, "pairs_per_prompt": 2, "lora": True, "train_top": None, "lr": 1e-3}),
+                        {**P128, "lora": True, "train_top": None, "lr": 1e-3}),
     "prompts192-k4": ("192 prompts × K 4, 4 pairs each, 1 epoch", {"n_train": 192, "k": 4, "pairs_per_prompt": 4,
                                                                     "epochs": 1.0}),
-    "prompts128-top16": ("prompts128 training the top 16 blocks", {"n_train": 128, "pairs_per_prompt": 2,
-                                                                   "train_top": 16}),
+    "prompts128-top16": ("prompts128 training the top 16 blocks", {**P128, "train_top": 16}),
+    "demo": ("`can demo`'s default", None),
 }  # fmt: skip
 
 
 def config(name: str, seed: int, eval_prompts: list):
-    from train.demo import DemoConfig
+    from train.demo import TRAIN_PROMPTS, DemoConfig
     from train.demo_prompts import training_prompts
 
-    over = dict(CONFIGS[name][1])
-    n = over.pop("n_train", None)
-    cfg = replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts), **over)
-    if n is not None:
-        cfg = replace(cfg, train_prompts=training_prompts(n, seed=0))
-    return cfg
+    if CONFIGS[name][1] is None:
+        return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts))
+    over = {**BASE, **CONFIGS[name][1]}
+    n = over.pop("n_train")
+    prompts = list(TRAIN_PROMPTS) if n is None else training_prompts(n, seed=0)
+    return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts), train_prompts=prompts, **over)
 
 
 def collection(cfg, work: Path) -> tuple[Path, float]:

@@ -80,8 +80,8 @@ def text_health(aligned: str, reference: str, samples_a, samples_r, ids_a, ids_r
     """The degeneration check (issue 20): distinct-2 of each policy's samples and their mean log π_ref per token
     (a policy that games lexical scorers with broken text shows lower values than the reference's own samples),
     and the KL(π_aligned ‖ π_ref) estimate E_aligned[log π_aligned − log π_ref] per response, in nats."""
-    ref_a, n_a = sample_logps(reference, ids_a, batch_size, dtype)
-    ref_r, n_r = sample_logps(reference, ids_r, batch_size, dtype)
+    ref, n = sample_logps(reference, ids_a + ids_r, batch_size, dtype)  # one load of the reference for both
+    (ref_a, ref_r), (n_a, n_r) = np.split(ref, [len(ids_a)]), np.split(n, [len(ids_a)])
     own_a, _ = sample_logps(aligned, ids_a, batch_size, dtype)
     per_tok = lambda lp, n: float(lp.sum() / max(n.sum(), 1))  # noqa: E731
     return {
