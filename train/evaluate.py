@@ -40,13 +40,15 @@ def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed, 
         drawn = sample(model, tok, as_prompts(tok, chunk, chat_template), k, max_new_tokens, batch_size, seed + u)
         instr = [p for p in (as_prompts(tok, chunk, True) if conv else chunk) for _ in range(k)]
         scores = {sc.name: np.asarray(sc(instr, drawn["response"])).reshape(len(chunk), k) for sc in scorers}
-        return scores, drawn["response"], list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
+        ids = list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
+        return scores, drawn["response"], ids, drawn.get("logp")
 
     parts = dist.map_units(st, -(-len(prompts) // PROMPTS_PER_UNIT), unit)
     per_prompt = {sc.name: np.concatenate([p[0][sc.name] for p in parts]).mean(axis=1) for sc in scorers}
     resp = [r for p in parts for r in p[1]]
     ids = [i for p in parts for i in p[2]]
-    return per_prompt, [resp[j * k : (j + 1) * k] for j in range(len(prompts))], ids
+    logp = None if any(p[3] is None for p in parts) else np.array([lp for p in parts for lp in p[3]], float)
+    return per_prompt, [resp[j * k : (j + 1) * k] for j in range(len(prompts))], ids, logp
 
 
 def distinct_2(texts: list[str]) -> float:
@@ -76,13 +78,20 @@ def sample_logps(spec, ids: list, batch_size: int, dtype: str = "fp32") -> tuple
     return logp, np.array([len(r) for _, r in ids], float)
 
 
-def text_health(aligned: str, reference: str, samples_a, samples_r, ids_a, ids_r, batch_size, dtype) -> dict:
+def text_health(aligned: str, reference: str, samples_a, samples_r, ids_a, ids_r, batch_size, dtype, logp_a=None,
+                logp_r=None) -> dict:
     """The degeneration check (issue 20): distinct-2 of each policy's samples and their mean log π_ref per token
     (a policy that games lexical scorers with broken text shows lower values than the reference's own samples),
     and the KL(π_aligned ‖ π_ref) estimate E_aligned[log π_aligned − log π_ref] per response, in nats."""
-    ref, n = sample_logps(reference, ids_a + ids_r, batch_size, dtype)  # one load of the reference for both
-    (ref_a, ref_r), (n_a, n_r) = np.split(ref, [len(ids_a)]), np.split(n, [len(ids_a)])
-    own_a, _ = sample_logps(aligned, ids_a, batch_size, dtype)
+    # The sampler's own log-probs (`logp_a`, `logp_r`: log π of each sample's ids from the logits it was drawn
+    # from) spare two of the three passes; log π_ref of the aligned samples is always computed.
+    if logp_r is None:
+        ref, n = sample_logps(reference, ids_a + ids_r, batch_size, dtype)  # one load of the reference for both
+        (ref_a, ref_r), (n_a, n_r) = np.split(ref, [len(ids_a)]), np.split(n, [len(ids_a)])
+    else:
+        (ref_a, n_a), ref_r = sample_logps(reference, ids_a, batch_size, dtype), np.asarray(logp_r, float)
+        n_r = np.array([len(r) for _, r in ids_r], float)
+    own_a = np.asarray(logp_a, float) if logp_a is not None else sample_logps(aligned, ids_a, batch_size, dtype)[0]
     per_tok = lambda lp, n: float(lp.sum() / max(n.sum(), 1))  # noqa: E731
     return {
         "distinct_2": {"aligned": distinct_2([r for s in samples_a for r in s]),
@@ -128,17 +137,17 @@ def evaluate(
     if st.is_main_process:
         ensure_dir(out)  # before any sampling: an output path that cannot be written is refused first
     scorers = [make_scorer(*parse_scorer(s), **(scorer_options or {}), device=dist.device(st)) for s in scorer_specs]
-    ours, samples_a, ids_a = _policy_scores(aligned, prompts, scorers, k, max_new_tokens, batch_size, seed,
+    ours, samples_a, ids_a, logp_a = _policy_scores(aligned, prompts, scorers, k, max_new_tokens, batch_size, seed,
                                             chat_template, dtype)  # fmt: skip
     key = (reference, tuple(map(str, prompts)), tuple(scorer_specs), k, max_new_tokens, seed, chat_template, dtype)
     if reference_memo is not None and key in reference_memo:
-        base, samples_r, ids_r = reference_memo[key]
+        base, samples_r, ids_r, logp_r = reference_memo[key]
     else:
-        base, samples_r, ids_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size, seed,
+        base, samples_r, ids_r, logp_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size, seed,
                                                 chat_template, dtype)  # fmt: skip
         if reference_memo is not None:
-            reference_memo[key] = (base, samples_r, ids_r)
-    health = text_health(aligned, reference, samples_a, samples_r, ids_a, ids_r, batch_size, dtype)
+            reference_memo[key] = (base, samples_r, ids_r, logp_r)
+    health = text_health(aligned, reference, samples_a, samples_r, ids_a, ids_r, batch_size, dtype, logp_a, logp_r)
     same = [a == r for a, r in zip(ids_a, ids_r, strict=True)]
     note = None
     if all(same):

@@ -65,6 +65,11 @@ def test_text_check_against_the_samplers_own_logps(tiny_lm, other_lm, tmp_path):
     same = text_health(str(path), str(path), texts, texts, ids, ids, 4, "fp32")
     assert same["kl"] == pytest.approx(0.0, abs=1e-6)
     assert same["logp_ref_per_token"]["aligned"] == pytest.approx(float(np.sum(drawn["logp"]) / n.sum()), abs=1e-5)
+    quick = text_health(str(path), str(path), texts, texts, ids, ids, 4, "fp32", drawn["logp"], drawn["logp"])
+    for key in ("logp_ref_per_token", "mean_tokens"):
+        for who in ("aligned", "reference"):
+            assert quick[key][who] == pytest.approx(same[key][who], abs=1e-5)
+    assert quick["kl"] == pytest.approx(0.0, abs=1e-5)
     from transformers import AutoModelForCausalLM
 
     o = AutoModelForCausalLM.from_pretrained(other).eval()
