@@ -1,5 +1,8 @@
-"""The README's Safe-RLHF section runs as written (issue 10): its commands, copied from README.md, on tiny stand-ins
-of the models it names, put in a local Hugging Face cache under those very Hub ids (tests/train/zoo.py)."""
+"""The README's command blocks run as written (issues 10, 24): each block's commands, copied from README.md at test
+time, on tiny stand-ins (tests/train/zoo.py) of the models it names — Hub ids in a local Hugging Face cache under
+those very ids, the embedded `smollm2` as its converted copy in $CAN_CACHE_DIR, model directories at the paths the
+block gives. Every block carries a marker (`<!-- readme-NAME: ... -->`): the test that runs it, or `readme-skip` and
+why it is not run (the last test here checks that none is missing)."""
 
 import json
 import os
@@ -21,9 +24,10 @@ import zoo  # noqa: E402
 REV = "fedcba9876543210fedcba9876543210fedcba98"
 
 
-def readme_block() -> list[str]:
+def readme_block(marker: str = "readme-chain") -> list[str]:
+    """The non-empty lines of the ```bash block that follows `<!-- MARKER: ... -->` in README.md."""
     text = (ROOT / "README.md").read_text()
-    after = text.split("<!-- readme-chain:", 1)[1]
+    after = text.split(f"<!-- {marker}:", 1)[1]
     block = re.search(r"```bash\n(.*?)```", after, re.S).group(1)
     return [ln for ln in block.splitlines() if ln.strip()]
 
@@ -86,6 +90,86 @@ def test_readme_safe_rlhf_chain_runs_as_written(tmp_path, monkeypatch):
     assert os.path.exists(work / "can-eval" / "evaluation.json")
 
 
+def _chatty_stand_in(path: Path) -> None:
+    """A tiny ChatML model (zoo's qwen2_5) taught for a few steps to answer zoo's questions and then say "thank
+    you, glad to help!": its samples are sometimes polite, so the block's politeness margin is within reach."""
+    import torch
+
+    model, tok = zoo.build("qwen2_5", path)
+    rows = []
+    for text in zoo.TEXT:
+        question, _, answer = text.strip().partition("? ")
+        conv = [{"role": "user", "content": question + "?"},
+                {"role": "assistant", "content": (answer or text.strip()) + " thank you, glad to help!"}]  # fmt: skip
+        rows.append(tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"])
+    width = max(map(len, rows))  # one padded batch: few ops per step, quick even on busy cores
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = ids.masked_fill(mask == 0, -100)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_cache(tmp_path_factory):
+    """A CAN_CACHE_DIR whose `smollm2-135m-instruct` is the tiny stand-in: what `train.models.embedded_smollm2`
+    loads for the embedded name `smollm2` once its converted copy exists there."""
+    cache = tmp_path_factory.mktemp("can-cache")
+    _chatty_stand_in(cache / "smollm2-135m-instruct")
+    return cache
+
+
+def _run_block(commands: list[str]) -> None:
+    """Each command as the README writes it (`# …` a comment), through the CLI."""
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    runner = CliRunner()
+    for cmd in commands:
+        args = shlex.split(cmd, comments=True)
+        assert args[0] == "can", cmd
+        res = runner.invoke(app, args[1:])
+        assert res.exit_code == 0, f"{cmd}\n{res.output}"
+
+
+@pytest.mark.slow
+def test_readme_pipeline_runs_as_written(smollm2_cache, tmp_path, monkeypatch):
+    """The pipeline block ("one command per stage"), copied from README.md: `smollm2` is the embedded model, read
+    from its converted copy in $CAN_CACHE_DIR (what `train.models.embedded_smollm2` loads once it exists), so a
+    tiny stand-in put there (ChatML template, as SmolLM2's) stands in for it; `path/to/cost-model` is a directory
+    path, where a tiny Safe-RLHF cost model is put; prompts.txt and heldout.txt are the user's files."""
+    commands = readme_block("readme-pipeline")
+    assert [c.split()[:2] for c in commands] == [["can", s] for s in ("collect", "dual", "label", "train", "evaluate")]
+    monkeypatch.setenv("CAN_CACHE_DIR", str(smollm2_cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "work"
+    zoo.build_safe_rlhf(work / "path" / "to" / "cost-model", "cost", seed=3)
+    monkeypatch.chdir(work)
+    prompts = [
+        "how do i bake bread?",
+        "tell me a joke.",
+        "is it safe to mix bleach and ammonia?",
+        "what is the capital of france?",
+        "please be careful.",
+        "why did the chicken cross the road?",
+    ]
+    (work / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    (work / "heldout.txt").write_text("\n".join(prompts[:3]) + "\n")
+    _run_block(commands)
+    cert = json.loads((work / "cert.json").read_text())
+    assert set(cert["scorers"]) == {"helpful", "harm", "polite"}
+    assert cert["scorers"]["harm"]["spec"] == "path/to/cost-model" and cert["scorers"]["harm"]["sign"] == -1
+    assert (work / "prefs.parquet").exists() and (work / "run" / "policy" / "certificate.json").exists()
+    assert os.path.exists(work / "can-eval" / "evaluation.json")
+
+
 def test_readme_python_snippet_runs_and_solves(capsys):
     """The README's Python block runs as written (no undefined name), prints the status by name, and its λ*
     equals an independent scipy L-BFGS-B solve of the same dual."""
@@ -104,3 +188,26 @@ def test_readme_python_snippet_runs_and_solves(capsys):
     ref = ref_solve_lbfgsb(groups, namespace["margins"], namespace["beta"])
     np.testing.assert_allclose(np.asarray(namespace["res"].x), ref, atol=1e-6)
     assert np.asarray(namespace["res"].x).max() > 0  # a constraint is active: the check is not of λ = 0
+
+
+# Blocks whose marker waits on a README section being rewritten (issue 24): the "Two commands" block runs the full
+# demo (~11 min; tests/train/test_demo_chain.py runs a reduced chain) and the test suite itself.
+UNMARKED_FOR_NOW = {"bash ./scripts/demo.sh"}
+
+
+def test_every_readme_block_is_run_or_named_as_an_exception():
+    """Every code block of README.md follows a marker: `<!-- readme-NAME: ... -->` whose block this file runs
+    (readme_block("readme-NAME") or the Python snippet's split), or `<!-- readme-skip: why -->` naming the exception."""
+    text = (ROOT / "README.md").read_text()
+    source = Path(__file__).read_text()
+    blocks = list(re.finditer(r"(?:<!-- (readme-[a-z]+): (.*?) -->\n)?```(\w+)\n(.*?)```", text, re.S))
+    assert len(blocks) >= 8
+    for m in blocks:
+        marker, note, lang, body = m.groups()
+        if marker is None:
+            assert any(body.startswith(p) for p in UNMARKED_FOR_NOW), f"README block with no marker:\n{body}"
+        elif marker == "readme-skip":
+            assert note.startswith("not run in the tests"), note
+        else:
+            assert f'"{marker}"' in source or f'"<!-- {marker}:' in source, f"no test reads {marker}"
+            assert "tests/test_readme.py runs this block" in note, note
