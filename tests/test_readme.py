@@ -208,6 +208,9 @@ def test_every_readme_block_is_run_or_named_as_an_exception():
             assert any(body.startswith(p) for p in UNMARKED_FOR_NOW), f"README block with no marker:\n{body}"
         elif marker == "readme-skip":
             assert note.startswith("not run in the tests"), note
+        if marker in (None, "readme-skip"):  # blocks not run: at least the repository files they name exist
+            for path in re.findall(r"[\w./-]+\.(?:py|yaml|sh)\b", body):
+                assert (ROOT / path).is_file(), f"{path} (README block: {body.splitlines()[0]})"
         else:
             assert f'"{marker}"' in source or f'"<!-- {marker}:' in source, f"no test reads {marker}"
             assert "tests/test_readme.py runs this block" in note, note
