@@ -35,13 +35,7 @@ CONFIGS = {
     "prompts128": ("128 templated prompts, 2 pairs each (same 768 pair-epochs)", P128),
     "prompts128-1ep": ("128 prompts, 6 pairs each, 1 epoch (768 pair-epochs, no pair seen twice)",
                        {**P128, "pairs_per_prompt": 6, "epochs": 1.0}),
-    "prompts128-lr2": ("prompts128 at lr 2e-4", {**P128, "lr": 2e-4}),
-    "prompts128-hard": ("prompts128 with hard labels", {**P128, "mode": "hard"}),
-    "prompts128-lora": ("prompts128, LoRA r16 on all linear layers at lr 1e-3",
-                        {**P128, "lora": True, "train_top": None, "lr": 1e-3}),
-    "prompts192-k4": ("192 prompts × K 4, 4 pairs each, 1 epoch", {"n_train": 192, "k": 4, "pairs_per_prompt": 4,
-                                                                    "epochs": 1.0}),
-    "prompts128-top16": ("prompts128 training the top 16 blocks", {**P128, "train_top": 16}),
+    "1ep-hard": ("prompts128-1ep with hard labels", {**P128, "pairs_per_prompt": 6, "epochs": 1.0, "mode": "hard"}),
     "demo": ("`can demo`'s default", None),
 }  # fmt: skip
 

