@@ -108,8 +108,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "demo_study")
     args = ap.parse_args()
 
+    from train.cli.app import setup_jax
     from train.demo import run_chain
     from train.demo_prompts import SELECTION_PROMPTS, TEST_PROMPTS
+
+    setup_jax()  # float64, as `can demo` solves the dual (the selection rows before this line solved it in float32)
 
     prompts = SELECTION_PROMPTS if args.set == "selection" else TEST_PROMPTS
     args.results.mkdir(parents=True, exist_ok=True)
