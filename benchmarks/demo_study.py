@@ -4,8 +4,10 @@ Runs configurations of the embedded chain (SmolLM2-135M-Instruct, lexical scorer
 benchmarks/results/demo_study/{selection,test}.{md,json}: predicted gains, gains on the training samples, held-out
 gains with 95% intervals, the reward gain, KL, the text check (distinct-2, log π_ref per token) and wall times.
 
-    python benchmarks/demo_study.py --set selection baseline prompts128 ...   # choose on the selection set
-    python benchmarks/demo_study.py --set test --seeds 0 1 chosen             # check the choice once, fresh prompts
+    python benchmarks/demo_study.py baseline prompts128 ... --set selection   # choose on the selection set
+    python benchmarks/demo_study.py demo --set test --seeds 0 1               # check the choice once, fresh prompts
+
+(configurations first: --seeds takes every number after it.)
 
 Configurations with the same collection settings share one collection (its time is counted in each row); the
 reference policy is sampled once per prompt set and seed. Finished configurations are read back, not rerun.
@@ -93,7 +95,8 @@ def markdown(rows: list[dict], title: str) -> str:
                   f"{t['logp_ref_per_token']['aligned']:+.2f} ({t['logp_ref_per_token']['reference']:+.2f})",
                   f"{r['total_s'] / 60:.1f} min"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Configurations:", ""] + [f"- **{n}**: {CONFIGS[n][0]}" for n in dict.fromkeys(r["config"] for r in rows)]
+    names = dict.fromkeys(r["config"] for r in rows)
+    lines += ["", "Configurations:", ""] + [f"- **{n}**: {CONFIGS[n][0]}" for n in names]
     lines += ["", "Gains in the safe direction; ratio = held-out / predicted. Wall: collect + dual + label + DPO + "
               "evaluate on 2 CPU cores (a shared collection counts in full in each row)."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -143,8 +143,8 @@ def evaluate(
     if reference_memo is not None and key in reference_memo:
         base, samples_r, ids_r, logp_r = reference_memo[key]
     else:
-        base, samples_r, ids_r, logp_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size, seed,
-                                                chat_template, dtype)  # fmt: skip
+        base, samples_r, ids_r, logp_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size,
+                                                        seed, chat_template, dtype)  # fmt: skip
         if reference_memo is not None:
             reference_memo[key] = (base, samples_r, ids_r, logp_r)
     health = text_health(aligned, reference, samples_a, samples_r, ids_a, ids_r, batch_size, dtype, logp_a, logp_r)
