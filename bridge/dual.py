@@ -150,8 +150,11 @@ def certificate_bias(result, loaded, beta: float, devices: int | None = 1) -> di
 
     dtype = jnp.dtype(loaded.dtype)
     margins = jnp.asarray(loaded.margins, dtype)
-    return bias_block(finite_k_bias_jit(result.x, loaded.scores, margins, beta, dtype=dtype, devices=devices),
-                      loaded.names)  # fmt: skip
+    from can_jax import aot
+
+    report = aot.call("finite_k_bias", finite_k_bias_jit, result.x, loaded.scores, margins, beta,
+                      static={"dtype": dtype, "devices": devices})  # fmt: skip
+    return bias_block(report, loaded.names)
 
 
 def loaded_for(scores_path, cert: Certificate, dtype=None):
@@ -187,7 +190,7 @@ def check_solution(scores_path, cert: Certificate) -> float:
 
 def data_summary(loaded, reward: str, prompt_id: str) -> dict:
     """The certificate's `data` block for a `bridge.tables.LoadedScores`."""
-    k = np.asarray(loaded.scores.mask.sum(axis=1))
+    k = np.asarray(loaded.scores.mask).sum(axis=1)  # on the host: no device op to compile
     return {
         "path": loaded.path,
         "sha256": loaded.sha256,
@@ -223,11 +226,15 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     dtype = jnp.dtype(loaded.dtype)
     margins = jnp.asarray(loaded.margins, dtype)
     tol = default_tol(dtype) if tol is None else tol
-    kw = {"tol": tol, "max_iter": max_iter, "dtype": dtype, "devices": devices}
+    from can_jax import aot
+
+    static = {"max_iter": max_iter, "dtype": dtype, "devices": devices}
     if se:
-        result, errs = solve_with_errors(loaded.scores, margins, beta, **kw)
+        result, errs = aot.call("solve_with_errors", solve_with_errors, loaded.scores, margins, beta, tol=tol,
+                                static=static)  # fmt: skip
     else:
-        result, errs = solve_dual_jit(loaded.scores, margins, beta, **kw), None
+        result = aot.call("solve_dual", solve_dual_jit, loaded.scores, margins, beta, tol=tol, static=static)
+        errs = None
     if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
         from bridge.limits import infeasible_limits_message
 
@@ -238,5 +245,5 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     notes = None
     if errs is not None:
         errs = np.asarray(errs)
-        notes = standard_error_notes(result, loaded.scores)
+        notes = standard_error_notes(result, loaded.scores, errs)
     return result, errs, notes, tol

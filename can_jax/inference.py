@@ -62,11 +62,12 @@ def standard_errors(result, scores: Scores, margins, beta, block="auto", devices
     return jnp.where(_defined(result, scores), jnp.sqrt(jnp.maximum(jnp.diag(cov), 0.0)), jnp.nan)
 
 
-def standard_error_notes(result, scores: Scores) -> list[str | None]:
-    """Why each standard error is undefined (None where it is defined). Host-side: call outside jit, on one result."""
+def standard_error_notes(result, scores: Scores, errors=None) -> list[str | None]:
+    """Why each standard error is undefined (None where it is defined). Host-side: call outside jit, on one result.
+    Given the `errors` `standard_errors` returned, those that are NaN are the undefined ones (no device work)."""
     lam = np.asarray(result.x)
     n_prompts = int(np.sum((np.asarray(scores.weight) > 0) & np.asarray(scores.mask).any(axis=1)))
-    defined = np.asarray(_defined(result, scores))
+    defined = np.asarray(_defined(result, scores)) if errors is None else np.isfinite(np.asarray(errors))
     notes: list[str | None] = []
     for j in range(lam.shape[0]):
         if defined[j]:

@@ -134,3 +134,53 @@ def test_diagnostics_flag_unreliable_certificates():
     cert.update(data={}, predicted={"ess_fraction": 0.5}, hessian_condition=3.0)
     cert["constraints"] = cert["constraints"][1:]
     assert diagnose(cert) == []
+
+
+def test_missing_column_lists_every_column_of_the_file(tmp_path):
+    # The table is read with the needed columns only; the message still lists all the file has.
+    p = _write(_table(), tmp_path / "s.parquet")
+    with pytest.raises(ScoresFormatError, match=r"the table has \['prompt_id', 'prompt', 'r', 'safe', 'harm'\]"):
+        load_scores(p, "r", [ConstraintSpec("nope", 0.1)])
+
+
+@pytest.mark.parametrize("ids", [[3, 3, 5, 5, 5, 9], [0, 1, 1, 2], [7, 7, 2, 2, 7], [-4, -4, 1, 1]])
+def test_group_prompts_sorted_path_equals_first_appearance_numbering(ids):
+    from bridge.tables import group_prompts
+
+    # Reference: number ids by first appearance, written out by hand.
+    seen = {}
+    want = np.array([seen.setdefault(i, len(seen)) for i in ids])
+    for chunks in ([ids], [ids[:1], ids[1:3], ids[3:]]):
+        col = pa.chunked_array([pa.array(c, pa.int64()) for c in chunks if c])
+        index, uniq = group_prompts(col)
+        np.testing.assert_array_equal(index, want)
+        np.testing.assert_array_equal(uniq, list(seen))
+
+
+def test_numeric_values_reads_chunks_slices_and_nulls():
+    from bridge.tables import numeric_values
+
+    base = pa.array(np.arange(10, dtype=np.float32))
+    col = pa.chunked_array([base.slice(3, 4), pa.array([], pa.float32()), base.slice(8, 2)])
+    got = numeric_values(col)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, [3, 4, 5, 6, 8, 9])
+    np.testing.assert_array_equal(numeric_values(pa.chunked_array([pa.array([5, 1], pa.uint16())])), [5, 1])
+    nulls = numeric_values(pa.chunked_array([pa.array([1.0, None, 2.0])]))
+    np.testing.assert_array_equal(np.isnan(nulls), [False, True, False])
+
+
+def test_load_scores_reads_a_sorted_integer_id_table_as_a_dictionary_encoding_does(tmp_path):
+    # Integer ids grouped in order take the vectorised path; string ids of the same rows the hash path.
+    rng = np.random.default_rng(1)
+    counts = [3, 2, 4, 3]
+    ids = np.repeat(np.array([10, 11, 15, 20]), counts)
+    cols = {"r": rng.normal(size=ids.size), "safe": rng.normal(size=ids.size), "harm": rng.normal(size=ids.size)}
+    a = load_scores(_write(pa.table({"prompt_id": ids, **cols}), tmp_path / "a.parquet"), "r", SPECS)
+    b = load_scores(_write(pa.table({"prompt_id": [f"p{i}" for i in ids], **cols}), tmp_path / "b.parquet"), "r",
+                    SPECS)  # fmt: skip
+    for x, y in zip(a.scores, b.scores, strict=True):
+        if x is not None:
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(a.prompt_ids, [10, 11, 15, 20])
+    assert a.sha256 == sha256_file(tmp_path / "a.parquet")

@@ -186,6 +186,7 @@ def test_undefined_standard_errors_are_nan_with_a_reason():
     res, se = solve_with_errors(sc, jnp.array([0.2, 0.2]), 1.0)
     se = np.asarray(se)
     notes = standard_error_notes(res, sc)
+    assert standard_error_notes(res, sc, se) == notes  # read off the NaNs, as `can dual` does
     assert np.all(np.isnan(se[np.asarray(res.x) > 0]))
     assert all("singular" in n for n, x in zip(notes, np.asarray(res.x)) if x > 0)
     # One prompt (the other 49 weigh nothing: the same shapes, one compilation): no spread across prompts.
@@ -196,6 +197,7 @@ def test_undefined_standard_errors_are_nan_with_a_reason():
     assert _status(res) == Status.CONVERGED and float(res.x[0]) > 0
     assert np.isnan(float(se[0]))
     assert "1 prompt" in standard_error_notes(res, one)[0]
+    assert standard_error_notes(res, one, se) == standard_error_notes(res, one)
 
 
 REACH = np.mean([g.max(axis=0) - g.mean(axis=0) for _, g in PROBLEM], axis=0)  # independent: max − mean per prompt
