@@ -5,6 +5,11 @@ persistent compilation cache skips XLA's compilation). Tracing the solve with it
 still costs what lowering did. (Keeping the compiled executable instead, `jax.experimental.serialize_executable`,
 would skip that too, but its executables crashed the process on first use here with jax 0.10.2 on CPU.)
 
+**Off unless `CAN_EXPORT_CACHE=1`.** Short `can dual` processes ran with it dozens of times, but in a long-lived
+process (the test suite: thousands of compilations with the persistent cache on) it was followed by segfaults
+inside XLA's executable (de)serialization of the persistent cache, three full runs out of three (jax/jaxlib
+0.10.2, CPU); with it off the same suite passes. Until that is understood it stays opt-in.
+
 The cache lives beside JAX's persistent compilation cache (`<jax_compilation_cache_dir>/exports`) and is used only
 where that cache is on (the CLI turns it on; `--no-cache` turns both off). An entry is keyed by the function, the
 JAX and jaxlib versions, the machine, the x64 flag, the source of `can_jax` and the arguments' tree, shapes, dtypes
@@ -31,7 +36,9 @@ def cache_dir() -> Path | None:
     """Where exported programs are kept: `exports/` in JAX's persistent compilation cache directory, or None when
     that cache is off."""
     base = jax.config.jax_compilation_cache_dir
-    return Path(base) / "exports" if base else None
+    if not base or os.environ.get("CAN_EXPORT_CACHE", "0") != "1":
+        return None
+    return Path(base) / "exports"
 
 
 @functools.lru_cache(maxsize=1)

@@ -2,6 +2,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The CLI keeps JAX's compiled programs in $CAN_CACHE_DIR (default ~/.cache/can): the tests use a fresh one of their
+# own, as CI does, and never read or fill the user's.
+if "CAN_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["CAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="can-test-cache-")
 
 import jax  # noqa: E402
 
