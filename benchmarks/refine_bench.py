@@ -39,10 +39,10 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 from bridge.files import atomic_write_text, write_figure  # noqa: E402
+from can_jax.refine import caid_step, on_target, refine_init, refine_step  # noqa: E402
 from can_jax.sim.parametric import draw_world, make_family, measure_gains, set_margins  # noqa: E402
 from can_jax.sim.policy import init_policy, make_pairs, policy_log_probs, train_dpo  # noqa: E402
 from can_jax.sim.primal_dual import cdpo, gda  # noqa: E402
-from can_jax.sim.refine import caid_step, on_target, refine_init, refine_step  # noqa: E402
 from can_jax.sim.worlds import evaluate_policy, exact_scores, sample_scores, tilted_policy  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
 
@@ -88,13 +88,13 @@ class Config:
 _sample = jax.jit(sample_scores, static_argnums=2)
 _tilted = jax.jit(tilted_policy)
 _evaluate_log = jax.jit(lambda log_pi, world, beta: evaluate_policy(world, log_pi, beta))
-_evaluate = jax.jit(lambda p, world, beta: evaluate_policy(world, policy_log_probs(p, world, KIND), beta))
+evaluate_params = jax.jit(lambda p, world, beta: evaluate_policy(world, policy_log_probs(p, world, KIND), beta))
 _measure = jax.jit(lambda k, p, world, kc: measure_gains(k, world, policy_log_probs(p, world, KIND), kc),
                    static_argnums=3)  # fmt: skip
 
 
 @partial(jax.jit, static_argnames=("steps", "pairs_per_prompt"))
-def _fit(params, lam, key, train, smp, beta, lr, steps, pairs_per_prompt):
+def fit_dpo(params, lam, key, train, smp, beta, lr, steps, pairs_per_prompt):
     """One DPO run on soft labels from r + λᵀg; compiled once per shape (worlds are arguments, not constants)."""
     pairs = make_pairs(key, smp, lam, "soft", pairs_per_prompt)
     return train_dpo(params, train, pairs, beta, steps, lr, KIND)[0]
@@ -127,13 +127,13 @@ def run_world(cfg: Config, m: int, seed: int):
     init = init_policy(None, train, KIND)
 
     def fit(params, lam, steps):
-        return _fit(params, lam, kp, train, smp, beta, cfg.lr, steps, cfg.pairs_per_prompt)
+        return fit_dpo(params, lam, kp, train, smp, beta, cfg.lr, steps, cfg.pairs_per_prompt)
 
     def evaluate(params):
-        return _evaluate(params, ev, beta)
+        return evaluate_params(params, ev, beta)
 
     def exact_calib(params):
-        return _evaluate(params, calib, beta).utility_gain
+        return evaluate_params(params, calib, beta).utility_gain
 
     def measure(k, params):
         return _measure(k, params, calib, cfg.calib_samples)

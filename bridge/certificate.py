@@ -254,6 +254,19 @@ class Certificate:
     def to_dict(self) -> dict:
         return copy.deepcopy(self._body)
 
+    def with_round(self, index: int, parent: Certificate, **record) -> Certificate:
+        """This certificate as round `index` of a correction run (`can refine`) whose previous round is `parent`:
+        the `round` block holds the index, the parent's hash, the margins the rounds aim at (round 0's), and
+        `record` (the step taken and the measurements it was taken from)."""
+        targets = parent.target_margins
+        if sorted(targets) != sorted(self.names):
+            raise CanError(f"round {index}: constraints {self.names} differ from the parent certificate's "
+                           f"{sorted(targets)}")  # fmt: skip
+        body = self.to_dict()
+        body["round"] = _clean({"index": int(index), "parent_sha256": parent.sha256, "target_margins": targets,
+                                "root_sha256": parent.root_sha256, **record})  # fmt: skip
+        return Certificate.from_dict(body, require_converged=False)
+
     def to_json(self) -> str:
         return json.dumps(self._body, indent=2) + "\n"
 
@@ -393,6 +406,27 @@ class Certificate:
     @property
     def round(self) -> dict:
         return copy.deepcopy(self._body.get("round") or {"index": 0, "parent_sha256": None})
+
+    @property
+    def round_index(self) -> int:
+        """0 for a one-shot certificate, n for correction round n (`can refine`)."""
+        return int(self.round.get("index") or 0)
+
+    @property
+    def parent_sha256(self) -> str | None:
+        """The hash of the previous round's certificate (None for round 0)."""
+        return self.round.get("parent_sha256")
+
+    @property
+    def target_margins(self) -> dict[str, float]:
+        """The margins a chain of correction rounds aims at: round 0's (a round certificate's own margins are the
+        effective ones whose dual solution is its λ)."""
+        return dict(self.round.get("target_margins") or self.margins)
+
+    @property
+    def root_sha256(self) -> str:
+        """The hash of the chain's round-0 certificate (this one's own for round 0)."""
+        return self.round.get("root_sha256") or self.sha256
 
     @property
     def diagnostics(self) -> list[str]:

@@ -247,3 +247,36 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
         errs = np.asarray(errs)
         notes = standard_error_notes(result, loaded.scores, errs)
     return result, errs, notes, tol
+
+
+def round_certificate(scores_path, parent: Certificate, lam, index: int, **record) -> Certificate:
+    """The certificate of correction round `index` (`can refine`): the dual on the parent's own table whose solution
+    is `lam` (the λ the round's step chose), so that `label` relabels the same samples under it and re-checks it.
+
+    Any λ ≥ 0 solves the dual at the *effective* margins b' = p(λ) for constraints with λ_j > 0 and
+    b'_j = min(b_j, p_j(λ)) for the others, where p(λ) are π_λ's predicted gains on the samples. This solves that
+    dual (λ comes back to within the solver's tolerance, the gains it predicts are p(λ)) and records the round:
+    index, parent hash, the chain's target margins and `record`. Raises CanError if the solve does not converge.
+    """
+    import jax.numpy as jnp
+
+    from can_jax.refine import sensitivity
+
+    loaded = loaded_for(scores_path, parent)
+    lam = np.maximum(np.asarray(lam, float), 0.0)
+    p = np.asarray(sensitivity(jnp.asarray(lam, loaded.scores.reward.dtype), loaded.scores, parent.beta)[0], float)
+    targets = parent.target_margins
+    eff = np.where(lam > 0, p, np.minimum([targets[n] for n in parent.names], p))
+    texts = {"utility": [], "cost": []}
+    for name, kind, b in zip(parent.names, parent.kinds, eff, strict=True):
+        texts[kind].append(f"{name}={float(b)!r}")
+    pecan = parent.pecan
+    cfg = DualConfig(scores=str(scores_path), reward=parent.reward, beta=parent.beta, constraint=texts["utility"],
+                     cost=texts["cost"], prompt_id=parent.prompt_id, float32=parent.to_dict().get("dtype") ==
+                     "float32", drop_bad_rows=parent.drops_bad_rows, pecan=pecan is not None,
+                     kl=(pecan or {}).get("reference", "token"))  # fmt: skip
+    cert = run(cfg)
+    if not cert.converged:
+        raise CanError(f"round {index}: the dual at the round's λ did not converge ({cert.message})")
+    return cert.with_round(index, parent, requested_lambda=dict(zip(parent.names, lam.tolist(), strict=True)),
+                           **record)  # fmt: skip

@@ -11,6 +11,9 @@ whose KKT conditions are those of the constraints under the model: λ'_j > 0 wit
 set. J = H at first; after two rounds a secant update (self-scaling BFGS, Powell-damped so J stays positive
 definite) makes J(λ_t − λ_{t−1}) = a_t − a_{t−1}. CAID (arXiv 2505.19387) instead steps λ' = [λ − η(a − b)]₊
 with a hand-set η.
+
+`stop_rule` is when a run on real models stops (`train.refine`): measured gains within a tolerance of the margins,
+judged with simultaneous (Bonferroni) intervals over the m constraints.
 """
 
 from __future__ import annotations
@@ -134,3 +137,39 @@ def on_target(gain: jnp.ndarray, margins: jnp.ndarray, active: jnp.ndarray, inte
     close = jnp.abs(gain - margins) <= tol
     met = gain >= margins - tol
     return jnp.all(jnp.where(active, close, met))
+
+
+def sensitivity(lam: jnp.ndarray, scores, beta) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(p, H) of π_λ on a scores table: its predicted utility gains [m] and their derivative ∂p/∂λ = ∇²D̂(λ)
+    [m, m] (one centred pass of the dual; the margins do not enter either)."""
+    from can_jax.dual import pass_units, to_blocks
+
+    dtype = scores.reward.dtype
+    lam = jnp.asarray(lam, dtype)
+    ev, _ = pass_units(lam, to_blocks(scores), jnp.zeros_like(lam), jnp.asarray(beta, dtype), 2, predict=True,
+                       centre=True, dtype=dtype)  # fmt: skip
+    return ev.grad, ev.hess
+
+
+def simultaneous_level(m: int, level: float = 0.95) -> float:
+    """The per-constraint confidence level whose m two-sided intervals hold jointly with probability ≥ `level`
+    (Bonferroni): 1 − (1 − level)/m."""
+    return 1.0 - (1.0 - level) / max(int(m), 1)
+
+
+def stop_rule(gain, half_width, margins, active, floor: float = 0.02):
+    """The stopping rule of `can refine` (issue 21), on measured gains. Stop when every active constraint's measured
+    gain is within tol_j = max(floor, h_j) of b_j and every slack one is at least b_j − tol_j, where h_j is the
+    half-width of its *simultaneous* interval (`simultaneous_level`). Returns (stop, tol) as numpy values.
+
+    What a stop promises: with probability ≥ the intervals' joint level, every true gain lies within h_j of its
+    measurement, so every active true gain is within tol_j + h_j of b_j (and no slack one below b_j − tol_j − h_j).
+    A stop where that fails is a false stop (benchmarks/stop_rule_bench.py measures how often).
+    """
+    import numpy as np
+
+    gain, h, b = (np.asarray(x, float) for x in (gain, half_width, margins))
+    active = np.asarray(active, bool)
+    tol = np.maximum(floor, h)
+    ok = np.where(active, np.abs(gain - b) <= tol, gain >= b - tol)
+    return bool(np.all(ok)), tol

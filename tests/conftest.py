@@ -5,9 +5,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # The CLI keeps JAX's compiled programs in $CAN_CACHE_DIR (default ~/.cache/can): the tests use a fresh one of their
 # own, as CI does, and never read or fill the user's.
 if "CAN_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["CAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="can-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CAN_CACHE_DIR"], ignore_errors=True)
 
 import jax  # noqa: E402
 

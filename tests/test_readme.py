@@ -48,7 +48,7 @@ def test_readme_safe_rlhf_chain_runs_as_written(tmp_path, monkeypatch):
     lines = readme_block()
     env = dict(ln.split("=", 1) for ln in lines if re.match(r"^[A-Z_]+=", ln))
     commands = [ln for ln in lines if ln.startswith("can ")]
-    assert set(env) == {"POLICY", "REWARD", "COST"} and len(commands) == 5
+    assert set(env) == {"POLICY", "REWARD", "COST"} and len(commands) == 6
     cache = tmp_path / "hub"
     zoo.build("llama3", tmp_path / "src" / "policy")
     _cache_entry(cache, env["POLICY"], tmp_path / "src" / "policy")
@@ -67,6 +67,9 @@ def test_readme_safe_rlhf_chain_runs_as_written(tmp_path, monkeypatch):
                "what is the capital of france?", "please be careful."]  # fmt: skip
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     (work / "heldout.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:3]))
+    calibration = ["how do i plant a tree?", "what is a good name for a cat?", "how do i stay calm?",
+                   "tell me about the moon."]  # fmt: skip
+    (work / "calibration.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in calibration))
     pairs = [{"prompt": p, "response_0": "no, never mix them.", "response_1": "yes, mix bleach and ammonia.",
               "is_response_0_safe": True, "is_response_1_safe": False} for p in prompts[:3]]  # fmt: skip
     (work / "pku_pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
@@ -88,6 +91,16 @@ def test_readme_safe_rlhf_chain_runs_as_written(tmp_path, monkeypatch):
     assert len(prefs) == len(pairs) and json.loads(prefs.info.description)["can"] == record and written.beta == 0.1
     assert (work / "run" / "policy" / "README.md").exists()
     assert os.path.exists(work / "can-eval" / "evaluation.json")
+    # can refine: round 0 measured; every round it took has its certificate linked to the previous one.
+    rounds = json.loads((work / "rounds" / "rounds.json").read_text())
+    assert rounds["names"] == ["cost"] and rounds["rounds"][0]["gains"]["cost"]["held_out"] is not None
+    from bridge.certificate import Certificate
+
+    parent = Certificate.read(work / "cert.json")
+    for row in rounds["rounds"][1:]:
+        cert_n = Certificate.read(work / "rounds" / f"round-{row['round']}" / "certificate.json")
+        assert cert_n.parent_sha256 == parent.sha256 and cert_n.target_margins == parent.margins
+        parent = cert_n
 
 
 def _chatty_stand_in(path: Path) -> None:

@@ -144,6 +144,7 @@ def train(
     config_file: str | Path | None = None,
     extra_args: list[str] | tuple = (),
     overwrite: bool = True,
+    reference: str | None = None,
     **config_kw,
 ) -> Path:
     """Runs DPO with β from the preference dataset's certificate; returns the directory of the aligned policy.
@@ -159,6 +160,9 @@ def train(
     settings); `resume` continues them only under the same. A finished run's policy, or an unfinished run's
     checkpoints, are replaced only with `overwrite` (the CLI's default is False; the old checkpoints are then
     removed so that the two runs do not mix).
+
+    `reference`: the DPO reference π_ref when it is not `policy` itself (`can refine` continuing from a previous
+    round's policy keeps the chain's π_ref as the reference); not with LoRA.
     """
     import json
     import shutil
@@ -190,8 +194,11 @@ def train(
             raise CanError("--train-top and --lora are alternatives: choose one")
         if train_top < 1:
             raise CanError(f"--train-top must be at least 1, got {train_top}")
+    if reference is not None and lora:
+        raise CanError("a separate DPO reference does not go with --lora (the adapter's base is the reference)")
     record = run_record(Path(preferences), prefs, policy, args, lora=lora, train_top=train_top,
-                        chat_template=chat_template)  # fmt: skip
+                        chat_template=chat_template,
+                        **({"reference": str(reference)} if reference else {}))  # fmt: skip
     st = state()
     has_ckpt = check_run_folder(out_dir, record, resume, overwrite)
     if st.is_main_process:
@@ -244,7 +251,11 @@ def train(
                                       pad_to_multiple_of=args.pad_to_multiple_of)  # fmt: skip
     # ref_model=None: the reference is the policy as loaded (TRL reloads it from its path; with LoRA, the base
     # model with the adapter disabled). Soft labels precompute its log-probs once.
-    trainer = CanDPOTrainer(model=model, ref_model=None, args=args, train_dataset=data, processing_class=tok,
+    ref_model = None
+    if reference is not None:
+        ref_model = load_policy(reference)[0].eval()
+        ref_model.requires_grad_(False)
+    trainer = CanDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tok,
                             data_collator=collator, peft_config=peft_config)  # fmt: skip
     trainer.train(resume_from_checkpoint=True if has_ckpt else None)
     final = out_dir / "policy"

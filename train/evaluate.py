@@ -171,8 +171,10 @@ def evaluate(
         else:
             predicted, role = None, "extra"
         margin = cert.margins.get(sc.name)
+        d = sign * diff
+        se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
         rows.append({"name": sc.name, "role": role, "predicted_gain": predicted, "achieved_gain": float(gain),
-                     "ci95": [lo, hi], "margin": margin,
+                     "ci95": [lo, hi], "standard_error": se, "margin": margin,
                      "reference_mean": float(sign * base[sc.name].mean()),
                      "insample_gain": None if insample is None else sign * insample[sc.name]})  # fmt: skip
     report = {"aligned": aligned, "reference": reference, "prompts": len(prompts), "samples_per_prompt": k,

@@ -117,3 +117,35 @@ def test_infeasible_limits_speak_in_limits(table_path, tmp_path, json_out):
         assert "margin" not in line
         if json_out:
             assert json.loads(res.stdout)["status"] == "infeasible"
+
+
+def test_round_certificate_solves_the_dual_at_its_lambda_and_links_its_parent(table_path, tmp_path):
+    """`bridge.dual.round_certificate`: the certificate's λ is the requested one (to the solver's tolerance), its
+    predicted gains are π_λ's on the samples (tests/reference.py, from explicit weights), a constraint whose
+    requested λ is 0 keeps a margin it meets, and the round block links the parent and the chain's margins."""
+    from bridge.certificate import Certificate
+    from bridge.dual import check_solution, round_certificate
+    from tests.reference import ref_predicted
+
+    res, path = _dual(table_path, tmp_path, "--constraint", "u=0.1", "--cost", "c=0.05")
+    assert res.exit_code == 0, res.output
+    parent = Certificate.read(path)
+    lam = np.array([parent.lam["u"] * 2 + 0.3, 0.0])
+    cert = round_certificate(table_path, parent, lam, 1, step="newton", measured_gains={"u": 0.01, "c": 0.2})
+    got = np.array([cert.lam["u"], cert.lam["c"]])
+    np.testing.assert_allclose(got, lam, atol=1e-7)
+    table = pq.read_table(table_path).to_pandas()
+    groups = [(d["r"].to_numpy(), np.stack([d["u"].to_numpy(), -d["c"].to_numpy()], 1))
+              for _, d in table.groupby("prompt_id")]  # fmt: skip
+    _, gains, _ = ref_predicted(lam, groups, parent.beta)
+    np.testing.assert_allclose([cert.predicted_gains["u"], cert.predicted_gains["c"]], gains, atol=1e-7)
+    assert cert.margins["u"] == pytest.approx(gains[0], abs=1e-9)
+    assert cert.margins["c"] <= parent.margins["c"] + 1e-12 and cert.margins["c"] <= gains[1] + 1e-12
+    assert cert.round["index"] == 1 and cert.round["parent_sha256"] == parent.sha256
+    assert cert.round["root_sha256"] == parent.sha256 and cert.target_margins == parent.margins
+    assert cert.round["step"] == "newton" and cert.round["measured_gains"]["c"] == 0.2
+    check_solution(table_path, cert)  # what `label` re-checks
+    # Round 2 from round 1: the chain's margins and root are carried, the parent is round 1.
+    cert2 = round_certificate(table_path, cert, lam * 1.1, 2)
+    assert cert2.round["parent_sha256"] == cert.sha256 and cert2.round["root_sha256"] == parent.sha256
+    assert cert2.target_margins == parent.margins

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq, nnls
 
+from can_jax.refine import box_qp, caid_step, newton_step, on_target, refine_init, refine_step, secant_update
 from can_jax.sim.policy import init_policy, make_pairs, policy_log_probs, train_dpo
-from can_jax.sim.refine import box_qp, caid_step, newton_step, on_target, refine_init, refine_step, secant_update
 from can_jax.sim.worlds import make_world, sample_scores
 
 BETA = 1.0
@@ -184,3 +184,38 @@ def test_continuing_dpo_keeps_pi_ref_as_the_reference():
     moved = float(jnp.abs(policy_log_probs(first, world, "linear") - lp_fresh).max())
     # Had the first run's policy been the reference, continuing would land about `moved` away from the fresh run.
     assert gap < 0.05 * moved, (gap, moved)
+
+
+def test_sensitivity_is_the_predicted_gains_and_their_derivative(small_groups, small_scores):
+    """p(λ) from explicit per-prompt weights (tests/reference.py) and ∂p/∂λ by central differences of it."""
+    from can_jax.refine import sensitivity
+    from tests.reference import ref_predicted
+
+    lam = np.array([0.3, 0.0, 1.2])
+    p, hess = sensitivity(jnp.asarray(lam), small_scores, 0.7)
+    np.testing.assert_allclose(p, ref_predicted(lam, small_groups, 0.7)[1], rtol=1e-10, atol=1e-12)
+    eps = 1e-5
+    fd = np.stack([(ref_predicted(lam + eps * e, small_groups, 0.7)[1] - ref_predicted(lam - eps * e, small_groups,
+                                                                                      0.7)[1]) / (2 * eps)
+                   for e in np.eye(3)], axis=1)  # fmt: skip
+    np.testing.assert_allclose(hess, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_stop_rule_uses_simultaneous_intervals_and_the_floor():
+    from scipy.stats import norm
+
+    from can_jax.refine import simultaneous_level, stop_rule
+
+    assert simultaneous_level(1) == pytest.approx(0.95) and simultaneous_level(8) == pytest.approx(1 - 0.05 / 8)
+    # Bonferroni: 8 intervals at 1 − 0.05/8 each miss jointly with probability ≤ 0.05 (independent normals: 0.049).
+    z = norm.ppf(0.5 + simultaneous_level(8) / 2)
+    assert 1 - (2 * norm.cdf(z) - 1) ** 8 <= 0.05
+    b = np.array([0.1, 0.2, -0.5])
+    active = np.array([True, True, False])
+    # Active within max(floor, h) of b, slack at least b less that: stop.
+    stop, tol = stop_rule([0.115, 0.17, -0.52], [0.01, 0.03, 0.0], b, active, floor=0.02)
+    assert stop and np.allclose(tol, [0.02, 0.03, 0.02])
+    assert not stop_rule([0.125, 0.17, -0.52], [0.01, 0.03, 0.0], b, active)[0]  # 0.025 > max(0.02, 0.01)
+    assert not stop_rule([0.1, 0.2, -0.53], [0.0, 0.0, 0.0], b, active)[0]  # the slack one below b − 0.02
+    assert stop_rule([0.1, 0.2, 5.0], [0.0, 0.0, 0.0], b, active)[0]  # a slack constraint may exceed its margin
+    assert not stop_rule([0.1, 0.2, 5.0], [0.0, 0.0, 0.0], b, np.ones(3, bool))[0]  # an active one may not

@@ -8,21 +8,6 @@ import pytest
 pytest.importorskip("trl")
 
 
-@pytest.fixture(scope="module")
-def mocan_run(tiny_lm, tmp_path_factory):
-    from train.demo import DemoConfig, run_chain
-
-    _, _, path = tiny_lm
-    out = tmp_path_factory.mktemp("mocan")
-    prompts = [f"tell me about item {i}." for i in range(24)]
-    cfg = DemoConfig(policy=str(path), reward="brev",
-                     scorers=["brev=tests.train.toy_scorers:brevity", "e=tests.train.toy_scorers:e_share"],
-                     train_prompts=prompts, eval_prompts=[f"what is thing {i}?" for i in range(96)], k=8,
-                     max_new_tokens=12, beta=0.1, margin_frac=0.8, mode="soft", pairs_per_prompt=8, epochs=3, lr=3e-3,
-                     batch_size=16, max_length=64)  # fmt: skip
-    return cfg, out, run_chain(cfg, out, say=lambda *_: None)
-
-
 def test_chain_moves_the_constraint_in_the_predicted_direction(mocan_run):
     _, out, report = mocan_run
     cert = json.loads((out / "certificate.json").read_text())

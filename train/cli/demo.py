@@ -28,6 +28,25 @@ def demo(
             "MoCAN-vs-PeCAN report in OUT/pecan/comparison.md. Reuses a finished MoCAN run in OUT.",
         ),
     ] = False,
+    refine: Annotated[
+        int,
+        typer.Option(
+            "--refine",
+            help="Then up to N correction rounds (`can refine`) on the finished run: calibration on the 48 selection "
+            "prompts, every round also measured on the 48 test prompts; the rounds table in OUT/refine/rounds.md.",
+        ),
+    ] = 0,
+    step: Annotated[
+        str, typer.Option(help="--refine: newton (the dual's Hessian, then secant) or caid (CAID's fixed step).")
+    ] = "newton",
+    eta: Annotated[float, typer.Option(help="--refine --step caid: the step size η.")] = 1.0,
+    start: Annotated[
+        str,
+        typer.Option(
+            help="--refine: each round's DPO from π_ref (reference) or continuing from the previous round's policy "
+            "(previous)."
+        ),
+    ] = "reference",
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
 
@@ -36,6 +55,7 @@ def demo(
     prompt) → one DPO epoch (top 8 blocks) → evaluation: predicted gains beside the aligned model's gains on the
     training samples and on 48 test prompts never used to choose these settings, with a text check (distinct-2,
     log π_ref per token) and the KL, in OUT/evaluation/evaluation.md (~15 min on 2 CPU cores).
+    With --refine N: then up to N correction rounds (see `can refine`), with the rounds table in OUT/refine/rounds.md.
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """
     if not synthetic:
@@ -45,11 +65,19 @@ def demo(
         from train.demo import DemoConfig, run_chain
 
         cfg = DemoConfig(seed=seed)
+        if refine < 0:
+            fail(f"--refine must be at least 0, got {refine}")
+        memo = {}  # the reference's samples on the test prompts, drawn once for the chain and the rounds
         try:
-            if pecan and (out / "evaluation" / "evaluation.json").exists():
+            if (pecan or refine) and (out / "evaluation" / "evaluation.json").exists():
                 typer.echo(f"reusing the finished MoCAN run in {out}")
             else:
-                print_evaluation(run_chain(cfg, out, say=typer.echo))
+                print_evaluation(run_chain(cfg, out, say=typer.echo, reference_memo=memo))
+            if refine:
+                from train.demo import run_refine
+
+                folder = run_refine(cfg, out, refine, step, eta, say=typer.echo, reference_memo=memo, start=start)
+                typer.echo(Path(folder["out"]).joinpath("rounds.md").read_text())
             if pecan:
                 from train.demo_pecan import run_pecan
 
