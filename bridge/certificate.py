@@ -408,6 +408,11 @@ class Certificate:
         return copy.deepcopy(self._body.get("round") or {"index": 0, "parent_sha256": None})
 
     @property
+    def dtype(self) -> str:
+        """The precision the dual was solved in ("float64" or "float32")."""
+        return self._body.get("dtype", "float64")
+
+    @property
     def round_index(self) -> int:
         """0 for a one-shot certificate, n for correction round n (`can refine`)."""
         return int(self.round.get("index") or 0)

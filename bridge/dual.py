@@ -272,8 +272,8 @@ def round_certificate(scores_path, parent: Certificate, lam, index: int, **recor
         texts[kind].append(f"{name}={float(b)!r}")
     pecan = parent.pecan
     cfg = DualConfig(scores=str(scores_path), reward=parent.reward, beta=parent.beta, constraint=texts["utility"],
-                     cost=texts["cost"], prompt_id=parent.prompt_id, float32=parent.to_dict().get("dtype") ==
-                     "float32", drop_bad_rows=parent.drops_bad_rows, pecan=pecan is not None,
+                     cost=texts["cost"], prompt_id=parent.prompt_id, float32=parent.dtype == "float32",
+                     drop_bad_rows=parent.drops_bad_rows, pecan=pecan is not None,
                      kl=(pecan or {}).get("reference", "token"))  # fmt: skip
     cert = run(cfg)
     if not cert.converged:

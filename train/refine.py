@@ -119,15 +119,12 @@ def chain_start(cfg: RefineConfig):
     if sha256_file(cfg.scores) != cert.scores_sha256:
         raise CanError(f"{cfg.scores} is not the scores table the certificate of {policy} was solved on "
                        f"(sha256 {str(cert.scores_sha256)[:12]}…): give that table")  # fmt: skip
-    run_json = policy.parent / "run.json"
-    if run_json.is_file():
-        try:
-            base = json.loads(run_json.read_text()).get("policy")
-        except (OSError, ValueError):
-            base = None
-        if base is not None and str(base) != str(cfg.reference):
-            raise CanError(f"{policy} was aligned from {base!r}, not from the reference {cfg.reference!r}: give "
-                           f"--reference {base}")  # fmt: skip
+    from train.run_record import recorded_policy
+
+    base = recorded_policy(policy.parent)
+    if base is not None and str(base) != str(cfg.reference):
+        raise CanError(f"{policy} was aligned from {base!r}, not from the reference {cfg.reference!r}: give "
+                       f"--reference {base}")  # fmt: skip
     return cert, str(policy)
 
 
@@ -191,6 +188,7 @@ def next_lambda(cfg: RefineConfig, history: list[tuple[np.ndarray, np.ndarray]],
 
 def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> dict:
     """Runs (or resumes) the correction rounds in cfg.out; returns the rounds report (OUT/rounds.json)."""
+    from can_jax.refine import stop_rule
     from train import dist
     from train.evaluate import check_scorers
     from train.prompts import ensure_dir
@@ -223,14 +221,12 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
         insample = _insample(cfg, policy, folder) if cfg.insample else None
         g = gains_of(cal, names, cfg.level)
         lam = np.array([cert.lam[x] for x in names], float)
-        from can_jax.refine import stop_rule
-
         stop, tol = stop_rule(g["gain"], g["half_width"], margins, lam > 0, cfg.floor)
         rows.append(_row(n, cert, cal, test, insample, g, tol, stop, names, time.perf_counter() - t0))
         rows[-1]["seconds_aligning"] = None if n == 0 else round(align_s, 1)
         history.append((lam, g["gain"]))
         if st.is_main_process:
-            write_rounds(out, rows, names, margins, cfg)
+            write_rounds(out, _report(rows, None, names, margins, out, cfg), cfg)
         say(_say_round(rows[-1], names))
         if stop:
             stopped = True
@@ -249,10 +245,9 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
         policy = _align(cfg, cert, policy, out / f"round-{n}", say)
         align_s = time.perf_counter() - t0
         say(f"round {n}: relabelled and aligned in {align_s:.0f} s → {policy}")
-    report = {"rounds": rows, "stopped": stopped, "names": names, "margins": margins.tolist(), "out": str(out),
-              "settings": json.loads(json.dumps(cfg.chain_settings(), default=str))}  # fmt: skip
+    report = _report(rows, stopped, names, margins, out, cfg)
     if st.is_main_process:
-        write_rounds(out, rows, names, margins, cfg, stopped=stopped)
+        write_rounds(out, report, cfg)
     st.wait_for_everyone()
     return report
 
@@ -395,11 +390,16 @@ def _say_round(row, names) -> str:
     return f"round {row['round']}: calibration gains " + "; ".join(parts)
 
 
-def write_rounds(out: Path, rows: list, names: list, margins, cfg: RefineConfig, stopped: bool | None = None) -> None:
+def _report(rows: list, stopped: bool | None, names: list, margins, out: Path, cfg: RefineConfig) -> dict:
+    """The rounds report (OUT/rounds.json; `stopped` None while the run is under way)."""
+    return {"rounds": rows, "stopped": stopped, "names": names, "margins": list(map(float, margins)), "out": str(out),
+            "settings": json.loads(json.dumps(cfg.chain_settings(), default=str))}  # fmt: skip
+
+
+def write_rounds(out: Path, report: dict, cfg: RefineConfig) -> None:
     """OUT/rounds.json, rounds.md and rounds.png (atomic writes)."""
     from bridge.files import atomic_write_text
 
-    report = {"rounds": rows, "stopped": stopped, "names": names, "margins": list(map(float, margins))}
     atomic_write_text(out / "rounds.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "rounds.md", rounds_markdown(report, cfg))
     plot_rounds(report, out / "rounds.png")

@@ -36,6 +36,16 @@ def run_record(preferences: Path, prefs, policy: str, args, **choices) -> dict:
             "policy": str(policy), "settings": {**settings, **choices}}  # fmt: skip
 
 
+def recorded_policy(out_dir: Path) -> str | None:
+    """The policy a run folder's `run.json` says it trained from (None without a readable record)."""
+    import json
+
+    try:
+        return json.loads((Path(out_dir) / RUN_RECORD).read_text()).get("policy")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def check_run_folder(out_dir: Path, record: dict, resume: bool, overwrite: bool) -> bool:
     """Whether to resume from OUT's checkpoints. Refuses to overwrite a finished run's policy or an unfinished run's
     checkpoints without `overwrite`, and `resume` onto checkpoints of another preference set, policy or settings."""

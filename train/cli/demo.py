@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from train.cli.app import app, fail, setup_jax
+from train.cli.options import EtaOpt, StartOpt, StepOpt
 
 
 @app.command()
@@ -36,17 +37,9 @@ def demo(
             "prompts, every round also measured on the 48 test prompts; the rounds table in OUT/refine/rounds.md.",
         ),
     ] = 0,
-    step: Annotated[
-        str, typer.Option(help="--refine: newton (the dual's Hessian, then secant) or caid (CAID's fixed step).")
-    ] = "newton",
-    eta: Annotated[float, typer.Option(help="--refine --step caid: the step size η.")] = 1.0,
-    start: Annotated[
-        str,
-        typer.Option(
-            help="--refine: each round's DPO from π_ref (reference) or continuing from the previous round's policy "
-            "(previous)."
-        ),
-    ] = "reference",
+    step: StepOpt = "newton",
+    eta: EtaOpt = 1.0,
+    start: StartOpt = "reference",
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
 

@@ -27,3 +27,20 @@ ScorerMaxLengthOpt = Annotated[
     Optional[int], typer.Option(help="Score-model token limit; longer texts keep their end (the response's end).")
 ]
 ScorerBatchOpt = Annotated[int, typer.Option(help="Texts per score-model batch.")]
+
+# The correction round's step and start (`can refine`, `can demo --refine`).
+StepOpt = Annotated[
+    str,
+    typer.Option(
+        help="newton: the dual's Hessian as the sensitivity of the gains to λ, secant-updated from round 2; caid: "
+        "CAID's fixed step λ ← [λ − η(a − b)]₊."
+    ),
+]
+EtaOpt = Annotated[float, typer.Option(help="--step caid: the step size η.")]
+StartOpt = Annotated[
+    str,
+    typer.Option(
+        help="reference: each round's DPO starts from π_ref; previous: it continues from the previous round's policy, "
+        "π_ref staying the DPO reference."
+    ),
+]

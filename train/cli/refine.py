@@ -9,7 +9,16 @@ import typer
 
 from train.cli.app import app, fail, is_main_process, setup_jax
 from train.cli.collect import DtypeOpt
-from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
+from train.cli.options import (
+    ChatTemplateOpt,
+    EtaOpt,
+    ScorerBatchOpt,
+    ScorerDtypeOpt,
+    ScorerMaxLengthOpt,
+    ScorerTemplateOpt,
+    StartOpt,
+    StepOpt,
+)
 from train.cli.train import BatchOpt, EpochsOpt, LrOpt, MaxLengthOpt
 
 
@@ -38,21 +47,9 @@ def refine_cmd(
         "can-refine"
     ),
     rounds: Annotated[int, typer.Option(help="Correction rounds at most (a rerun with more continues).")] = 2,
-    step: Annotated[
-        str,
-        typer.Option(
-            help="newton: the dual's Hessian as the sensitivity of the gains to λ, secant-updated from round 2; "
-            "caid: CAID's fixed step λ ← [λ − η(a − b)]₊."
-        ),
-    ] = "newton",
-    eta: Annotated[float, typer.Option(help="--step caid: the step size η.")] = 1.0,
-    start: Annotated[
-        str,
-        typer.Option(
-            help="reference: each round's DPO starts from π_ref; previous: it continues from the previous round's "
-            "policy, π_ref staying the DPO reference."
-        ),
-    ] = "reference",
+    step: StepOpt = "newton",
+    eta: EtaOpt = 1.0,
+    start: StartOpt = "reference",
     test_prompts: Annotated[
         Optional[Path],
         typer.Option(help="Held-out prompts measured every round for the table (never used to steer or stop)."),
