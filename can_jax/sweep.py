@@ -45,26 +45,46 @@ def margin_grid(base: jnp.ndarray, index: int, values: jnp.ndarray) -> jnp.ndarr
 sweep_jit = jax.jit(sweep, static_argnames=("max_iter", "block"))
 
 
-def solve_many(scores: Scores, margins, beta, tol=None, max_iter: int = 100, block=None) -> DualResult:
-    """Solves P independent problems at once (issue 22: many small solves, vmapped into one compiled call).
+def problems_per_step(n: int, k: int, m: int, backend: str | None = None) -> int:
+    """Problems vmapped together per step of `solve_many`'s scan: on CPU as many as make ~3 MB of scores (the size
+    `dual.auto_block` keeps in cache), at least 1; on GPU/TPU all of them (0 here means all)."""
+    backend = jax.default_backend() if backend is None else backend
+    if backend != "cpu":
+        return 0
+    return max(1, 393_216 // max(1, n * k * (m + 2)))
+
+
+def solve_many(
+    scores: Scores, margins, beta, tol=None, max_iter: int = 100, block=None, batch: int | str | None = "auto"
+) -> DualResult:
+    """Solves P independent problems in one compiled call (issue 22: many small solves at once).
 
     Args:
       scores: a `Scores` whose every array has a leading problem axis P ([P, N, K], [P, N, K, m], ...; build it by
         stacking same-shaped problems, padding ragged ones with masked responses and zero-weight prompts).
       margins: [P, m] or [m].  beta: scalar or [P].
       block: prompts per block (static); None (default) keeps each small problem in one block.
+      batch: problems vmapped together per step of a scan over the problems (static). "auto"
+        (`problems_per_step`): on CPU chunks of ~3 MB of scores, which stay in cache and stop iterating as soon as
+        their own problems have converged (a vmap over all P runs every problem until the slowest one ends, over
+        arrays far larger than the cache: measured 2x slower in benchmarks/dual_scale_bench.py); on GPU all P at
+        once. None: all P at once.
     Returns:
       A `DualResult` whose every field has a leading axis P.
     """
-    p, m = scores.reward.shape[0], scores.utility.shape[-1]
+    p, n, k, m = scores.utility.shape
     dtype = scores.reward.dtype
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (p, m))
     betas = jnp.broadcast_to(jnp.asarray(beta, dtype), (p,))
 
-    def one(sc, b, bt):
+    def one(args):
+        sc, b, bt = args
         return solve_dual(sc, b, bt, tol=tol, max_iter=max_iter, block=block, warm_start=False)
 
-    return jax.vmap(one)(scores, margins, betas)
+    size = problems_per_step(n, k, m) if batch == "auto" else batch
+    if not size or size >= p:
+        return jax.vmap(one)((scores, margins, betas))
+    return jax.lax.map(one, (scores, margins, betas), batch_size=int(size))
 
 
-solve_many_jit = jax.jit(solve_many, static_argnames=("max_iter", "block"))
+solve_many_jit = jax.jit(solve_many, static_argnames=("max_iter", "block", "batch"))

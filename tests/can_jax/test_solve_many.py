@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 
@@ -21,15 +22,17 @@ def scipy_lambda(r, g, b, beta):
     return minimize(f, np.zeros(len(b)), jac=True, bounds=[(0, None)] * len(b), method="L-BFGS-B", options=opts).x
 
 
-def test_batch_of_problems_matches_scipy_one_by_one():
+# "auto" vmaps all 5 small problems at once; 2 scans over chunks of 2 with a remainder of 1 (lax.map's batches).
+@pytest.mark.parametrize("batch", ["auto", 2])
+def test_batch_of_problems_matches_scipy_one_by_one(batch):
     keys = jax.random.split(jax.random.key(11), 5)
-    batch = jax.vmap(lambda k: synthetic_scores(k, 60, 8, 3))(keys)
+    problems = jax.vmap(lambda k: synthetic_scores(k, 60, 8, 3))(keys)
     margins = jnp.array([[0.3, 0.1, -1.0], [0.2, 0.2, 0.1], [0.0, 0.0, 0.0], [0.4, -1.0, 0.1], [0.1, 0.3, 0.2]])
     betas = jnp.array([1.0, 0.5, 2.0, 1.0, 0.7])
-    res = solve_many_jit(batch, margins, betas)
+    res = solve_many_jit(problems, margins, betas, batch=batch)
     assert res.x.shape == (5, 3) and bool(jnp.all(res.status == 0))
     for i in range(5):
         want = scipy_lambda(
-            np.asarray(batch.reward[i]), np.asarray(batch.utility[i]), np.asarray(margins[i]), float(betas[i])
+            np.asarray(problems.reward[i]), np.asarray(problems.utility[i]), np.asarray(margins[i]), float(betas[i])
         )
         np.testing.assert_allclose(res.x[i], want, atol=2e-6)
