@@ -12,6 +12,12 @@ if "CAN_CACHE_DIR" not in os.environ:
     os.environ["CAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="can-test-cache-")
     atexit.register(shutil.rmtree, os.environ["CAN_CACHE_DIR"], ignore_errors=True)
 
+# In this one long process the CLI's in-process runs would turn on JAX's persistent compilation cache for every
+# later test, and XLA crashed once (a segfault in LoadedExecutable.serialize, 95% into a full run) writing an
+# executable to it: the tests keep it off in process; the runs in processes of their own that test the cache take
+# this variable out.
+os.environ.setdefault("CAN_NO_CACHE", "1")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)

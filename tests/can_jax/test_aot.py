@@ -77,7 +77,9 @@ CHECKS = textwrap.dedent('''
 
 
 def _env(tmp_path, **extra):
-    return {**os.environ, "PYTHONPATH": str(ROOT), "CAN_CACHE_DIR": str(tmp_path / "cache"), **extra}
+    """The child's environment, with the CLI's compile cache on (the suite's own process keeps it off)."""
+    env = {k: v for k, v in os.environ.items() if k != "CAN_NO_CACHE"}
+    return {**env, "PYTHONPATH": str(ROOT), "CAN_CACHE_DIR": str(tmp_path / "cache"), **extra}
 
 
 def test_cached_programs_equal_the_jitted_call_and_scipy(tmp_path):

@@ -109,7 +109,8 @@ def test_sweep_writes_plot_and_json(scores_path, tmp_path):
 
 def test_end_to_end_process(scores_path, tmp_path):
     """A real process: exit codes and stderr as a shell user sees them."""
-    env = {**os.environ, "CAN_CACHE_DIR": str(tmp_path / "cache")}
+    env = {k: v for k, v in os.environ.items() if k != "CAN_NO_CACHE"}  # as a user runs it: the compile cache on
+    env["CAN_CACHE_DIR"] = str(tmp_path / "cache")
     cmd = [sys.executable, "-m", "train.cli", *_args(scores_path, "--json")]
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
@@ -132,8 +133,8 @@ def test_dual_on_two_devices_records_them_and_agrees(scores_path, tmp_path):
     a subprocess) and records them; λ*, the bias block and the predicted gains equal the 1-device run's to 1e-9."""
     certs = {}
     for n in (1, 2):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
-               "CAN_CACHE_DIR": str(tmp_path / "cache")}  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if k != "CAN_NO_CACHE"}  # this test checks the cache
+        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", CAN_CACHE_DIR=str(tmp_path / "cache"))
         out = tmp_path / f"cert{n}.json"
         proc = subprocess.run([sys.executable, "-m", "train.cli", *_args(scores_path, "--out", str(out))], env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -207,14 +207,14 @@ def fail(message, code: int = EXIT_USER_ERROR, json_out: bool = False, status: s
 
 
 def setup_jax(cache: bool = True):
-    """float64 on (DESIGN §2) and, unless `cache` is off, JAX's persistent compilation cache in the user's cache
-    directory ($CAN_CACHE_DIR, else ~/.cache/can/jax), before any array exists: a second run on a table of the
-    same shape compiles nothing."""
+    """float64 on (DESIGN §2) and, unless `cache` is off or CAN_NO_CACHE=1, JAX's persistent compilation cache in
+    the user's cache directory ($CAN_CACHE_DIR, else ~/.cache/can/jax), before any array exists: a second run on a
+    table of the same shape compiles nothing."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX may share a GPU with torch
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    if not cache:
+    if not cache or os.environ.get("CAN_NO_CACHE", "") not in ("", "0"):
         return
     path = Path(os.environ.get("CAN_CACHE_DIR", Path.home() / ".cache" / "can")) / "jax"
     try:

@@ -82,7 +82,8 @@ def dual(
     cache: Annotated[
         bool,
         typer.Option("--cache/--no-cache", help="JAX's persistent compilation cache (~/.cache/can/jax, or "
-                     "$CAN_CACHE_DIR): a second run on a table of the same shape compiles nothing."),
+                     "$CAN_CACHE_DIR): a second run on a table of the same shape compiles nothing. CAN_NO_CACHE=1 "
+                     "turns it off for every command."),
     ] = True,
     cost_at_most: CostAtMostOpt = None,
     at_least: AtLeastOpt = None,
