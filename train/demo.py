@@ -158,12 +158,12 @@ def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
 
 
 def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newton", eta: float = 1.0, say=print,
-               reference_memo: dict | None = None, start: str = "reference") -> dict:  # fmt: skip
+               reference_memo: dict | None = None, start: str = "reference", secant: bool = True) -> dict:  # fmt: skip
     """`can demo --refine N`: correction rounds (`train.refine`) on the demo's finished run in OUT, into OUT/refine
-    (…-caid-η with --step caid, …-previous with --start previous). Calibration: the 48 selection prompts
-    (`SELECTION_PROMPTS`: they chose the demo's settings and never judge it); every round is also measured on the 48
-    test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the same policy,
-    prompts, samples and seed)."""
+    (…-caid-η with --step caid, …-no-secant with --no-secant, …-previous with --start previous). Calibration: the 48
+    selection prompts (`SELECTION_PROMPTS`: they chose the demo's settings and never judge it); every round is also
+    measured on the 48 test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the
+    same policy, prompts, samples and seed)."""
     import shutil
 
     from bridge.files import atomic_write_text
@@ -171,8 +171,8 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
     from train.refine import RefineConfig, refine
 
     out = Path(out)
-    folder = out / ("refine" + ("" if step == "newton" else f"-caid-{eta:g}") + ("" if start == "reference" else
-                                                                                  f"-{start}"))  # fmt: skip
+    name = "refine" + (f"-caid-{eta:g}" if step == "caid" else "" if secant else "-no-secant")
+    folder = out / (name + ("" if start == "reference" else f"-{start}"))
     evaluation = out / "evaluation" / "evaluation.json"
     round0 = folder / "round-0"
     if evaluation.is_file() and not (round0 / "test" / "evaluation.json").exists():
@@ -183,7 +183,8 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
             atomic_write_text(round0 / "insample.json", json.dumps({r["name"]: r["insample_gain"] for r in rows}))
     rcfg = RefineConfig(policy=str(out / "run" / "policy"), scores=str(out / "scores.parquet"),
                         prompts=list(SELECTION_PROMPTS), scorers=list(cfg.scorers), out=str(folder),
-                        reference=cfg.policy, rounds=rounds, step=step, eta=eta, start=start, k=cfg.eval_k,
+                        reference=cfg.policy, rounds=rounds, step=step, eta=eta, secant=secant, start=start,
+                        k=cfg.eval_k,
                         max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size, seed=cfg.seed + 3,
                         test_prompts=list(cfg.eval_prompts), test_k=cfg.eval_k, test_seed=cfg.seed + 1, mode=cfg.mode,
                         pairs_per_prompt=cfg.pairs_per_prompt, label_seed=cfg.seed,

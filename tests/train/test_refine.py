@@ -198,6 +198,15 @@ def test_refine_refuses_another_chain(chain, tmp_path):
     (tmp_path / "r" / "refine.json").write_text(json.dumps({"root_sha256": "0" * 64, "policy": "x"}))
     assert "another chain" in run(base)
     assert not list(Path(tmp_path / "r").glob("round-*"))
+    # This chain's rounds made with the secant step, continued with --no-secant: its steps would differ.
+    from bridge.certificate import read_beside
+    from train.refine import RefineConfig
+
+    rec = {"root_sha256": read_beside(folder / "run" / "policy").sha256, "policy": str(folder / "run" / "policy"),
+           "settings": RefineConfig(**{"policy": "", "scores": "", "prompts": [], "scorers": []}).chain_settings()}
+    (tmp_path / "r" / "refine.json").write_text(json.dumps(rec, default=str))
+    assert "secant False here, True there" in run([*base, "--no-secant"])
+    assert not list(Path(tmp_path / "r").glob("round-*"))
 
 
 def test_demo_refine_reuses_the_demo_evaluation_as_round_0(mocan_run):

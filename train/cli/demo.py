@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from train.cli.app import app, fail, setup_jax
-from train.cli.options import EtaOpt, StartOpt, StepOpt
+from train.cli.options import EtaOpt, SecantOpt, StartOpt, StepOpt
 
 
 @app.command()
@@ -39,6 +39,7 @@ def demo(
     ] = 0,
     step: StepOpt = "newton",
     eta: EtaOpt = 1.0,
+    secant: SecantOpt = True,
     start: StartOpt = "reference",
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
@@ -69,7 +70,8 @@ def demo(
             if refine:
                 from train.demo import run_refine
 
-                folder = run_refine(cfg, out, refine, step, eta, say=typer.echo, reference_memo=memo, start=start)
+                folder = run_refine(cfg, out, refine, step, eta, say=typer.echo, reference_memo=memo, start=start,
+                                    secant=secant)
                 typer.echo(Path(folder["out"]).joinpath("rounds.md").read_text())
             if pecan:
                 from train.demo_pecan import run_pecan

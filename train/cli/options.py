@@ -37,6 +37,14 @@ StepOpt = Annotated[
     ),
 ]
 EtaOpt = Annotated[float, typer.Option(help="--step caid: the step size η.")]
+SecantOpt = Annotated[
+    bool,
+    typer.Option(
+        "--secant/--no-secant",
+        help="--step newton: from round 2 on, correct the sensitivity by the secant of the last two rounds "
+        "(BFGS); --no-secant keeps round 0's Hessian (a chord step).",
+    ),
+]
 StartOpt = Annotated[
     str,
     typer.Option(

@@ -16,6 +16,7 @@ from train.cli.options import (
     ScorerDtypeOpt,
     ScorerMaxLengthOpt,
     ScorerTemplateOpt,
+    SecantOpt,
     StartOpt,
     StepOpt,
 )
@@ -49,6 +50,7 @@ def refine_cmd(
     rounds: Annotated[int, typer.Option(help="Correction rounds at most (a rerun with more continues).")] = 2,
     step: StepOpt = "newton",
     eta: EtaOpt = 1.0,
+    secant: SecantOpt = True,
     start: StartOpt = "reference",
     test_prompts: Annotated[
         Optional[Path],
@@ -110,7 +112,8 @@ def refine_cmd(
         check_sampling(k, max_new_tokens, 64, "--k")
         cfg = RefineConfig(policy=policy, scores=str(scores), prompts=read_prompts(prompts), scorers=list(scorer),
                            out=str(out), reference=reference, certificate=None if certificate is None else
-                           str(certificate), rounds=rounds, step=step, eta=eta, start=start, floor=floor,
+                           str(certificate), rounds=rounds, step=step, eta=eta, secant=secant, start=start,
+                           floor=floor,
                            level=level, k=k, max_new_tokens=max_new_tokens, seed=seed,
                            test_prompts=None if test_prompts is None else read_prompts(test_prompts), test_k=k,
                            mode=mode, pairs_per_prompt=pairs_per_prompt, label_seed=label_seed,
