@@ -3,6 +3,9 @@ reachability of the margins, the recession slope that certifies infeasibility, a
 
 from __future__ import annotations
 
+from functools import partial
+
+import jax
 import jax.numpy as jnp
 
 from can_jax.dual import block_sum, masked, pass_units, reference_utility, shift_block
@@ -40,6 +43,7 @@ def _max_and_mean(block: Scores, u: jnp.ndarray, centre: bool = False):
     return top, reference_utility(block) @ u
 
 
+@partial(jax.jit, static_argnames=("centre",))
 def edge_gains(blocks: Scores, u: jnp.ndarray, centre: bool = False) -> jnp.ndarray:
     """mean_i [max_k uᵀg_ik − mean_k uᵀg_ik] for each column of u [m, q]: [q].
 
@@ -59,6 +63,7 @@ def edge_gains(blocks: Scores, u: jnp.ndarray, centre: bool = False) -> jnp.ndar
     return gain / tot
 
 
+@partial(jax.jit, static_argnames=("centre",))
 def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray, centre: bool = False) -> jnp.ndarray:
     """lim_{t→∞} D̂(t·u)/t along u = λ/|λ|₂: mean_i max_k uᵀg_ik − uᵀ(ḡ + b).
 
@@ -70,6 +75,7 @@ def recession_slope(blocks: Scores, lam: jnp.ndarray, margins: jnp.ndarray, cent
     return edge_gains(blocks, u[:, None], centre)[0] - u @ margins
 
 
+@partial(jax.jit, static_argnames=("centre",))
 def predicted_outcome(lam: jnp.ndarray, blocks: Scores, beta, centre: bool = False) -> Predicted:
     """Reward gain, utility gains, KL(π_λ‖π_ref) and effective sample fraction of π_λ on the samples (`centre`:
     each prompt shifted inside the pass, see `dual.shift_block`; blocks are cast to λ's precision)."""

@@ -15,6 +15,7 @@ einsum over all N·K rows (benchmarks/dual_bench.py measures this); on GPU one b
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -407,6 +408,7 @@ def to_blocks(scores: Scores, block: int | None | str = "auto", devices: int = 1
     return place(jax.tree.map(lambda x: x.reshape((devices, -1, b) + x.shape[1:]), padded), devices)
 
 
+@partial(jax.jit, static_argnames=("order", "block"))
 def dual_pass(lam, scores: Scores, margins, beta, order: int = 2, block: int | None | str = "auto") -> DualEval:
     """D̂(λ), ∇D̂(λ) and ∇²D̂(λ) in one fused pass over the data.
 
@@ -418,16 +420,19 @@ def dual_pass(lam, scores: Scores, margins, beta, order: int = 2, block: int | N
     return pass_blocks(lam, to_blocks(scores, block), margins, beta, order)
 
 
+@partial(jax.jit, static_argnames=("block",))
 def dual_value(lam, scores: Scores, margins, beta, block: int | None | str = "auto") -> jnp.ndarray:
     """D̂(λ): scalar. See `dual_pass`."""
     return dual_pass(lam, scores, margins, beta, 0, block).value
 
 
+@partial(jax.jit, static_argnames=("block",))
 def dual_grad(lam, scores: Scores, margins, beta, block: int | None | str = "auto") -> jnp.ndarray:
     """∇D̂(λ): [m], the predicted improvement of π_λ minus the margin."""
     return dual_pass(lam, scores, margins, beta, 1, block).grad
 
 
+@partial(jax.jit, static_argnames=("block",))
 def dual_hessian(lam, scores: Scores, margins, beta, block: int | None | str = "auto") -> jnp.ndarray:
     """∇²D̂(λ): [m, m], (1/(βN)) Σ_i Cov_{w_i}(g_i), positive semi-definite."""
     return dual_pass(lam, scores, margins, beta, 2, block).hess

@@ -3,6 +3,7 @@ bootstrap that re-solves under multinomial prompt weights with vmap."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -20,6 +21,7 @@ from can_jax.solve import solve_dual
 SINGULAR = 1e-10
 
 
+@partial(jax.jit, static_argnames=("block", "devices"))
 def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", devices: int = 1) -> jnp.ndarray:
     """Cov(λ̂*) ≈ H⁻¹ Σ H⁻¹ / N on the active set (λ_j > 0), zero elsewhere. [m, m].
 
@@ -55,6 +57,7 @@ def _defined(result, scores: Scores) -> jnp.ndarray:
     return free & ok
 
 
+@partial(jax.jit, static_argnames=("block", "devices"))
 def standard_errors(result, scores: Scores, margins, beta, block="auto", devices: int = 1) -> jnp.ndarray:
     """Sandwich standard errors of λ* [m]. NaN where undefined: a constraint at the boundary λ_j = 0, a singular
     Hessian on the active set, fewer than two prompts, or an unconverged solve (`standard_error_notes` says which)."""

@@ -18,6 +18,7 @@ judged with simultaneous (Bonferroni) intervals over the m constraints.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -32,6 +33,7 @@ def _quadratic(lam, lam0, grad0, jac):
     return grad0 @ d + 0.5 * d @ jac @ d
 
 
+@partial(jax.jit, static_argnames=("iters",))
 def box_qp(jac: jnp.ndarray, grad0: jnp.ndarray, lam0: jnp.ndarray, iters: int | None = None) -> jnp.ndarray:
     """argmin_{λ ≥ 0} grad0ᵀ(λ − λ0) + ½(λ − λ0)ᵀ jac (λ − λ0): [m], for jac [m, m] symmetric positive definite.
 
@@ -139,6 +141,7 @@ def on_target(gain: jnp.ndarray, margins: jnp.ndarray, active: jnp.ndarray, inte
     return jnp.all(jnp.where(active, close, met))
 
 
+@jax.jit
 def sensitivity(lam: jnp.ndarray, scores, beta) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(p, H) of π_λ on a scores table: its predicted utility gains [m] and their derivative ∂p/∂λ = ∇²D̂(λ)
     [m, m] (one centred pass of the dual; the margins do not enter either)."""

@@ -23,6 +23,7 @@ of λ itself), so a solve limited by the bits of its input still ends, CONVERGED
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -249,6 +250,25 @@ def solve_dual(
       (β ≤ 0 or not finite, NaN margins) raise `InvalidArgumentError`; traced ones (under jit/vmap) give INVALID.
     """
     _check_arguments(margins, beta, tol, max_iter)
+    return solve_dual_jit(scores, margins, beta, lam0, tol, max_iter, block, warm_start, dtype, devices)
+
+
+@partial(jax.jit, static_argnames=("max_iter", "block", "warm_start", "dtype", "devices"))
+def solve_dual_jit(
+    scores: Scores,
+    margins: jnp.ndarray,
+    beta,
+    lam0: jnp.ndarray | None = None,
+    tol: float | None = None,
+    max_iter: int = 100,
+    block: int | None | str = "auto",
+    warm_start: bool = True,
+    dtype=None,
+    devices: int | None = 1,
+) -> DualResult:
+    """`solve_dual` compiled (once per shape and static arguments): every argument is traced here, so bad values
+    give Status.INVALID instead of an error, as under any jit or vmap."""
+    _check_arguments(margins, beta, tol, max_iter)
     dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
     m = scores.utility.shape[-1]
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
@@ -303,9 +323,6 @@ def solve_dual(
         # Gathered by the pass at λ (the loop's last accepted evaluation): ∇D̂ + b is the utility gain.
         predicted=Predicted(st.ev.reward_gain, st.ev.grad + margins, st.ev.kl, st.ev.ess),
     )
-
-
-solve_dual_jit = jax.jit(solve_dual, static_argnames=("max_iter", "block", "warm_start", "dtype", "devices"))
 
 
 def _kkt_at(scores: Scores, margins, beta, lam, tol=None, dtype=None):

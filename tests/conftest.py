@@ -26,6 +26,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Each program XLA compiles for the CPU keeps ~3 memory mappings until its cache entry goes; one process running
+    the whole suite compiled enough programs to reach Linux's vm.max_map_count (65,530 mappings) near its end, and
+    XLA then segfaulted in its next compile (CI, twice). Dropping JAX's caches after every module keeps the count at
+    a module's own."""
+    yield
+    jax.clear_caches()
+
+
 def make_groups(seed: int, n: int, k_max: int, m: int, k_min: int = 2, rho: float = -0.5, offset: float = 20.0):
     """A ragged problem as plain lists: [(r_i [K_i], G_i [K_i, m])], reward trading off against utilities."""
     rng = np.random.default_rng(seed)

@@ -1,0 +1,131 @@
+"""A second call on data of the same shapes compiles nothing, for every public numerical function and the CLI's
+JAX stages run twice in one process.
+
+Why it matters beyond speed: each program XLA compiles for the CPU keeps memory mappings until its cache entry goes.
+Public functions that ran their loops outside `jit` built a new closure, hence a new program, on every call
+(solve_dual compiled 3 programs, ~0.6 s and ~450 mappings per call): a process calling them in a loop — a notebook,
+a sweep, this suite — reached Linux's vm.max_map_count (65,530) and XLA segfaulted in its next compile.
+Compilations are counted with jax.monitoring's backend-compile event, JAX's own record of each XLA compile.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import groups_to_scores, make_groups
+
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+class Compiles:
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, *args, **kwargs):
+        if event == BACKEND_COMPILE:
+            self.count += 1
+
+
+@pytest.fixture
+def compiles():
+    counter = Compiles()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    yield counter
+    jax.monitoring.unregister_event_duration_listener(counter)
+
+
+def _same_shapes(seed: int):
+    sc = groups_to_scores(make_groups(seed, 120, 6, 3, k_min=6))  # every prompt has 6 responses: same shapes
+    assert sc.reward.shape == (120, 6)
+    return sc
+
+
+def _cases():
+    from can_jax import bias, certify, dual, inference, refine, solve
+    from can_jax.dual import to_blocks
+    from can_jax.sweep import solve_many, sweep
+
+    b = jnp.array([0.1, 0.2, 0.05])
+    lam = jnp.array([0.3, 0.0, 0.7])
+    hess = jnp.eye(3)
+
+    def float32(s):
+        return jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x, s)
+
+    def solved(s):
+        return solve.solve_dual(s, b, 1.0)
+
+    return {
+        "solve_dual": solved,
+        "solve_dual float32 scores in float64": lambda s: solve.solve_dual(float32(s), b, 1.0, dtype=jnp.float64),
+        "dual_pass": lambda s: dual.dual_pass(lam, s, b, 1.0),
+        "dual_value": lambda s: dual.dual_value(lam, s, b, 1.0),
+        "dual_grad": lambda s: dual.dual_grad(lam, s, b, 1.0),
+        "dual_hessian": lambda s: dual.dual_hessian(lam, s, b, 1.0),
+        "predicted_outcome": lambda s: certify.predicted_outcome(lam, to_blocks(s), 1.0),
+        "recession_slope": lambda s: certify.recession_slope(to_blocks(s), lam, b, centre=True),
+        "edge_gains": lambda s: certify.edge_gains(to_blocks(s), jnp.eye(3)),
+        "sensitivity": lambda s: refine.sensitivity(lam, s, 1.0),
+        "refine_step": lambda s: refine.refine_step(refine.refine_init(lam, hess), lam * s.reward[0, :3], b),
+        "finite_k_bias": lambda s: bias.finite_k_bias(lam, s, b, 1.0),
+        "standard_errors": lambda s: inference.standard_errors(solved(s), s, b, 1.0),
+        "bootstrap": lambda s: inference.bootstrap(jax.random.key(0), s, b, 1.0, n_boot=3),
+        "sweep": lambda s: sweep(s, jnp.stack([b, 2 * b]), 1.0),
+        "solve_many": lambda s: solve_many(jax.tree.map(lambda x: jnp.stack([x, x]), s), b, 1.0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_a_second_call_compiles_nothing(name, compiles):
+    fn = _cases()[name]  # fresh closures each time, as a user's loop makes them
+    first = jax.block_until_ready(fn(_same_shapes(0)))
+    before = compiles.count
+    second = jax.block_until_ready(fn(_same_shapes(1)))
+    assert compiles.count == before, f"{name}: {compiles.count - before} XLA compilation(s) on the second call"
+    # The second call computed on its own data (not a cached answer).
+    leaves = [np.asarray(x) for x in jax.tree.leaves(first) if np.issubdtype(np.asarray(x).dtype, np.floating)]
+    again = [np.asarray(x) for x in jax.tree.leaves(second) if np.issubdtype(np.asarray(x).dtype, np.floating)]
+    if name != "refine_step":  # depends on the data through one row only
+        assert any(not np.allclose(a, c, equal_nan=True) for a, c in zip(leaves, again))
+
+
+def _table(path, seed):
+    rows = []
+    for i, (r, g) in enumerate(make_groups(seed, 80, 6, 2, k_min=6)):
+        for k in range(len(r)):
+            rows.append({"pid": i, "prompt": f"prompt {i}", "response": f"response {k}", "helpful": r[k],
+                         "safe": g[k, 0], "toxic": -g[k, 1]})  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def test_cli_stages_twice_in_one_process_compile_once(tmp_path, compiles):
+    """`can dual` (bias and standard errors on), `can sweep`, `can stability` and `can label` on a second table of
+    the same shape, in the same process, with the persistent compile cache off (the suite's CAN_NO_CACHE)."""
+    from typer.testing import CliRunner
+
+    from train.cli import app
+
+    runner = CliRunner()
+
+    def stages(tag, seed):
+        table, cert = tmp_path / f"{tag}.parquet", tmp_path / f"{tag}.json"
+        _table(table, seed)
+        common = ["--reward", "helpful", "--prompt-id", "pid", "--constraint", "safe=0.2", "--cost", "toxic=0.1",
+                  "--beta", "0.5"]  # fmt: skip
+        for args in (["dual", table, *common, "--out", cert],
+                     ["sweep", table, *common, "--vary", "safe", "--values", "0.1,0.2,0.3", "--no-plot"],
+                     ["label", table, cert, "-o", tmp_path / f"{tag}-prefs.parquet"]):  # fmt: skip
+            res = runner.invoke(app, [str(a) for a in args])
+            assert res.exit_code == 0, (args[0], res.output)
+        return json.loads(cert.read_text())
+
+    first = stages("a", 0)
+    before = compiles.count
+    second = stages("b", 1)
+    assert compiles.count == before, f"{compiles.count - before} XLA compilation(s) on the second run"
+    assert first["lambda"] != second["lambda"]
