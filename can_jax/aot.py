@@ -5,10 +5,11 @@ persistent compilation cache skips XLA's compilation). Tracing the solve with it
 still costs what lowering did. (Keeping the compiled executable instead, `jax.experimental.serialize_executable`,
 would skip that too, but its executables crashed the process on first use here with jax 0.10.2 on CPU.)
 
-**Off unless `CAN_EXPORT_CACHE=1`.** Short `can dual` processes ran with it dozens of times, but in a long-lived
-process (the test suite: thousands of compilations with the persistent cache on) it was followed by segfaults
-inside XLA's executable (de)serialization of the persistent cache, three full runs out of three (jax/jaxlib
-0.10.2, CPU); with it off the same suite passes. Until that is understood it stays opt-in.
+**On wherever the persistent cache is on; `CAN_EXPORT_CACHE=0` turns it off alone.** It was opt-in for a while:
+long pytest processes with it on segfaulted inside XLA. The cause was not this cache: the process had run out of
+memory mappings (`vm.max_map_count`), because loops in `can_jax` recompiled on every call. Since they compile
+once, a full test run with both caches on in process peaked at 7,159 mappings. Within a process an entry is read
+once and the same `Exported` object is called again, so JAX compiles it once.
 
 The cache lives beside JAX's persistent compilation cache (`<jax_compilation_cache_dir>/exports`) and is used only
 where that cache is on (the CLI turns it on; `--no-cache` turns both off). An entry is keyed by the function, the
@@ -30,13 +31,14 @@ import jax
 import numpy as np
 
 FORMAT = 1  # bump when the entry layout changes
+_LOADED: dict[Path, tuple] = {}  # entries read or made in this process, by path
 
 
 def cache_dir() -> Path | None:
     """Where exported programs are kept: `exports/` in JAX's persistent compilation cache directory, or None when
     that cache is off."""
     base = jax.config.jax_compilation_cache_dir
-    if not base or os.environ.get("CAN_EXPORT_CACHE", "0") != "1":
+    if not base or os.environ.get("CAN_EXPORT_CACHE", "1") == "0":
         return None
     return Path(base) / "exports"
 
@@ -114,7 +116,7 @@ def call(name: str, fn, *args, static: dict | None = None, **kwargs):
         return fn(*args, **kwargs, **static)
     leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in leaves]
     path = where / f"{name}-{_key(name, tree, leaves, static)}.jaxexport"
-    entry = _read(path)
+    entry = _LOADED.get(path) or _read(path)
     if entry is None:
         try:
             entry = _export(fn, tree, leaves, static)
@@ -124,6 +126,7 @@ def call(name: str, fn, *args, static: dict | None = None, **kwargs):
             _write(path, pickle.dumps({"out_tree": entry[0], "exported": bytes(entry[1].serialize())}))
         except Exception:  # noqa: BLE001 — a read-only or full cache only costs the tracing next time
             pass
+    _LOADED[path] = entry  # the same Exported object on the next call: JAX compiles it once per process
     out_tree, exported = entry
     return jax.tree.unflatten(out_tree, exported.call(*leaves))
 

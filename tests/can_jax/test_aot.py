@@ -1,7 +1,7 @@
-"""The export cache of the dual's programs (can_jax/aot.py, opt-in with CAN_EXPORT_CACHE=1): same answers as the
-jitted call, entries keyed by shape, damaged entries replaced, tracers and a missing cache bypass it, and a second
-`can dual` process that traces nothing. Everything runs in child processes: the suite's own process never
-compiles exported programs into a persistent cache (see the module's note on the segfaults that followed)."""
+"""The export cache of the dual's programs (can_jax/aot.py, on with the persistent cache, off with
+CAN_EXPORT_CACHE=0): same answers as the jitted call, entries keyed by shape, damaged entries replaced, tracers and
+a missing cache bypass it, and a second `can dual` process that traces nothing. These run in child processes: the
+suite's own process keeps the persistent caches off (tests/conftest.py)."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,6 +62,7 @@ CHECKS = textwrap.dedent('''
     assert len(entries()) == 3
     for path in entries():
         path.write_bytes(b"not an export")
+    aot._LOADED.clear()  # as a new process finds them
     redo = aot.call("solve_with_errors", solve_with_errors, a, jnp.asarray(M), 1.0, static=STATIC)
     np.testing.assert_array_equal(np.asarray(redo[0].x), np.asarray(out_a[0].x))
     np.testing.assert_array_equal(np.asarray(redo[1]), np.asarray(out_a[1]))
@@ -88,12 +90,15 @@ def test_cached_programs_equal_the_jitted_call_and_scipy(tmp_path):
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-3000:]
 
 
-def test_off_by_default(tmp_path):
-    code = ("import jax; jax.config.update('jax_compilation_cache_dir', '/tmp'); from can_jax import aot; "
-            "print(aot.cache_dir())")  # fmt: skip
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+def test_on_with_the_persistent_cache_off_with_0(tmp_path, value, on):
+    code = ("import jax; from can_jax import aot; print(aot.cache_dir()); "
+            f"jax.config.update('jax_compilation_cache_dir', {str(tmp_path)!r}); print(aot.cache_dir())")  # fmt: skip
     env = {k: v for k, v in _env(tmp_path).items() if k != "CAN_EXPORT_CACHE"}
+    if value is not None:
+        env["CAN_EXPORT_CACHE"] = value
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert res.stdout.strip() == "None", res.stderr[-2000:]
+    assert res.stdout.split() == ["None", str(tmp_path / "exports") if on else "None"], res.stderr[-2000:]
 
 
 def test_a_second_can_dual_process_traces_no_solve(tmp_path):

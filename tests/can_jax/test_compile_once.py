@@ -9,6 +9,10 @@ Compilations are counted with jax.monitoring's backend-compile event, JAX's own 
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,7 @@ import pytest
 
 from tests.conftest import groups_to_scores, make_groups
 
+ROOT = Path(__file__).resolve().parents[2]
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
@@ -103,29 +108,58 @@ def _table(path, seed):
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def test_cli_stages_twice_in_one_process_compile_once(tmp_path, compiles):
-    """`can dual` (bias and standard errors on), `can sweep`, `can stability` and `can label` on a second table of
-    the same shape, in the same process, with the persistent compile cache off (the suite's CAN_NO_CACHE)."""
+def cli_twice(tmp) -> tuple[int, dict, dict]:
+    """`can dual` (bias and standard errors on), `can sweep` and `can label` on two tables of the same shape in this
+    process: the XLA compilations of the second round, and both certificates."""
     from typer.testing import CliRunner
 
     from train.cli import app
 
-    runner = CliRunner()
+    runner, tmp, counter = CliRunner(), Path(tmp), Compiles()
 
     def stages(tag, seed):
-        table, cert = tmp_path / f"{tag}.parquet", tmp_path / f"{tag}.json"
+        table, cert = tmp / f"{tag}.parquet", tmp / f"{tag}.json"
         _table(table, seed)
         common = ["--reward", "helpful", "--prompt-id", "pid", "--constraint", "safe=0.2", "--cost", "toxic=0.1",
                   "--beta", "0.5"]  # fmt: skip
         for args in (["dual", table, *common, "--out", cert],
                      ["sweep", table, *common, "--vary", "safe", "--values", "0.1,0.2,0.3", "--no-plot"],
-                     ["label", table, cert, "-o", tmp_path / f"{tag}-prefs.parquet"]):  # fmt: skip
+                     ["label", table, cert, "-o", tmp / f"{tag}-prefs.parquet"]):  # fmt: skip
             res = runner.invoke(app, [str(a) for a in args])
             assert res.exit_code == 0, (args[0], res.output)
         return json.loads(cert.read_text())
 
-    first = stages("a", 0)
-    before = compiles.count
-    second = stages("b", 1)
-    assert compiles.count == before, f"{compiles.count - before} XLA compilation(s) on the second run"
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    try:
+        first = stages("a", 0)
+        before = counter.count
+        second = stages("b", 1)
+        return counter.count - before, first, second
+    finally:
+        jax.monitoring.unregister_event_duration_listener(counter)
+
+
+def test_cli_stages_twice_in_one_process_compile_once(tmp_path):
+    """In the suite's process, with the persistent compile cache off (the suite's CAN_NO_CACHE)."""
+    n, first, second = cli_twice(tmp_path)
+    assert n == 0, f"{n} XLA compilation(s) on the second run"
     assert first["lambda"] != second["lambda"]
+
+
+def test_cli_stages_twice_with_the_caches_on_compile_once(tmp_path):
+    """As a user's process runs them: the persistent compile cache and the export cache on (a child process, so
+    that the suite's own process keeps them off)."""
+    env = {k: v for k, v in os.environ.items() if k != "CAN_EXPORT_CACHE"}  # (tests/conftest.py keeps 0 as it is)
+    env.update(CAN_NO_CACHE="0", CAN_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
+    code = (
+        "import json, sys, jax; jax.config.update('jax_enable_x64', True); "
+        "from tests.can_jax.test_compile_once import cli_twice; "
+        "n, a, b = cli_twice(sys.argv[1]); print(json.dumps([n, a['lambda'], b['lambda']]))"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    n, lam_a, lam_b = json.loads(res.stdout.strip().splitlines()[-1])
+    assert n == 0, f"{n} XLA compilation(s) on the second run"
+    assert lam_a != lam_b
+    assert any((tmp_path / "cache" / "jax" / "exports").glob("*.jaxexport")), "the export cache was not used"

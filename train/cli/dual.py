@@ -82,8 +82,9 @@ def dual(
     cache: Annotated[
         bool,
         typer.Option("--cache/--no-cache", help="JAX's persistent compilation cache (~/.cache/can/jax, or "
-                     "$CAN_CACHE_DIR): a second run on a table of the same shape compiles nothing. CAN_NO_CACHE=1 "
-                     "turns it off for every command."),
+                     "$CAN_CACHE_DIR), and the traced programs beside it: a second run on a table of the same shape "
+                     "traces and compiles nothing. CAN_NO_CACHE=1 turns it off for every command, CAN_EXPORT_CACHE=0 "
+                     "the traced programs alone."),
     ] = True,
     cost_at_most: CostAtMostOpt = None,
     at_least: AtLeastOpt = None,
