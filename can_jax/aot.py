@@ -8,8 +8,9 @@ would skip that too, but its executables crashed the process on first use here w
 **On wherever the persistent cache is on; `CAN_EXPORT_CACHE=0` turns it off alone.** It was opt-in for a while:
 long pytest processes with it on segfaulted inside XLA. The cause was not this cache: the process had run out of
 memory mappings (`vm.max_map_count`), because loops in `can_jax` recompiled on every call. Since they compile
-once, a full test run with both caches on in process peaked at 7,159 mappings. Within a process an entry is read
-once and the same `Exported` object is called again, so JAX compiles it once.
+once, a full test run with both caches on in its own process (`CAN_NO_CACHE=0 CAN_EXPORT_CACHE=1 python -m pytest`,
+2026-12-05) passed at 7,159 mappings at most. Within a process an entry is read once and the same `Exported`
+object is called again (the newest 32 are kept), so JAX compiles it once.
 
 The cache lives beside JAX's persistent compilation cache (`<jax_compilation_cache_dir>/exports`) and is used only
 where that cache is on (the CLI turns it on; `--no-cache` turns both off). An entry is keyed by the function, the
@@ -31,7 +32,8 @@ import jax
 import numpy as np
 
 FORMAT = 1  # bump when the entry layout changes
-_LOADED: dict[Path, tuple] = {}  # entries read or made in this process, by path
+_LOADED: dict[Path, tuple] = {}  # entries read or made in this process, by path (the newest LOADED_MAX)
+LOADED_MAX = 32
 
 
 def cache_dir() -> Path | None:
@@ -126,7 +128,10 @@ def call(name: str, fn, *args, static: dict | None = None, **kwargs):
             _write(path, pickle.dumps({"out_tree": entry[0], "exported": bytes(entry[1].serialize())}))
         except Exception:  # noqa: BLE001 — a read-only or full cache only costs the tracing next time
             pass
+    _LOADED.pop(path, None)
     _LOADED[path] = entry  # the same Exported object on the next call: JAX compiles it once per process
+    while len(_LOADED) > LOADED_MAX:
+        _LOADED.pop(next(iter(_LOADED)))
     out_tree, exported = entry
     return jax.tree.unflatten(out_tree, exported.call(*leaves))
 

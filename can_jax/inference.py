@@ -30,7 +30,7 @@ def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", 
     where the normal approximation does not hold; its rows are zero and `standard_errors` reports NaN. Blocks are
     computed in λ's precision (float32 scores upcast block by block) and sharded over `devices` local devices.
     """
-    blocks = to_blocks(scores, block, devices)
+    blocks = to_blocks(scores, block, device_count(devices))  # devices=None: all of them, as solve_dual
 
     def terms(block):
         t = prompt_terms(lam, cast(block, lam.dtype), margins, beta, 1)

@@ -32,7 +32,7 @@ MESSAGES = {
     "no further decrease of the dual is possible; centre or rescale the scores",
     Status.NONFINITE: "a non-finite value (NaN/inf) appeared in the dual; check the scores",
     Status.DIVERGED: "the multipliers grew without bound: the margins are at the edge of what the samples reach",
-    Status.INVALID: "invalid arguments: beta must be positive and finite, and the margins finite",
+    Status.INVALID: "invalid arguments: beta and tol must be positive and finite, and the margins finite",
     Status.RUNNING: "running",
 }
 

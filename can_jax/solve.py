@@ -181,7 +181,7 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, predict: bo
         lam0, blocks, margins, beta, 2, predict=predict, reach=True, centre=True, units=True, dtype=dtype
     )
     scale = _scale(units, margins)
-    valid = jnp.isfinite(beta) & (beta > 0) & jnp.all(jnp.isfinite(margins))
+    valid = jnp.isfinite(beta) & (beta > 0) & jnp.all(jnp.isfinite(margins)) & jnp.isfinite(tol) & (tol > 0)
     status0 = jnp.select(
         [~valid, ~jnp.isfinite(ev0.value), jnp.any(out_of_reach(margins, ev0.reach, scale)), converged(lam0, ev0)],
         [Status.INVALID, Status.NONFINITE, Status.INFEASIBLE, Status.CONVERGED],
@@ -266,8 +266,8 @@ def solve_dual_jit(
     dtype=None,
     devices: int | None = 1,
 ) -> DualResult:
-    """`solve_dual` compiled (once per shape and static arguments): every argument is traced here, so bad values
-    give Status.INVALID instead of an error, as under any jit or vmap."""
+    """`solve_dual` compiled (once per shape and static arguments). β, the margins and tol are traced here, so bad
+    values of them give Status.INVALID instead of an error, as under any jit or vmap; max_iter < 1 still raises."""
     _check_arguments(margins, beta, tol, max_iter)
     dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
     m = scores.utility.shape[-1]

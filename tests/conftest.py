@@ -13,9 +13,9 @@ if "CAN_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["CAN_CACHE_DIR"], ignore_errors=True)
 
 # In this one long process the CLI's in-process runs would turn on JAX's persistent compilation cache for every
-# later test, and XLA crashed once (a segfault in LoadedExecutable.serialize, 95% into a full run) writing an
-# executable to it: the tests keep it off in process; the runs in processes of their own that test the cache take
-# this variable out.
+# later test: the tests keep it off in process, so that each test compiles what it needs; the runs in processes of
+# their own that test the caches take this variable out. (The segfaults once seen with it on were the exhaustion
+# of memory mappings that _drop_compiled_programs and compiled loops in can_jax now prevent.)
 os.environ.setdefault("CAN_NO_CACHE", "1")
 
 import jax  # noqa: E402

@@ -10,6 +10,7 @@ constant — which the "mlp" and "linear" kinds can represent only approximately
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -136,11 +137,13 @@ def _fit(loss_fn, params, steps: int, lr: float, record=None):
     return params, hist
 
 
+@partial(jax.jit, static_argnames=("steps", "kind", "record"))
 def train_dpo(params, world: World, pairs: Pairs, beta, steps: int, lr: float = 0.05, kind="tabular", record=None):
     """DPO by full-batch Adam. `record(params)` (optional) is traced at every step (e.g. an exact outcome)."""
     return _fit(lambda p: dpo_loss(p, world, pairs, beta, kind), params, steps, lr, record)
 
 
+@partial(jax.jit, static_argnames=("steps", "kind", "record"))
 def train_lagrangian(params, world: World, lam, beta, steps: int, lr: float = 0.05, kind="tabular", record=None):
     """Maximises the exact Lagrangian at fixed λ (the reference policy stage: no preferences involved)."""
     return _fit(lambda p: -lagrangian(p, world, lam, beta, kind), params, steps, lr, record)

@@ -48,6 +48,7 @@ def _gain(world, beta, kind):
     return lambda params: evaluate_policy(world, policy_log_probs(params, world, kind), beta).utility_gain
 
 
+@partial(jax.jit, static_argnames=("steps", "delay", "kind"))
 def gda(
     world: World,
     beta,

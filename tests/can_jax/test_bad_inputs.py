@@ -147,6 +147,19 @@ def test_bad_beta_is_refused_at_the_boundary_and_a_status_under_jit(beta, small_
     assert _status(res) == Status.INVALID and "beta" in res.message
 
 
+@pytest.mark.parametrize("tol", [-1e-9, 0.0, np.nan])
+def test_bad_tol_is_refused_at_the_boundary_and_a_status_in_sweeps(tol, small_scores):
+    b = jnp.array([0.1, 0.1, -1.0])
+    with pytest.raises(CanError, match="tol"):
+        solve_dual(small_scores, b, 1.0, tol=tol)
+    res = solve_dual_jit(small_scores, b, 1.0, tol=tol)
+    assert _status(res) == Status.INVALID and "tol" in res.message
+    res = sweep_jit(small_scores, jnp.stack([b, b]), 1.0, tol=tol)
+    assert [Status(int(s)) for s in res.status] == [Status.INVALID] * 2
+    res = sweep_jit(small_scores, jnp.stack([b, b]), 1.0, tol=1e-9)
+    assert [Status(int(s)) for s in res.status] == [Status.CONVERGED] * 2
+
+
 def test_nan_margin_is_refused(small_scores):
     with pytest.raises(CanError, match="margin"):
         solve_dual(small_scores, jnp.array([np.nan, 0.1, -1.0]), 1.0)

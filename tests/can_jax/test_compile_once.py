@@ -85,6 +85,40 @@ def _cases():
     }
 
 
+def _sim_cases():
+    """The simulation lab's training loops (benchmarks call them per world and step size)."""
+    from can_jax.sim.policy import Pairs, init_policy, train_dpo, train_lagrangian
+    from can_jax.sim.primal_dual import gda
+    from can_jax.sim.worlds import make_world, tilted_policy
+
+    def world(seed):
+        return make_world(jax.random.key(seed), 20, 5, 2)
+
+    def pairs(w):
+        prompt = jnp.repeat(jnp.arange(20), 2)
+        target = jax.nn.sigmoid(w.reward[prompt, 0] - w.reward[prompt, 1])
+        return Pairs(prompt, jnp.zeros(40, int), jnp.ones(40, int), target)
+
+    lam = jnp.array([0.5, 0.2])
+    return {
+        "train_dpo": lambda seed: train_dpo(init_policy(jax.random.key(1), world(seed)), world(seed),
+                                            pairs(world(seed)), 1.0, 20, 0.05),
+        "train_lagrangian": lambda seed: train_lagrangian(init_policy(jax.random.key(1), world(seed)), world(seed),
+                                                          lam, 1.0, 20, 0.05),
+        "gda": lambda seed: gda(world(seed), 1.0, tilted_policy(world(seed), lam, 1.0), 20, lr_lambda=0.1),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(_sim_cases()))
+def test_a_second_training_loop_compiles_nothing(name, compiles):
+    fn = _sim_cases()[name]
+    first = jax.block_until_ready(fn(0))
+    before = compiles.count
+    second = jax.block_until_ready(fn(1))
+    assert compiles.count == before, f"{name}: {compiles.count - before} XLA compilation(s) on the second call"
+    assert not np.allclose(np.asarray(jax.tree.leaves(first)[-1]), np.asarray(jax.tree.leaves(second)[-1]))
+
+
 @pytest.mark.parametrize("name", list(_cases()))
 def test_a_second_call_compiles_nothing(name, compiles):
     fn = _cases()[name]  # fresh closures each time, as a user's loop makes them
@@ -149,7 +183,7 @@ def test_cli_stages_twice_in_one_process_compile_once(tmp_path):
 def test_cli_stages_twice_with_the_caches_on_compile_once(tmp_path):
     """As a user's process runs them: the persistent compile cache and the export cache on (a child process, so
     that the suite's own process keeps them off)."""
-    env = {k: v for k, v in os.environ.items() if k != "CAN_EXPORT_CACHE"}  # (tests/conftest.py keeps 0 as it is)
+    env = {k: v for k, v in os.environ.items() if k != "CAN_EXPORT_CACHE"}  # its default: on
     env.update(CAN_NO_CACHE="0", CAN_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     code = (
         "import json, sys, jax; jax.config.update('jax_enable_x64', True); "
