@@ -30,8 +30,8 @@ import pytest  # noqa: E402
 def _drop_compiled_programs():
     """Each program XLA compiles for the CPU keeps ~3 memory mappings until its cache entry goes; one process running
     the whole suite compiled enough programs to reach Linux's vm.max_map_count (65,530 mappings) near its end, and
-    XLA then segfaulted in its next compile (CI, twice). Dropping JAX's caches after every module keeps the count at
-    a module's own."""
+    XLA then segfaulted in its next compile (in CI and in two local runs, 2026-12-05). Dropping JAX's caches after
+    every module keeps the count at a module's own."""
     yield
     jax.clear_caches()
 
