@@ -38,6 +38,10 @@ CONFIGS = {
     "prompts128-1ep": ("128 prompts, 6 pairs each, 1 epoch (768 pair-epochs, no pair seen twice)",
                        {**P128, "pairs_per_prompt": 6, "epochs": 1.0}),
     "1ep-hard": ("prompts128-1ep with hard labels", {**P128, "pairs_per_prompt": 6, "epochs": 1.0, "mode": "hard"}),
+    "1ep-hard-lr2e-4": ("1ep-hard at learning rate 2e-4 (same steps and time)",
+                        {**P128, "pairs_per_prompt": 6, "epochs": 1.0, "mode": "hard", "lr": 2e-4}),
+    "1ep-hard-12pairs": ("1ep-hard with 12 pairs per prompt (twice the pairs and DPO steps, none seen twice)",
+                         {**P128, "pairs_per_prompt": 12, "epochs": 1.0, "mode": "hard"}),
     "demo": ("`can demo`'s default", None),
 }  # fmt: skip
 
