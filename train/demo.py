@@ -160,9 +160,9 @@ def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
 
 
 def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newton", eta: float = 1.0, say=print,
-               reference_memo: dict | None = None, start: str = "reference", secant: bool = True) -> dict:  # fmt: skip
+               reference_memo: dict | None = None, start: str = "previous", secant: bool = True) -> dict:  # fmt: skip
     """`can demo --refine N`: correction rounds (`train.refine`) on the demo's finished run in OUT, into OUT/refine
-    (…-caid-η with --step caid, …-no-secant with --no-secant, …-previous with --start previous). Calibration: the 48
+    (…-caid-η with --step caid, …-no-secant with --no-secant, …-previous with --start previous, the default). Calibration: the 48
     selection prompts (`SELECTION_PROMPTS`: they chose the demo's settings and never judge it); every round is also
     measured on the 48 test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the
     same policy, prompts, samples and seed)."""

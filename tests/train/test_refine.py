@@ -59,7 +59,7 @@ def one_round(chain, tmp_path_factory):
     from train.refine import refine
 
     out = tmp_path_factory.mktemp("refine")
-    return out, refine(_config(chain, out), say=lambda *_: None)
+    return out, refine(_config(chain, out, start="reference"), say=lambda *_: None)
 
 
 def test_a_round_moves_the_gain_toward_the_margin(one_round, chain):
@@ -124,7 +124,7 @@ def _cli_args(chain, out, prompts_file):
             "--rounds", "1", "--k", "8", "--max-new-tokens", str(cfg.max_new_tokens), "--seed", "5", "--mode",
             cfg.mode, "--pairs-per-prompt", str(cfg.pairs_per_prompt), "--epochs", str(cfg.epochs), "--lr",
             str(cfg.lr), "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length), "--dpo-seed",
-            "0", "--no-insample"]  # fmt: skip
+            "0", "--no-insample", "--start", "reference"]  # fmt: skip
 
 
 def test_a_killed_run_resumes_and_keeps_what_it_finished(one_round, chain, tmp_path):
@@ -216,9 +216,9 @@ def test_demo_refine_reuses_the_demo_evaluation_as_round_0(mocan_run):
     from train.demo_prompts import SELECTION_PROMPTS
 
     cfg, out, evaluation = mocan_run
-    report = run_refine(cfg, out, 1, say=lambda *_: None)
+    report = run_refine(cfg, out, 1, say=lambda *_: None)  # the default: DPO continuing from the previous policy
     folder = Path(report["out"])
-    assert folder == out / "refine"
+    assert folder == out / "refine-previous"
     r0, r1 = report["rounds"]
     demo = {r["name"]: r for r in evaluation["rows"]}
     assert r0["gains"]["e"]["held_out"] == demo["e"]["achieved_gain"]

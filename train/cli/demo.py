@@ -40,7 +40,7 @@ def demo(
     step: StepOpt = "newton",
     eta: EtaOpt = 1.0,
     secant: SecantOpt = True,
-    start: StartOpt = "reference",
+    start: StartOpt = "previous",
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
 
