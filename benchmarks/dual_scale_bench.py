@@ -198,25 +198,31 @@ def targets(payload: dict) -> list[str]:
     def verdict(ok, short):
         return "met" if ok else f"not met ({short})"
 
-    # At the read roofline every pass of every problem reads its table once.
-    roof = b["problems"] / (b["mean_passes"] * b["bytes"] / (p["bandwidth_gbs"] * 1e9))
-    roof_x = roof / b["scipy_solves_per_s"]
+    # A chunk of problems stays in cache across its passes, so memory bounds only one read of each table; the exp
+    # bounds every pass, at the rate the exp-only pass measured on the large table (per score).
+    read_once = b["problems"] / (b["bytes"] / (p["bandwidth_gbs"] * 1e9))
+    exp_s = floor / 1e3 / (r["n"] * r["k"])
+    exp_bound = 1.0 / (b["mean_passes"] * b["n"] * b["k"] * exp_s)
+    loop = b["scipy_solves_per_s"]
+    other = solve_ms - first - (r["nfev"] - 1) * step
     n = r["nfev"]
     solve_v = verdict(solve_ms <= 150, f"{solve_ms / 150:.1f}× over")
     bias_v = verdict(bias_ms <= solve_ms, f"{bias_ms - solve_ms:.0f} ms over")
     batch_v = verdict(b["speedup"] >= 50, f"{50 / b['speedup']:.0f}× short")
-    beyond = "; 50× is beyond it" if roof_x < 50 else ""
     lines = ["## Issue 22's targets against this run", "",
              "| target | measured | verdict | why (measured above) |", "|---|---|---|---|",
              f"| compiled solve ≤ 150 ms | {solve_ms:.0f} ms | {solve_v} | {n} passes: the first (with units and "
-             f"reach) {first:.0f} ms + {n - 1} × {step:.0f} ms; the exp alone over the table takes {floor:.0f} ms a "
-             f"pass, so {n} passes cannot go below {n * floor:.0f} ms |",
+             f"reach) {first:.0f} ms + {n - 1} × {step:.0f} ms, and {other:.0f} ms for the predicted outcome each "
+             f"pass gathers and the warm start on 1/16 of the prompts; exp(r + λᵀg) alone, as XLA computes it, takes "
+             f"{floor:.0f} ms a pass, {n * floor:.0f} ms in {n} passes |",
              f"| bias ≤ 1 solve | {bias_ms / solve_ms:.1f} solves ({bias_ms:.0f} ms) | {bias_v} | its first pass "
              f"(θ, θ^J moments, Jacobian) takes {ms['finite-K bias, first pass']:.0f} ms, its Newton pass "
              f"{ms['finite-K bias, Newton step pass']:.0f} ms: every response's leave-one-out terms |",
              f"| 1,000 small problems ≥ 50× the scipy loop | {b['speedup']:.1f}× | {batch_v} | "
-             f"{b['mean_passes']:.1f} passes per problem over {b['bytes'] / 1e6:.0f} MB: at the read roofline "
-             f"({p['bandwidth_gbs']:.1f} GB/s) {roof:,.0f} solves/s = {roof_x:.0f}× the loop{beyond} |",
+             f"{b['mean_passes']:.1f} passes per problem over {b['n'] * b['k']:,} scores: reading every table once "
+             f"from memory ({b['bytes'] / 1e6:.0f} MB at {p['bandwidth_gbs']:.1f} GB/s) allows {read_once:,.0f} "
+             f"solves/s ({read_once / loop:.0f}× the loop), but exp(r + λᵀg) at its measured {exp_s * 1e9:.1f} ns per "
+             f"score allows {exp_bound:,.0f} ({exp_bound / loop:.1f}×) |",
              ""]  # fmt: skip
     return lines
 

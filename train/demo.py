@@ -160,9 +160,9 @@ def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
 
 
 def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newton", eta: float = 1.0, say=print,
-               reference_memo: dict | None = None, start: str = "previous", secant: bool = True) -> dict:  # fmt: skip
+               reference_memo: dict | None = None, start: str | None = None, secant: bool = True) -> dict:  # fmt: skip
     """`can demo --refine N`: correction rounds (`train.refine`) on the demo's finished run in OUT, into OUT/refine
-    (…-caid-η with --step caid, …-no-secant with --no-secant, …-previous with --start previous, the default). Calibration: the 48
+    (…-caid-η with --step caid, …-no-secant with --no-secant, …-reference with --start reference). Calibration: the 48
     selection prompts (`SELECTION_PROMPTS`: they chose the demo's settings and never judge it); every round is also
     measured on the 48 test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the
     same policy, prompts, samples and seed)."""
@@ -170,11 +170,12 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
 
     from bridge.files import atomic_write_text
     from train.demo_prompts import SELECTION_PROMPTS
-    from train.refine import RefineConfig, refine
+    from train.refine import RefineConfig, default_start, refine
 
     out = Path(out)
+    start = start or default_start(cfg.lora)
     name = "refine" + (f"-caid-{eta:g}" if step == "caid" else "" if secant else "-no-secant")
-    folder = out / (name + ("" if start == "reference" else f"-{start}"))
+    folder = out / (name + ("" if start == "previous" else f"-{start}"))  # the default start adds nothing
     evaluation = out / "evaluation" / "evaluation.json"
     round0 = folder / "round-0"
     if evaluation.is_file() and not (round0 / "test" / "evaluation.json").exists():

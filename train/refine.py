@@ -9,8 +9,8 @@ of the certificate's predicted p(λ*) = b. A round, starting from the aligned po
    constrained Newton step on the dual's Hessian, secant-updated from round 2 on — or CAID's fixed step;
 3. writes the round-n certificate: the dual on the *original* π_ref samples whose solution is the new λ
    (`bridge.dual.round_certificate`), linked to round n − 1's by hash;
-4. relabels those samples under it (`can label`) and runs DPO again (`can train`), from π_ref (default) or
-   continuing from round n − 1's policy with π_ref kept as the DPO reference;
+4. relabels those samples under it (`can label`) and runs DPO again (`can train`), continuing from round n − 1's
+   policy with π_ref kept as the DPO reference (default) or from π_ref;
 5. measures the new policy on the calibration prompts (and, when given, on held-out test prompts).
 
 OUT/round-N/ holds each round's certificate, preferences, DPO run and measurements; a finished file is never
@@ -52,9 +52,10 @@ class RefineConfig:
     eta: float = 1.0  # caid's step size
     secant: bool = True  # newton: secant updates of the sensitivity from round 2 on
     # Each round's DPO continuing from the previous round's policy (π_ref stays the DPO reference), or from π_ref.
-    # Continuing met both margins on the demo's test prompts after one round with seeds 0 and 1; from π_ref the
-    # harmlessness gain stalled (hard labels barely change with λ, so a fresh DPO relearns the same tilt).
-    start: str = "previous"
+    # Continuing, one round met both margins on the demo's test prompts with seed 1 (12 pairs per prompt) and seed 0
+    # (6 pairs); from π_ref the harmlessness gain stalled (hard labels barely change with λ, so a fresh DPO relearns
+    # the same tilt). None: previous, or reference for a LoRA run (whose DPO reference is its base model).
+    start: str | None = None
     floor: float = 0.02  # the stopping rule's smallest tolerance
     level: float = 0.95  # joint confidence of the m intervals the rule judges with
     k: int = 8  # samples per calibration prompt and policy
@@ -72,6 +73,10 @@ class RefineConfig:
     dtype: str = "fp32"
     scorer_options: dict | None = None
     insample: bool = True  # each round's gains on the training samples (a log-prob pass over the table)
+
+    def __post_init__(self):
+        if self.start is None:
+            self.start = default_start(bool(self.dpo.get("lora")))
 
     def check(self) -> None:
         if self.step not in STEPS:
@@ -95,6 +100,12 @@ class RefineConfig:
     def chain_settings(self) -> dict:
         d = asdict(self)
         return {k: d[k] for k in CHAIN_SETTINGS}
+
+
+def default_start(lora: bool) -> str:
+    """The rounds' DPO start when none is asked for: continuing from the previous round's policy, except with LoRA
+    (an adapter run's DPO reference is its base model, so it can only restart from π_ref)."""
+    return "reference" if lora else "previous"
 
 
 def chain_start(cfg: RefineConfig):

@@ -203,7 +203,7 @@ def test_refine_refuses_another_chain(chain, tmp_path):
     from train.refine import RefineConfig
 
     rec = {"root_sha256": read_beside(folder / "run" / "policy").sha256, "policy": str(folder / "run" / "policy"),
-           "settings": RefineConfig(**{"policy": "", "scores": "", "prompts": [], "scorers": []}).chain_settings()}
+           "settings": RefineConfig(policy="", scores="", prompts=[], scorers=[], start="reference").chain_settings()}
     (tmp_path / "r" / "refine.json").write_text(json.dumps(rec, default=str))
     assert "secant False here, True there" in run([*base, "--no-secant"])
     assert not list(Path(tmp_path / "r").glob("round-*"))
@@ -218,7 +218,7 @@ def test_demo_refine_reuses_the_demo_evaluation_as_round_0(mocan_run):
     cfg, out, evaluation = mocan_run
     report = run_refine(cfg, out, 1, say=lambda *_: None)  # the default: DPO continuing from the previous policy
     folder = Path(report["out"])
-    assert folder == out / "refine-previous"
+    assert folder == out / "refine"
     r0, r1 = report["rounds"]
     demo = {r["name"]: r for r in evaluation["rows"]}
     assert r0["gains"]["e"]["held_out"] == demo["e"]["achieved_gain"]
@@ -251,3 +251,17 @@ def test_refine_under_accelerate_with_two_processes(one_round, chain, tmp_path):
     assert done["rounds"][1]["lambda"] == pytest.approx(ref["rounds"][1]["lambda"], abs=1e-12)
     assert (out / "round-1" / "run" / "policy" / "certificate.json").exists()
     assert res.stdout.count("round 1: λ") == 1  # one process speaks
+
+
+def test_the_default_start_continues_except_with_lora():
+    """No --start: DPO continues from the previous round's policy; with LoRA (whose DPO reference is its base model)
+    it restarts from π_ref, and an explicit --start previous with LoRA is refused in one line."""
+    from can_jax.errors import CanError
+    from train.refine import RefineConfig
+
+    base = dict(policy="p", scores="s.parquet", prompts=["a?", "b?"], scorers=["x=builtin:politeness"])
+    assert RefineConfig(**base).start == "previous"
+    assert RefineConfig(**base, dpo={"lora": True}).start == "reference"
+    assert RefineConfig(**base, start="reference").chain_settings()["start"] == "reference"
+    with pytest.raises(CanError, match="LoRA"):
+        RefineConfig(**base, dpo={"lora": True}, start="previous").check()

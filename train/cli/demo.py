@@ -40,7 +40,7 @@ def demo(
     step: StepOpt = "newton",
     eta: EtaOpt = 1.0,
     secant: SecantOpt = True,
-    start: StartOpt = "previous",
+    start: StartOpt = None,
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
 
@@ -48,7 +48,7 @@ def demo(
     harmlessness and politeness) → dual (β = 0.5, margins at 50% of each constraint's reach) → ~1,500 hard labels
     (12 per prompt) → one DPO epoch (top 8 blocks) → evaluation: predicted gains beside the aligned model's gains on the
     training samples and on 48 test prompts never used to choose these settings, with a text check (distinct-2,
-    log π_ref per token) and the KL, in OUT/evaluation/evaluation.md (~15 min on 2 CPU cores).
+    log π_ref per token) and the KL, in OUT/evaluation/evaluation.md (~14 min on 2 CPU cores).
     With --refine N: then up to N correction rounds (see `can refine`), with the rounds table in OUT/refine/rounds.md.
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """

@@ -46,9 +46,11 @@ SecantOpt = Annotated[
     ),
 ]
 StartOpt = Annotated[
-    str,
+    Optional[str],
     typer.Option(
-        help="reference: each round's DPO starts from π_ref; previous: it continues from the previous round's policy, "
-        "π_ref staying the DPO reference."
+        help="previous: each round's DPO continues from the previous round's policy, π_ref staying the DPO reference; "
+        "reference: it starts from π_ref. Default: previous, or reference with --lora (an adapter's DPO reference is "
+        "its base model).",
+        show_default=False,
     ),
 ]

@@ -51,7 +51,7 @@ def refine_cmd(
     step: StepOpt = "newton",
     eta: EtaOpt = 1.0,
     secant: SecantOpt = True,
-    start: StartOpt = "previous",
+    start: StartOpt = None,
     test_prompts: Annotated[
         Optional[Path],
         typer.Option(help="Held-out prompts measured every round for the table (never used to steer or stop)."),
