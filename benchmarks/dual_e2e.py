@@ -100,7 +100,11 @@ def main():
     scipy += [f"u{j}={b}" for j, b in enumerate(MARGINS)]
     runs = {}
     for name, cmd in (("can dual (default options)", can), ("scipy L-BFGS-B script", scipy)):
-        runs[name] = [timed(cmd, env) for _ in range(3)]  # cold first, then two consecutive
+        runs[name] = []
+        for _ in range(3):  # cold first, then two consecutive
+            runs[name].append(timed(cmd, env))
+            if cmd is can:  # each run's own stage times (the certificate is rewritten by the next run)
+                runs[name][-1]["timing"] = json.loads((tmp / "cert.json").read_text()).get("timing")
         print(name, [f"{r['seconds']:.2f}s {r['peak_gb']:.2f}GB" for r in runs[name]], flush=True)
     floors = {name: min(timed(cmd, env)["seconds"] for _ in range(3)) for name, cmd in floor_commands(table).items()}
     print("floors", floors, flush=True)
@@ -128,7 +132,9 @@ def main():
     target = "met" if ratio >= 3 and rows["can dual (default options)"]["peak_gb"] <= 1.5 else "not met"
     budget = rows["scipy L-BFGS-B script"]["best_of_2_s"] / 3
     ours = rows["can dual (default options)"]["best_of_2_s"]
-    timing = cert.get("timing") or {}
+    best = min(runs["can dual (default options)"][1:], key=lambda r: r["seconds"])
+    timing = best.get("timing") or {}
+    passes_s = timing.get("solve_s", 0.0) + timing.get("bias_s", 0.0)
     inside = sum(v for k, v in timing.items() if k.endswith("_s"))
     floor = floors["both: import jax and read the table"]
     lines += ["", f"`can dual` is {ratio:.2f}× the scipy script (target ≥ 3× at ≤ 1.5 GB: {target}).", "",
@@ -138,11 +144,12 @@ def main():
     lines += [f"| {name} | {sec:.2f} |" for name, sec in floors.items()]
     lines += ["", f"3× the scipy script leaves {budget:.2f} s for the whole `can dual` process. A process that only "
               f"imports JAX and reads the table's columns takes {floor:.2f} s ({floor / budget:.0%} of that budget) "
-              f"before any pass over the data.", "",
+              f"before any pass over the data; with the solve and bias of that run ({passes_s:.2f} s) it comes to "
+              f"{floor + passes_s:.2f} s.", "",
               f"Of `can dual`'s {ours:.2f} s, the certificate's stages take {inside:.2f} s "
-              f"(`{json.dumps(timing)}`: load = read + padded layout; solve = compiled programs loaded from the cache "
-              f"+ the Newton passes; bias = the finite-K correction), the remaining {ours - inside:.2f} s are "
-              "imports, start-up and writing the certificate.", ""]  # fmt: skip
+              f"(that run's `{json.dumps(timing)}`: load = read + padded layout; solve = compiled programs loaded "
+              f"from the cache + the Newton passes; bias = the finite-K correction), the remaining "
+              f"{ours - inside:.2f} s are imports, start-up and writing the certificate.", ""]  # fmt: skip
     (out / f"dual_e2e_{args.tag}.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
