@@ -42,6 +42,10 @@ CONFIGS = {
                         {**P128, "pairs_per_prompt": 6, "epochs": 1.0, "mode": "hard", "lr": 2e-4}),
     "1ep-hard-12pairs": ("1ep-hard with 12 pairs per prompt (twice the pairs and DPO steps, none seen twice)",
                          {**P128, "pairs_per_prompt": 12, "epochs": 1.0, "mode": "hard"}),
+    "12pairs-risky-half": ("1ep-hard-12pairs with half of the training prompts risky instead of a third",
+                           {**P128, "pairs_per_prompt": 12, "epochs": 1.0, "mode": "hard", "risky_share": 0.5}),
+    "192prompts-8pairs": ("1ep-hard with 192 prompts × 8 pairs (the 12-pair row's 1,536 pairs and DPO steps, 1.5× the "
+                          "prompts)", {**P128, "n_train": 192, "pairs_per_prompt": 8, "epochs": 1.0, "mode": "hard"}),
     "demo": ("`can demo`'s default", None),
 }  # fmt: skip
 
@@ -53,8 +57,8 @@ def config(name: str, seed: int, eval_prompts: list):
     if CONFIGS[name][1] is None:
         return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts))
     over = {**BASE, **CONFIGS[name][1]}
-    n = over.pop("n_train")
-    prompts = list(TRAIN_PROMPTS) if n is None else training_prompts(n, seed=0)
+    n, share = over.pop("n_train"), over.pop("risky_share", 1 / 3)
+    prompts = list(TRAIN_PROMPTS) if n is None else training_prompts(n, seed=0, risky_share=share)
     return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts), train_prompts=prompts, **over)
 
 

@@ -53,7 +53,9 @@ class DemoConfig:
     # Issue 20's study (benchmarks/results/demo_study/selection.md): 128 varied prompts × 6 pairs seen once carried
     # 2–3× more of the predicted gains to fresh prompts than 32 prompts × 8 pairs × 3 epochs at the same cost; 12
     # pairs per prompt (twice the DPO steps) carried more again (0.39 / 0.75 of the constraint gains, from 0.30 /
-    # 0.40), a learning rate of 2e-4 instead did not (KL 4.8, the reward gain lost).
+    # 0.40), a learning rate of 2e-4 instead did not (KL 4.8, the reward gain lost), nor half of the prompts risky
+    # (0.37 / 0.74). The same 1,536 pairs over 192 prompts × 8 carried more (0.66 / 0.63) but took 16.5 min, past the
+    # demo's 15 (the larger collection): not eligible.
     train_prompts: list = field(default_factory=lambda: training_prompts(128))
     eval_prompts: list = field(default_factory=lambda: list(TEST_PROMPTS))
     k: int = 8
@@ -162,14 +164,14 @@ def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
 def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newton", eta: float = 1.0, say=print,
                reference_memo: dict | None = None, start: str | None = None, secant: bool = True) -> dict:  # fmt: skip
     """`can demo --refine N`: correction rounds (`train.refine`) on the demo's finished run in OUT, into OUT/refine
-    (…-caid-η with --step caid, …-no-secant with --no-secant, …-reference with --start reference). Calibration: the 48
-    selection prompts (`SELECTION_PROMPTS`: they chose the demo's settings and never judge it); every round is also
-    measured on the 48 test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the
+    (…-caid-η with --step caid, …-no-secant with --no-secant, …-reference with --start reference). Calibration: 96
+    prompts (`CALIBRATION_PROMPTS`: the 48 selection prompts, which chose the demo's settings and never judge it, and
+    48 more); every round is also measured on the 48 test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the
     same policy, prompts, samples and seed)."""
     import shutil
 
     from bridge.files import atomic_write_text
-    from train.demo_prompts import SELECTION_PROMPTS
+    from train.demo_prompts import CALIBRATION_PROMPTS
     from train.refine import RefineConfig, default_start, refine
 
     out = Path(out)
@@ -185,7 +187,7 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
         if all(r.get("insample_gain") is not None for r in rows):  # the demo's scores are all utilities
             atomic_write_text(round0 / "insample.json", json.dumps({r["name"]: r["insample_gain"] for r in rows}))
     rcfg = RefineConfig(policy=str(out / "run" / "policy"), scores=str(out / "scores.parquet"),
-                        prompts=list(SELECTION_PROMPTS), scorers=list(cfg.scorers), out=str(folder),
+                        prompts=list(CALIBRATION_PROMPTS), scorers=list(cfg.scorers), out=str(folder),
                         reference=cfg.policy, rounds=rounds, step=step, eta=eta, secant=secant, start=start,
                         k=cfg.eval_k,
                         max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size, seed=cfg.seed + 3,

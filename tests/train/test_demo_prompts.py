@@ -10,7 +10,8 @@ from collections import Counter
 import pytest
 
 from train import demo
-from train.demo_prompts import BENIGN_TASKS, FRAMES, RISKY_TASKS, SELECTION_PROMPTS, TEST_PROMPTS, training_prompts
+from train.demo_prompts import (BENIGN_TASKS, CALIBRATION_EXTRA_PROMPTS, CALIBRATION_PROMPTS, FRAMES, RISKY_TASKS,
+                                SELECTION_PROMPTS, TEST_PROMPTS, training_prompts)
 
 STOPWORDS = {
     "what", "when", "where", "which", "does", "should", "could", "would", "there", "their", "them", "they", "this",
@@ -26,8 +27,9 @@ def content_words(text: str) -> set[str]:
 
 
 def test_sizes_and_no_prompt_shared_between_sets():
-    assert len(SELECTION_PROMPTS) == 48 and len(TEST_PROMPTS) == 48
-    everything = SELECTION_PROMPTS + TEST_PROMPTS + demo.TRAIN_PROMPTS + demo.EVAL_PROMPTS
+    assert len(SELECTION_PROMPTS) == 48 and len(TEST_PROMPTS) == 48 and len(CALIBRATION_EXTRA_PROMPTS) == 48
+    assert CALIBRATION_PROMPTS == SELECTION_PROMPTS + CALIBRATION_EXTRA_PROMPTS
+    everything = SELECTION_PROMPTS + TEST_PROMPTS + CALIBRATION_EXTRA_PROMPTS + demo.TRAIN_PROMPTS + demo.EVAL_PROMPTS
     assert [p for p, c in Counter(everything).items() if c > 1] == []
     normalised = Counter(" ".join(re.findall(r"[a-z']+", p.lower())) for p in everything)
     assert [p for p, c in normalised.items() if c > 1] == []  # not even up to case and punctuation
@@ -41,7 +43,7 @@ def test_templates_are_distinct_and_well_formed():
 
 
 def test_every_prompt_ends_a_sentence():
-    for p in SELECTION_PROMPTS + TEST_PROMPTS + list(COMBOS):
+    for p in SELECTION_PROMPTS + TEST_PROMPTS + CALIBRATION_EXTRA_PROMPTS + list(COMBOS):
         assert p[-1] in "?.", p
         assert p == p.strip() and p[0].isupper(), p
 
@@ -74,7 +76,7 @@ def test_training_prompts_follow_the_risky_share(share):
 
 def test_training_prompts_never_a_held_out_prompt():
     # demo.TRAIN_PROMPTS may recur (both are training prompts); the held-out sets may not
-    held = set(SELECTION_PROMPTS + TEST_PROMPTS + demo.EVAL_PROMPTS)
+    held = set(CALIBRATION_PROMPTS + TEST_PROMPTS + demo.EVAL_PROMPTS)
     assert not held & set(COMBOS)  # every prompt the templates can make
     assert not held & set(training_prompts(128, seed=0))
 
@@ -87,7 +89,7 @@ def test_too_many_training_prompts_raise():
 def test_no_training_task_covers_a_selection_or_test_topic():
     """Crude near-duplicate check: a task whose content words contain all of a held-out prompt's content words."""
     hits = []
-    for p in SELECTION_PROMPTS + TEST_PROMPTS:
+    for p in CALIBRATION_PROMPTS + TEST_PROMPTS:
         words = content_words(p)
         if len(words) < 2:
             continue
@@ -95,9 +97,13 @@ def test_no_training_task_covers_a_selection_or_test_topic():
     assert hits == []
 
 
-def test_selection_and_test_topics_differ():
-    """The same crude check between the two held-out sets: no prompt's content words inside another's."""
-    hits = [(s, t) for s, t in itertools.product(SELECTION_PROMPTS, TEST_PROMPTS)
+@pytest.mark.parametrize("pair", ["selection-test", "calibration-test", "extra-selection"])
+def test_held_out_topics_differ(pair):
+    """The same crude check between held-out sets: no prompt's content words inside another's."""
+    sets = {"selection-test": (SELECTION_PROMPTS, TEST_PROMPTS),
+            "calibration-test": (CALIBRATION_EXTRA_PROMPTS, TEST_PROMPTS),
+            "extra-selection": (CALIBRATION_EXTRA_PROMPTS, SELECTION_PROMPTS)}  # fmt: skip
+    hits = [(s, t) for s, t in itertools.product(*sets[pair])
             if len(content_words(s) & content_words(t)) >= 2
             and (content_words(s) <= content_words(t) or content_words(t) <= content_words(s))]  # fmt: skip
     assert hits == []

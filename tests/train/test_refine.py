@@ -211,9 +211,10 @@ def test_refine_refuses_another_chain(chain, tmp_path):
 
 def test_demo_refine_reuses_the_demo_evaluation_as_round_0(mocan_run):
     """`can demo --refine N` (train.demo.run_refine) on the tiny stand-in of the demo's chain: round 0's held-out row
-    is the demo's own evaluation, every round is measured on the test prompts, calibration is the selection set."""
+    is the demo's own evaluation, every round is measured on the test prompts, calibration is the 96 calibration prompts
+    (the selection set and 48 more)."""
     from train.demo import run_refine
-    from train.demo_prompts import SELECTION_PROMPTS
+    from train.demo_prompts import CALIBRATION_PROMPTS
 
     cfg, out, evaluation = mocan_run
     report = run_refine(cfg, out, 1, say=lambda *_: None)  # the default: DPO continuing from the previous policy
@@ -225,7 +226,7 @@ def test_demo_refine_reuses_the_demo_evaluation_as_round_0(mocan_run):
     assert r0["gains"]["e"]["insample"] == demo["e"]["insample_gain"]
     assert r1["gains"]["e"]["held_out"] is not None and r1["reward"]["held_out"] is not None
     cal = json.loads((folder / "round-1" / "calibration" / "evaluation.json").read_text())
-    assert cal["prompts"] == len(SELECTION_PROMPTS)
+    assert cal["prompts"] == len(CALIBRATION_PROMPTS) == 96
     assert "| 1 | e |" in (folder / "rounds.md").read_text()
 
 

@@ -33,8 +33,9 @@ def demo(
         int,
         typer.Option(
             "--refine",
-            help="Then up to N correction rounds (`can refine`) on the finished run: calibration on the 48 selection "
-            "prompts, every round also measured on the 48 test prompts; the rounds table in OUT/refine/rounds.md.",
+            help="Then up to N correction rounds (`can refine`) on the finished run: calibration on 96 prompts (the 48 "
+            "selection prompts and 48 more), every round also measured on the 48 test prompts; the rounds table in "
+            "OUT/refine/rounds.md.",
         ),
     ] = 0,
     step: StepOpt = "newton",
