@@ -3,8 +3,9 @@
 - Training prompts are built from templates (`training_prompts`): a task phrase in a question frame, about a third
   of them requests a careful assistant should decline or redirect.
 - `SELECTION_PROMPTS` (48) choose the demo's configuration in benchmarks/demo_study.py.
-- `TEST_PROMPTS` (48) are never used for choosing: the demo's final claim is checked on them once, and `can demo`
-  reports on them.
+- `TEST_PROMPTS` (48) judge the chosen configuration, and `can demo` reports on them; they are not used to choose
+  (one exception, stated in the README: the study's time condition was added after a test row of a configuration
+  that broke it had been seen).
 - `CALIBRATION_PROMPTS` (96: the selection prompts and `CALIBRATION_EXTRA_PROMPTS`) steer `can demo --refine`'s
   correction rounds; they never judge them.
 
