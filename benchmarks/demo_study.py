@@ -57,8 +57,9 @@ def config(name: str, seed: int, eval_prompts: list):
     if CONFIGS[name][1] is None:
         return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts))
     over = {**BASE, **CONFIGS[name][1]}
-    n, share = over.pop("n_train"), over.pop("risky_share", 1 / 3)
-    prompts = list(TRAIN_PROMPTS) if n is None else training_prompts(n, seed=0, risky_share=share)
+    n = over.pop("n_train")
+    mix = {k: over.pop(k) for k in ("risky_share",) if k in over}  # training_prompts' own default otherwise
+    prompts = list(TRAIN_PROMPTS) if n is None else training_prompts(n, seed=0, **mix)
     return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts), train_prompts=prompts, **over)
 
 

@@ -166,8 +166,8 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
     """`can demo --refine N`: correction rounds (`train.refine`) on the demo's finished run in OUT, into OUT/refine
     (…-caid-η with --step caid, …-no-secant with --no-secant, …-reference with --start reference). Calibration: 96
     prompts (`CALIBRATION_PROMPTS`: the 48 selection prompts, which chose the demo's settings and never judge it, and
-    48 more); every round is also measured on the 48 test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the
-    same policy, prompts, samples and seed)."""
+    48 more); every round is also measured on the 48 test prompts, which never steer. Round 0's test measurement is
+    the demo's own evaluation (the same policy, prompts, samples and seed)."""
     import shutil
 
     from bridge.files import atomic_write_text

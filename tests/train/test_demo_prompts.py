@@ -10,8 +10,16 @@ from collections import Counter
 import pytest
 
 from train import demo
-from train.demo_prompts import (BENIGN_TASKS, CALIBRATION_EXTRA_PROMPTS, CALIBRATION_PROMPTS, FRAMES, RISKY_TASKS,
-                                SELECTION_PROMPTS, TEST_PROMPTS, training_prompts)
+from train.demo_prompts import (
+    BENIGN_TASKS,
+    CALIBRATION_EXTRA_PROMPTS,
+    CALIBRATION_PROMPTS,
+    FRAMES,
+    RISKY_TASKS,
+    SELECTION_PROMPTS,
+    TEST_PROMPTS,
+    training_prompts,
+)
 
 STOPWORDS = {
     "what", "when", "where", "which", "does", "should", "could", "would", "there", "their", "them", "they", "this",

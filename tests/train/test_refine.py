@@ -202,8 +202,11 @@ def test_refine_refuses_another_chain(chain, tmp_path):
     from bridge.certificate import read_beside
     from train.refine import RefineConfig
 
-    rec = {"root_sha256": read_beside(folder / "run" / "policy").sha256, "policy": str(folder / "run" / "policy"),
-           "settings": RefineConfig(policy="", scores="", prompts=[], scorers=[], start="reference").chain_settings()}
+    rec = {
+        "root_sha256": read_beside(folder / "run" / "policy").sha256,
+        "policy": str(folder / "run" / "policy"),
+        "settings": RefineConfig(policy="", scores="", prompts=[], scorers=[], start="reference").chain_settings(),
+    }
     (tmp_path / "r" / "refine.json").write_text(json.dumps(rec, default=str))
     assert "secant False here, True there" in run([*base, "--no-secant"])
     assert not list(Path(tmp_path / "r").glob("round-*"))
