@@ -143,13 +143,24 @@ def chain_start(cfg: RefineConfig):
     return cert, str(policy)
 
 
+def prompts_sha256(prompts: list) -> str:
+    """The SHA-256 of a prompt list (texts or conversations) in order: which calibration or test prompts a run's
+    rounds were measured on."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
 def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
-    """OUT/refine.json: the chain and settings its rounds belong to. A rerun with the same ones resumes (more
-    --rounds continue the run); another chain or other settings are refused."""
+    """OUT/refine.json: the chain and settings its rounds belong to, the calibration and test prompts by hash. A
+    rerun with the same ones resumes (more --rounds continue the run); another chain, other settings or other prompts
+    are refused (rounds measured on other prompts would not steer one run)."""
     from bridge.files import atomic_write_text
 
+    settings = {**cfg.chain_settings(), "calibration_prompts_sha256": prompts_sha256(cfg.prompts),
+                "test_prompts_sha256": prompts_sha256(cfg.test_prompts) if cfg.test_prompts else None}  # fmt: skip
     record = {"root_sha256": cert.sha256, "scores_sha256": cert.scores_sha256, "policy": str(cfg.policy),
-              "settings": json.loads(json.dumps(cfg.chain_settings(), default=str))}  # fmt: skip
+              "settings": json.loads(json.dumps(settings, default=str))}  # fmt: skip
     path = out / RECORD
     if path.is_file():
         try:
@@ -160,8 +171,13 @@ def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
             raise CanError(f"{out} holds the rounds of another chain (policy {old.get('policy')!r}): use another "
                            "--out")  # fmt: skip
         was, now = old.get("settings", {}), record["settings"]
-        diff = [f"{k} {now.get(k)!r} here, {was.get(k)!r} there" for k in sorted(set(was) | set(now))
-                if was.get(k) != now.get(k)]  # fmt: skip
+        def says(k):
+            if k.endswith("_prompts_sha256"):  # the prompts by hash: a short one is enough to tell them apart
+                short = [v[:12] if isinstance(v, str) else v for v in (now.get(k), was.get(k))]
+                return f"other {k.split('_')[0]} prompts (sha256 {short[0]} here, {short[1]} there)"
+            return f"{k} {now.get(k)!r} here, {was.get(k)!r} there"
+
+        diff = [says(k) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
         if diff:
             raise CanError(f"{out} holds rounds made with other settings ({'; '.join(diff)}): rerun with those, or "
                            "use another --out")  # fmt: skip

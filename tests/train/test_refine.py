@@ -10,6 +10,7 @@ gain to the last digit). The `e` constraint of tests/train/conftest.py's chain i
 11 and 20 this model gained +0.010, +0.015, +0.008, +0.007, +0.006 of it.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -209,6 +210,16 @@ def test_refine_refuses_another_chain(chain, tmp_path):
     }
     (tmp_path / "r" / "refine.json").write_text(json.dumps(rec, default=str))
     assert "secant False here, True there" in run([*base, "--no-secant"])
+    assert not list(Path(tmp_path / "r").glob("round-*"))
+    # This chain's rounds, the same settings, other calibration prompts (one dropped): refused, named by hash.
+    from train.refine import prompts_sha256
+
+    rec["settings"]["calibration_prompts_sha256"] = prompts_sha256(CALIBRATION[:-1])
+    rec["settings"]["test_prompts_sha256"] = None
+    (tmp_path / "r" / "refine.json").write_text(json.dumps(rec, default=str))
+    said = run(base)
+    want = hashlib.sha256(json.dumps(CALIBRATION, ensure_ascii=False).encode()).hexdigest()[:12]  # texts: no keys
+    assert f"other calibration prompts (sha256 {want} here" in said and "other test prompts" not in said
     assert not list(Path(tmp_path / "r").glob("round-*"))
 
 
