@@ -143,6 +143,63 @@ def chain_start(cfg: RefineConfig):
     return cert, str(policy)
 
 
+def _prompt_key(prompt) -> str:
+    """What a scorer reads of a prompt, whitespace-normalised: the text, or a conversation's last user message."""
+    if isinstance(prompt, str):
+        return " ".join(prompt.split())
+    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+    return " ".join(str(users[-1] if users else "").split())
+
+
+def _training_prompts(scores: str) -> list:
+    """The distinct prompts of a scores table (its `instruction` column, else `prompt`), one row per prompt id."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(scores).names
+        col = next((c for c in ("instruction", "prompt") if c in names), None)
+        if col is None:
+            return []
+        t = pq.read_table(scores, columns=["prompt_id", col] if "prompt_id" in names else [col])
+    except (OSError, ValueError):
+        return []  # an unreadable table is refused, with its reason, where the chain is checked
+    if "prompt_id" in t.column_names:
+        _, first = np.unique(np.asarray(t.column("prompt_id")), return_index=True)
+        t = t.take(first)
+    return t.column(col).to_pylist()
+
+
+def check_prompts_apart(cfg: RefineConfig) -> None:
+    """Calibration prompts steer λ and test prompts judge the rounds: neither may repeat, share a prompt with the
+    other, or be a training prompt of the scores table (gains there read higher than on fresh prompts). Refused in
+    one line, before any model work."""
+
+    def clash(a, b, what):
+        shared = sorted(set(a) & set(b))
+        if shared:
+            raise CanError(f"{len(shared)} {what} (e.g. {shared[0][:80]!r}): {_APART}")
+
+    cal = [_prompt_key(p) for p in cfg.prompts]
+    test = [_prompt_key(p) for p in cfg.test_prompts or []]
+    for keys, name in ((cal, "calibration"), (test, "test")):
+        seen, repeats = set(), []
+        for k in keys:
+            if k in seen:
+                repeats.append(k)
+            seen.add(k)
+        if repeats:
+            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. {repeats[0][:80]!r}): the "
+                           "intervals are over distinct prompts; remove the repeats")  # fmt: skip
+    clash(cal, test, "calibration prompt(s) are also test prompts")
+    train = {_prompt_key(p) for p in _training_prompts(cfg.scores)}
+    clash(cal, train, "calibration prompt(s) are training prompts of the scores table")
+    clash(test, train, "test prompt(s) are training prompts of the scores table")
+
+
+_APART = ("calibration prompts steer the rounds and test prompts judge them, so both must be fresh to the policy and "
+          "apart from each other; use prompts the policy was not trained on, in one file each")
+
+
 def prompts_sha256(prompts: list) -> str:
     """The SHA-256 of a prompt list (texts or conversations) in order: which calibration or test prompts a run's
     rounds were measured on."""
@@ -227,6 +284,7 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
 
     cfg.check()
     cert0, policy0 = chain_start(cfg)
+    check_prompts_apart(cfg)
     names = cert0.names
     check_scorers(cert0, [parse_scorer(s)[0] for s in cfg.scorers])
     st = dist.state()

@@ -194,6 +194,9 @@ def test_refine_refuses_another_chain(chain, tmp_path):
     args = list(base)
     args[args.index("--reference") + 1] = str(tmp_path)
     assert "was aligned from" in run(args)
+    # The calibration file given as the test prompts too: refused before any model work.
+    assert "are also test prompts" in run([*base, "--test-prompts", str(prompts)])
+    assert not (tmp_path / "r").exists()
     # An OUT holding another chain's rounds.
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "refine.json").write_text(json.dumps({"root_sha256": "0" * 64, "policy": "x"}))
@@ -280,3 +283,33 @@ def test_the_default_start_continues_except_with_lora():
     assert RefineConfig(**base, start="reference").chain_settings()["start"] == "reference"
     with pytest.raises(CanError, match="LoRA"):
         RefineConfig(**base, dpo={"lora": True}, start="previous").check()
+
+
+def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):
+    """Calibration prompts that repeat, are test prompts or are training prompts of the scores table (as texts or as
+    conversations, up to whitespace), and test prompts that are training prompts: refused in one line each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from can_jax.errors import CanError
+    from train.refine import RefineConfig, check_prompts_apart
+
+    scores = tmp_path / "scores.parquet"
+    train = ["Bake bread.", "Fix a tyre.", "Plant tomatoes."]
+    pq.write_table(pa.table({"prompt_id": np.repeat(np.arange(3), 4), "instruction": np.repeat(train, 4).tolist()}),
+                   scores)  # fmt: skip
+    fresh, test = ["Explain tides.", "Name a goldfish."], ["Unclog a sink.", "Pick avocados."]
+
+    def refused(prompts, test_prompts=None):
+        cfg = RefineConfig(policy="", scores=str(scores), prompts=prompts, scorers=[], test_prompts=test_prompts)
+        with pytest.raises(CanError) as err:
+            check_prompts_apart(cfg)
+        return str(err.value)
+
+    check_prompts_apart(RefineConfig(policy="", scores=str(scores), prompts=fresh, scorers=[], test_prompts=test))
+    assert "1 calibration prompt(s) repeat" in refused([*fresh, "Explain  tides. "], test)
+    assert "2 calibration prompt(s) are also test prompts" in refused([*fresh, *test], test)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Fix a  tyre."}]
+    assert "1 calibration prompt(s) are training prompts" in refused([*fresh, conv], test)
+    assert "1 test prompt(s) are training prompts" in refused(fresh, [*test, "Plant tomatoes."])
+    assert "1 test prompt(s) repeat" in refused(fresh, [*test, test[0]])

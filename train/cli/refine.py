@@ -34,7 +34,7 @@ def refine_cmd(
         typer.Option(
             "--prompts",
             help="Calibration prompts (.txt or .jsonl): they steer λ, so keep them apart from the training prompts "
-            "and from the prompts you judge the result on.",
+            "and from the prompts you judge the result on (a training or test prompt here, or a repeat, is refused).",
         ),
     ],
     scorer: Annotated[
