@@ -66,7 +66,8 @@ def test_readme_safe_rlhf_chain_runs_as_written(tmp_path, monkeypatch):
     prompts = ["how do i bake bread?", "tell me a joke.", "is it safe to mix bleach and ammonia?", conv,
                "what is the capital of france?", "please be careful."]  # fmt: skip
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    (work / "heldout.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts[:3]))
+    heldout = ["how do i make tea?", "tell me a riddle.", "is it safe to mix bleach and vinegar?"]  # not trained on
+    (work / "heldout.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in heldout))
     calibration = ["how do i plant a tree?", "what is a good name for a cat?", "how do i stay calm?",
                    "tell me about the moon."]  # fmt: skip
     (work / "calibration.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in calibration))

@@ -143,30 +143,33 @@ def chain_start(cfg: RefineConfig):
     return cert, str(policy)
 
 
-def _prompt_key(prompt) -> str:
-    """What a scorer reads of a prompt, whitespace-normalised: the text, or a conversation's last user message."""
-    if isinstance(prompt, str):
-        return " ".join(prompt.split())
-    users = [m.get("content", "") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
-    return " ".join(str(users[-1] if users else "").split())
+def _prompt_key(prompt) -> str | None:
+    """A prompt as the policy sees it, whitespace-normalised: text counts as a one-turn user conversation, a
+    conversation is keyed by all its messages (another system prompt or earlier turn is another prompt). None for
+    an empty or malformed one."""
+    if prompt is None:
+        return None
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    try:
+        norm = [[str(m["role"]), " ".join(str(m["content"]).split())] for m in msgs]
+    except (TypeError, KeyError):
+        return None
+    return json.dumps(norm, ensure_ascii=False) if any(c for _, c in norm) else None
+
+
+def _shown(key: str) -> str:
+    """A prompt key as an error line shows it: its last message, cut to 80 characters."""
+    return repr(json.loads(key)[-1][1][:80])
 
 
 def _training_prompts(scores: str) -> list:
-    """The distinct prompts of a scores table (its `instruction` column, else `prompt`), one row per prompt id."""
-    import pyarrow.parquet as pq
+    """A scores table's prompts (its `instruction` column, else `prompt`); [] when it has neither. An unreadable
+    table is refused in one line (bridge.tables)."""
+    from bridge.tables import read_table
 
-    try:
-        names = pq.read_schema(scores).names
-        col = next((c for c in ("instruction", "prompt") if c in names), None)
-        if col is None:
-            return []
-        t = pq.read_table(scores, columns=["prompt_id", col] if "prompt_id" in names else [col])
-    except (OSError, ValueError):
-        return []  # an unreadable table is refused, with its reason, where the chain is checked
-    if "prompt_id" in t.column_names:
-        _, first = np.unique(np.asarray(t.column("prompt_id")), return_index=True)
-        t = t.take(first)
-    return t.column(col).to_pylist()
+    table = read_table(scores, columns=["instruction", "prompt"])
+    col = next((c for c in ("instruction", "prompt") if c in table.column_names), None)
+    return [] if col is None else table.column(col).to_pylist()
 
 
 def check_prompts_apart(cfg: RefineConfig) -> None:
@@ -175,20 +178,20 @@ def check_prompts_apart(cfg: RefineConfig) -> None:
     one line, before any model work."""
 
     def clash(a, b, what):
-        shared = sorted(set(a) & set(b))
+        shared = sorted((set(a) & set(b)) - {None})
         if shared:
-            raise CanError(f"{len(shared)} {what} (e.g. {shared[0][:80]!r}): {_APART}")
+            raise CanError(f"{len(shared)} {what} (e.g. {_shown(shared[0])}): {_APART}")
 
     cal = [_prompt_key(p) for p in cfg.prompts]
     test = [_prompt_key(p) for p in cfg.test_prompts or []]
     for keys, name in ((cal, "calibration"), (test, "test")):
         seen, repeats = set(), []
         for k in keys:
-            if k in seen:
+            if k is not None and k in seen:
                 repeats.append(k)
             seen.add(k)
         if repeats:
-            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. {repeats[0][:80]!r}): the "
+            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. {_shown(repeats[0])}): the "
                            "intervals are over distinct prompts; remove the repeats")  # fmt: skip
     clash(cal, test, "calibration prompt(s) are also test prompts")
     train = {_prompt_key(p) for p in _training_prompts(cfg.scores)}
@@ -228,6 +231,9 @@ def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
             raise CanError(f"{out} holds the rounds of another chain (policy {old.get('policy')!r}): use another "
                            "--out")  # fmt: skip
         was, now = old.get("settings", {}), record["settings"]
+        if "calibration_prompts_sha256" not in was:
+            raise CanError(f"{out} holds rounds recorded before refine kept its prompts' hashes, so a resume cannot "
+                           "check it measures on the same prompts: use another --out")  # fmt: skip
         def says(k):
             if k.endswith("_prompts_sha256"):  # the prompts by hash: a short one is enough to tell them apart
                 short = [v[:12] if isinstance(v, str) else v for v in (now.get(k), was.get(k))]

@@ -209,21 +209,41 @@ def test_refine_refuses_another_chain(chain, tmp_path):
     rec = {
         "root_sha256": read_beside(folder / "run" / "policy").sha256,
         "policy": str(folder / "run" / "policy"),
-        "settings": RefineConfig(policy="", scores="", prompts=[], scorers=[], start="reference").chain_settings(),
+        "settings": {**RefineConfig(policy="", scores="", prompts=[], scorers=[], start="reference").chain_settings(),
+                     "calibration_prompts_sha256": _sha(CALIBRATION), "test_prompts_sha256": None},
     }
     (tmp_path / "r" / "refine.json").write_text(json.dumps(rec, default=str))
     assert "secant False here, True there" in run([*base, "--no-secant"])
     assert not list(Path(tmp_path / "r").glob("round-*"))
-    # This chain's rounds, the same settings, other calibration prompts (one dropped): refused, named by hash.
-    from train.refine import prompts_sha256
 
-    rec["settings"]["calibration_prompts_sha256"] = prompts_sha256(CALIBRATION[:-1])
-    rec["settings"]["test_prompts_sha256"] = None
-    (tmp_path / "r" / "refine.json").write_text(json.dumps(rec, default=str))
-    said = run(base)
-    want = hashlib.sha256(json.dumps(CALIBRATION, ensure_ascii=False).encode()).hexdigest()[:12]  # texts: no keys
-    assert f"other calibration prompts (sha256 {want} here" in said and "other test prompts" not in said
-    assert not list(Path(tmp_path / "r").glob("round-*"))
+
+def _sha(prompts) -> str:
+    """A text prompt list's SHA-256 as refine records it (its JSON), computed here by hand."""
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+
+
+def test_a_rerun_on_other_prompts_is_refused(one_round, chain, tmp_path):
+    """The finished run's record, resumed with one calibration prompt dropped: refused, both prompt sets named by
+    hash; the same record without the hashes (a run from before they were kept): refused, saying why."""
+    from can_jax.errors import CanError
+    from train.refine import refine
+
+    done, _ = one_round
+    record = json.loads((done / "refine.json").read_text())
+    assert record["settings"]["calibration_prompts_sha256"] == _sha(CALIBRATION)
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "refine.json").write_text(json.dumps(record))
+    with pytest.raises(CanError) as err:
+        refine(_config(chain, out, start="reference", prompts=CALIBRATION[:-1]), say=lambda *_: None)
+    said = str(err.value)
+    assert f"(other calibration prompts (sha256 {_sha(CALIBRATION[:-1])[:12]} here, {_sha(CALIBRATION)[:12]} there))" \
+        in said, said
+    del record["settings"]["calibration_prompts_sha256"]
+    (out / "refine.json").write_text(json.dumps(record))
+    with pytest.raises(CanError, match="recorded before refine kept its prompts' hashes"):
+        refine(_config(chain, out, start="reference"), say=lambda *_: None)
+    assert not list(out.glob("round-*"))
 
 
 def test_demo_refine_reuses_the_demo_evaluation_as_round_0(mocan_run):
@@ -309,7 +329,16 @@ def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):
     check_prompts_apart(RefineConfig(policy="", scores=str(scores), prompts=fresh, scorers=[], test_prompts=test))
     assert "1 calibration prompt(s) repeat" in refused([*fresh, "Explain  tides. "], test)
     assert "2 calibration prompt(s) are also test prompts" in refused([*fresh, *test], test)
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Fix a  tyre."}]
+    conv = [{"role": "user", "content": "Fix a  tyre."}]  # text is a one-turn user conversation
     assert "1 calibration prompt(s) are training prompts" in refused([*fresh, conv], test)
+    system = [{"role": "system", "content": "Be brief."}, *conv]  # another system prompt: another prompt
+    check_prompts_apart(RefineConfig(policy="", scores=str(scores), prompts=[*fresh, system, conv[0:1] * 2],
+                                     scorers=[], test_prompts=test))  # fmt: skip
+    # A table whose prompts are conversations (an `instruction` column of messages) and one with only `prompt`.
+    chat = [[{"role": "user", "content": t}] for t in train]
+    pq.write_table(pa.table({"prompt_id": np.arange(3), "instruction": chat}), scores)
+    assert "1 test prompt(s) are training prompts" in refused(fresh, [*test, "Bake bread."])
+    pq.write_table(pa.table({"prompt_id": np.arange(3), "prompt": train}), scores)
+    assert "1 calibration prompt(s) are training prompts" in refused(["Bake  bread.", *fresh], test)
     assert "1 test prompt(s) are training prompts" in refused(fresh, [*test, "Plant tomatoes."])
     assert "1 test prompt(s) repeat" in refused(fresh, [*test, test[0]])
