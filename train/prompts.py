@@ -101,7 +101,14 @@ def read_prompts(path: str | os.PathLike) -> list:
         lines.pop()  # trailing newlines are fine
     if not lines:
         raise CanError(f"{path}: no prompts")
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        raise CanError(f"{path}: give prompts as .jsonl (one JSON object per line, its \"prompt\" text or a "
+                       "conversation) or .txt (one prompt per line)")  # fmt: skip
+    if suffix != ".jsonl" and lines[0].lstrip().startswith('{"prompt"'):
+        raise CanError(f"{path}: its lines are JSON objects; name the file .jsonl to read their \"prompt\" fields "
+                       "(as text each line would be one literal prompt)")  # fmt: skip
+    if suffix == ".jsonl":
         prompts = []
         for i, ln in enumerate(lines, 1):
             try:

@@ -95,8 +95,29 @@ class RefineConfig:
         if len(self.prompts) < 2:
             raise CanError(f"{len(self.prompts)} calibration prompt(s): give at least 2 (the intervals are over "
                            "prompts)")  # fmt: skip
+        from bridge.labels import _check_options
+
+        _check_options(self.mode, self.pairs_per_prompt)  # the rounds' labelling, checked before round 0's measuring
+        self._check_dpo()
         if self.start == "previous" and self.dpo.get("lora"):
             raise CanError("--start previous with LoRA is not supported: a LoRA run's reference is its base model")
+
+    def _check_dpo(self) -> None:
+        """The rounds' DPO options, before round 0 is measured and recorded (else a bad value is found minutes later,
+        after refine.json holds it)."""
+        d = self.dpo
+        for key, flag in (("lr", "--lr"), ("epochs", "--epochs")):
+            v = d.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+                raise CanError(f"{flag} must be a positive number, got {v}")
+        for key, flag in (("batch_size", "--batch-size"), ("max_length", "--max-length"), ("train_top", "--train-top")):
+            v = d.get(key)
+            if v is not None and v < 1:
+                raise CanError(f"{flag} must be at least 1, got {v}")
+        if d.get("precision") not in (None, "auto", "bf16", "fp32"):
+            raise CanError(f"--precision {d['precision']!r}: use auto, bf16 or fp32")
+        if self.test_prompts is not None and len(self.test_prompts) < 2:
+            raise CanError(f"{len(self.test_prompts)} test prompt(s): give at least 2 (the intervals are over prompts)")
 
     def chain_settings(self) -> dict:
         d = asdict(self)
@@ -141,6 +162,24 @@ def chain_start(cfg: RefineConfig):
         raise CanError(f"{policy} was aligned from {base!r}, not from the reference {cfg.reference!r}: give "
                        f"--reference {base}")  # fmt: skip
     return cert, str(policy)
+
+
+def check_scorer_specs(cert, parsed: list) -> None:
+    """Refuses a scorer whose spec is not the one the certificate records for its name (the rounds would measure
+    another quantity under its margin); a certificate that records none is not checked."""
+    recorded = cert.scorers
+    for name, spec in (p[:2] for p in parsed):
+        was = (recorded.get(name) or {}).get("spec")
+        if was is not None and was != spec and not _same_path(was, spec):
+            raise CanError(f"-s {name}={spec}: the certificate's {name!r} was scored with {was!r}; give the scorers "
+                           "its table was scored with")  # fmt: skip
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def _prompt_key(prompt) -> str | None:
@@ -293,6 +332,7 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
     check_prompts_apart(cfg)
     names = cert0.names
     check_scorers(cert0, [parse_scorer(s)[0] for s in cfg.scorers])
+    check_scorer_specs(cert0, [parse_scorer(s) for s in cfg.scorers])
     st = dist.state()
     out = Path(cfg.out)
     if st.is_main_process:
