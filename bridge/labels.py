@@ -68,7 +68,7 @@ def pseudo_preferences(
     from bridge.dual import check_solution as kkt_check
     from bridge.preferences import PreferenceSet
 
-    _check_options(mode, pairs_per_prompt)
+    check_label_options(mode, pairs_per_prompt)
     _check_source(scores_path)
     if check_hash and sha256_file(scores_path) != cert.scores_sha256:
         raise CanError(
@@ -97,14 +97,15 @@ def score_preferences(
     """Preference pairs labelled by one score column alone — a stand-in for human preference data on one aspect,
     the input of PeCAN's pre-alignment (DESIGN §3). The rule of `pseudo_preferences` with no constraint; a plain
     table without can metadata (so a DPO run on it needs its β given explicitly)."""
-    _check_options(mode, pairs_per_prompt)
+    check_label_options(mode, pairs_per_prompt)
     table = read_table(scores_path)
     _require(table, ["prompt_id", "prompt", "response", column], scores_path)
     return _label(table, str(scores_path), [(column, 1.0)], "prompt_id", [], False, mode, pairs_per_prompt, seed,
                   "prompt", "response")  # fmt: skip
 
 
-def _check_options(mode: str, pairs_per_prompt: int) -> None:
+def check_label_options(mode: str, pairs_per_prompt: int) -> None:
+    """Refuses an unknown labelling mode or fewer than one pair per prompt (`can label`, and `can refine` up front)."""
     if mode not in MODES:
         raise CanError(f"unknown labelling mode {mode!r}: use one of {', '.join(MODES)}")
     if pairs_per_prompt < 1:

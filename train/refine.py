@@ -95,9 +95,9 @@ class RefineConfig:
         if len(self.prompts) < 2:
             raise CanError(f"{len(self.prompts)} calibration prompt(s): give at least 2 (the intervals are over "
                            "prompts)")  # fmt: skip
-        from bridge.labels import _check_options
+        from bridge.labels import check_label_options
 
-        _check_options(self.mode, self.pairs_per_prompt)  # the rounds' labelling, checked before round 0's measuring
+        check_label_options(self.mode, self.pairs_per_prompt)  # the rounds' labelling, before round 0
         self._check_dpo()
         if self.start == "previous" and self.dpo.get("lora"):
             raise CanError("--start previous with LoRA is not supported: a LoRA run's reference is its base model")
