@@ -266,7 +266,10 @@ def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
             old = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise CanError(f"{path}: unreadable ({err}); use another --out") from None
-        if old.get("root_sha256") != record["root_sha256"] or old.get("policy") != record["policy"]:
+        if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
+            raise CanError(f"{path}: not a refine record (a JSON object); use another --out")
+        same_policy = old.get("policy") == record["policy"] or _same_path(str(old.get("policy")), record["policy"])
+        if old.get("root_sha256") != record["root_sha256"] or not same_policy:
             raise CanError(f"{out} holds the rounds of another chain (policy {old.get('policy')!r}): use another "
                            "--out")  # fmt: skip
         was, now = old.get("settings", {}), record["settings"]

@@ -243,6 +243,12 @@ def test_a_rerun_on_other_prompts_is_refused(one_round, chain, tmp_path):
     (out / "refine.json").write_text(json.dumps(record))
     with pytest.raises(CanError, match="recorded before refine kept its prompts' hashes"):
         refine(_config(chain, out, start="reference"), say=lambda *_: None)
+    # The same policy spelled with a trailing slash is the same chain (refused here only for the missing hashes).
+    with pytest.raises(CanError, match="recorded before refine kept its prompts' hashes"):
+        refine(_config(chain, out, start="reference", policy=record["policy"] + "/"), say=lambda *_: None)
+    (out / "refine.json").write_text("[1]")  # JSON, but not a record
+    with pytest.raises(CanError, match="not a refine record"):
+        refine(_config(chain, out, start="reference"), say=lambda *_: None)
     assert not list(out.glob("round-*"))
 
 
