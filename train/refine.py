@@ -245,9 +245,9 @@ _APART = ("calibration prompts steer the rounds and test prompts judge them, so 
 def prompts_sha256(prompts: list) -> str:
     """The SHA-256 of a prompt list (texts or conversations) in order: which calibration or test prompts a run's
     rounds were measured on."""
-    import hashlib
+    from bridge.certificate import sha256_of  # canonical JSON (sorted keys), for a list as for a body
 
-    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+    return sha256_of(list(prompts))
 
 
 def _check_record(out: Path, cfg: RefineConfig, cert) -> None:

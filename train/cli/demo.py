@@ -62,17 +62,16 @@ def demo(
         cfg = DemoConfig(seed=seed)
         if refine < 0:
             fail(f"--refine must be at least 0, got {refine}")
-        if refine:  # the rounds' options, before the ~14-minute chain rather than after it
-            import math
+        if refine:  # the rounds' options, checked by the rounds' own config before the ~14-minute chain
+            from train.demo_prompts import CALIBRATION_PROMPTS
+            from train.refine import RefineConfig
 
-            from train.refine import STARTS, STEPS
-
-            if step not in STEPS:
-                fail(f"--step {step!r}: use one of {', '.join(STEPS)}")
-            if start is not None and start not in STARTS:
-                fail(f"--start {start!r}: use one of {', '.join(STARTS)}")
-            if not (math.isfinite(eta) and eta > 0):
-                fail(f"--eta must be a positive number, got {eta}")
+            try:
+                RefineConfig(policy="", scores="", prompts=list(CALIBRATION_PROMPTS), scorers=[], step=step, eta=eta,
+                             start=start, mode=cfg.mode, pairs_per_prompt=cfg.pairs_per_prompt,
+                             dpo=cfg.dpo_settings()).check()  # fmt: skip
+            except CanError as err:
+                fail(str(err))
         if out.exists() and not out.is_dir():
             fail(f"--out {out} is a file: give a folder for the demo's run")
         memo = {}  # the reference's samples on the test prompts, drawn once for the chain and the rounds
