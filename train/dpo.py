@@ -200,6 +200,7 @@ def train(
                         chat_template=chat_template,
                         **({"reference": str(reference)} if reference else {}))  # fmt: skip
     st = state()
+    record["processes"] = st.num_processes  # what the run was launched on (not a setting: resume may differ)
     has_ckpt = check_run_folder(out_dir, record, resume, overwrite)
     if st.is_main_process:
         ensure_dir(out_dir)  # a path that cannot be a folder is refused before the model is loaded

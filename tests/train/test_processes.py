@@ -29,15 +29,11 @@ def _env():
 
 
 def _can(*args, procs: int | None = None, timeout=600, check=True):
-    """`python -m train.cli ARGS`, or under `accelerate launch --multi_gpu --num_processes PROCS -m train.cli ARGS`
-    (on this CPU machine: PROCS processes over gloo; accelerate's `--cpu` launcher would start one without MPI)."""
-    if procs is None:
-        cmd = [sys.executable, "-m", "train.cli", *map(str, args)]
-    else:
-        mode = "--multi_gpu" if procs > 1 else "--cpu"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.cli",
-               *map(str, args)]  # fmt: skip
+    """`python -m train.cli ARGS`, with `--num-processes PROCS` when given (on this CPU machine: PROCS processes
+    over gloo, launched by the command itself through accelerate's launcher)."""
+    cmd = [sys.executable, "-m", "train.cli", *map(str, args)]
+    if procs is not None:
+        cmd += ["--num-processes", str(procs)]
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -53,8 +49,8 @@ def test_cli_is_one_package_run_every_way():
     exe = Path(sys.executable).with_name("can")
     if exe.exists():
         assert "train" in subprocess.run([exe, "--help"], capture_output=True, text=True, env=_env()).stdout
-    res = _can("train", "--help", procs=1)  # what the README's multi-GPU command runs
-    assert "DPOConfig" in res.stdout
+    res = _can("train", "--help")
+    assert "DPOConfig" in res.stdout and "--num-processes" in res.stdout and "--accelerate-config" in res.stdout
 
 
 def test_dpo_options_from_file_and_command_line(tmp_path):
@@ -142,9 +138,7 @@ def test_two_processes_collect_train_evaluate_like_one(tiny_lm, tmp_path):
     slow = tmp_path / "slow.parquet"
     shards = slow.with_name(slow.name + ".shards")
     args = ["collect", *common[:-4], "-s", "len=tests.train.toy_scorers:slow_length", "-s", scorers[3], "-o", slow]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.cli",
-           *map(str, args)]  # fmt: skip
+    cmd = [sys.executable, "-m", "train.cli", *map(str, args), "--num-processes", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
     deadline = time.time() + 300

@@ -1,4 +1,4 @@
-"""`python -m train.cli …` and `accelerate launch -m train.cli …`: the same app as the `can` command."""
+"""`python -m train.cli …`: the same app as the `can` command (from a folder without its own `train.py`)."""
 
 import sys
 

@@ -1,7 +1,7 @@
 """The one `can` app and what its commands share: option types, the one-line failure, JAX set-up, the certificate
 table (DESIGN §5). Commands live one stage per module in this package and register on `app` when the package is
-imported; nothing here imports them, so there is no import loop (`python -m train.cli`, `accelerate launch -m
-train.cli`).
+imported; nothing here imports them, so there is no import loop. `--num-processes` re-launches a command
+(`train.cli.launch`).
 
 Heavy modules (JAX, later torch) are imported inside the commands, so `can --help` is instant and `can dual`
 never imports torch. User mistakes end as one `error: …` line on stderr and a non-zero exit, never a traceback.
@@ -29,6 +29,7 @@ class _CanGroup(TyperGroup):
         if "--verbose" in args[:end]:
             args.remove("--verbose")
             args.insert(0, "--verbose")
+        COMMAND_LINE[:] = args  # what `--num-processes` re-launches (train.cli.launch)
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
@@ -38,7 +39,8 @@ class _CanGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CanError as err:
-            typer.echo(f"error: {one_line(err)}", err=True)
+            if is_main_rank():
+                typer.echo(f"error: {one_line(err)}", err=True)
             raise typer.Exit(EXIT_USER_ERROR) from None
         except Exception as err:
             # typer vendors click from 0.29 on: recognise its UsageError (and subclasses) by name.
@@ -46,6 +48,8 @@ class _CanGroup(TyperGroup):
                 echo_json({"status": "usage_error", "message": one_line(err.format_message()), "converged": False})
             raise
 
+
+COMMAND_LINE: list[str] = []  # this process's arguments after the program name, as the group parsed them
 
 app = typer.Typer(
     cls=_CanGroup,
@@ -158,6 +162,24 @@ Float32Opt = Annotated[bool, typer.Option("--float32", help="Solve in float32 (d
 DropOpt = Annotated[
     bool, typer.Option("--drop-bad-rows", help="Drop rows with NaN/inf/missing scores instead of failing.")
 ]
+ProcessesOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--num-processes",
+        help="Run on N processes: one per GPU, or N CPU processes over gloo on a machine without GPUs (the command "
+        "re-launches itself with accelerate's launcher) [default: 1, or the --accelerate-config file's].",
+        show_default=False,
+    ),
+]
+AccelerateConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--accelerate-config",
+        help="An accelerate config file (written by `accelerate config`; DDP, DeepSpeed or FSDP) to launch the "
+        "processes with.",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON certificate to stdout.")]
 CostAtMostOpt = Annotated[
     Optional[list[str]],
@@ -200,10 +222,17 @@ def status_of(err) -> str:
 def fail(message, code: int = EXIT_USER_ERROR, json_out: bool = False, status: str = "error"):
     """One `error: …` line on stderr and exit `code`; with --json also {status, message} on stdout."""
     message = one_line(message)
-    if json_out:
-        echo_json({"status": status, "message": message, "converged": False})
-    typer.echo(f"error: {message}", err=True)
+    if is_main_rank():
+        if json_out:
+            echo_json({"status": status, "message": message, "converged": False})
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def is_main_rank() -> bool:
+    """False on the other processes of a launch (torchrun's RANK): one error line per run, as in one process. Read
+    from the environment, so that a failure before torch is imported needs no process group."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def setup_jax(cache: bool = True):

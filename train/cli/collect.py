@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import app, fail, is_main_process
+from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process
+from train.cli.launch import launch_if_asked
 from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
 
 DtypeOpt = Annotated[
@@ -59,6 +60,8 @@ def collect_cmd(
     scorer_max_length: ScorerMaxLengthOpt = None,
     scorer_batch_size: ScorerBatchOpt = 16,
     dtype: DtypeOpt = "fp32",
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
 ):
     """Sample K responses per prompt from π_ref (temperature 1), record log π_ref the DPO way, score, write the table.
 
@@ -66,6 +69,7 @@ def collect_cmd(
     KL, for `can dual --pecan`. Resumable: finished shards in OUT.shards/ are kept and skipped on a rerun with the
     same settings.
     """
+    launch_if_asked(num_processes, accelerate_config)
     from rich.progress import Progress
 
     from can_jax.errors import CanError
@@ -122,10 +126,13 @@ def logratios(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
     dtype: DtypeOpt = "fp32",
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
 ):
     """PeCAN columns for responses already sampled: the table plus, per pre-aligned model, β·log-ratio, log-prob and
     token-level KL (what `can collect --aligned` records), without sampling again — so MoCAN and PeCAN can be
     compared on the same responses."""
+    launch_if_asked(num_processes, accelerate_config)
     from can_jax.errors import CanError
     from train.logratios import add_aligned
 

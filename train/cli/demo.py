@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from train.cli.app import app, fail, setup_jax
+from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, setup_jax
+from train.cli.launch import launch_if_asked
 from train.cli.options import EtaOpt, SecantOpt, StartOpt, StepOpt
 
 
@@ -42,6 +43,8 @@ def demo(
     eta: EtaOpt = 1.0,
     secant: SecantOpt = True,
     start: StartOpt = None,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
 ):
     """The main job on an embedded default: the whole MoCAN chain on SmolLM2-135M-Instruct, on CPU.
 
@@ -53,6 +56,7 @@ def demo(
     With --refine N: then up to N correction rounds (see `can refine`), with the rounds table in OUT/refine/rounds.md.
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """
+    launch_if_asked(num_processes, accelerate_config)
     if not synthetic:
         setup_jax()
         from can_jax.errors import CanError

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import app, console, fail, is_main_process
+from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, console, fail, is_main_process
 from train.cli.collect import DtypeOpt
+from train.cli.launch import launch_if_asked
 from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
 
 
@@ -47,8 +48,11 @@ def evaluate_cmd(
             "samples (reweighted by π_aligned/π_ref), where the prediction was made."
         ),
     ] = None,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
+    launch_if_asked(num_processes, accelerate_config)
     from can_jax.errors import CanError
     from train.evaluate import check_scorer_options, check_scorers, evaluate, insample_gains
     from train.prompts import check_sampling, read_prompts

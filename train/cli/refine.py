@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import app, fail, is_main_process, setup_jax
+from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process, setup_jax
 from train.cli.collect import DtypeOpt
+from train.cli.launch import launch_if_asked
 from train.cli.options import (
     ChatTemplateOpt,
     EtaOpt,
@@ -87,6 +88,8 @@ def refine_cmd(
             help="Also each round's gains on the training samples (reweighted by π/π_ref: a log-prob pass).",
         ),
     ] = True,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
 ):
     """Correction rounds: measure the aligned policy's gains on calibration prompts, step λ, relabel the original
     π_ref samples under the round's certificate, run DPO again — until the gains reach the margins.
@@ -96,8 +99,9 @@ def refine_cmd(
     less that (h: half-width of the simultaneous intervals over the m constraints); else take the step, write
     OUT/round-N/certificate.json (linked to the previous round's by hash), label, train. Give the label and DPO
     options of the one-shot run. A killed run resumes when run again with the same command; several GPUs:
-    `accelerate launch -m train.cli refine ...`.
+    `--num-processes N`.
     """
+    launch_if_asked(num_processes, accelerate_config)
     if not scorer:
         fail("give the scorers: -s NAME=SPEC for the reward and every constraint (as for `can collect`)")
     setup_jax()

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import app, fail, is_main_process
+from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process
+from train.cli.launch import launch_if_asked
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 TemplateOpt = Annotated[
@@ -69,12 +70,13 @@ def train_cmd(
     ] = None,
     allow_beta_mismatch: Annotated[bool, typer.Option("--allow-beta-mismatch")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Random seed [default: 0, or the DPO config's].")] = None,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
 ):
     """One DPO run on the pseudo-preferences with TRL, β taken from the certificate (CUDA + bf16 when present).
 
     Soft labels use the per-pair target p_chosen; bt/hard labels use TRL's sigmoid loss. Several GPUs:
-    `accelerate launch -m train.cli train PREFS ...` (DDP; DeepSpeed/FSDP through `accelerate launch
-    --config_file`).
+    `--num-processes N` (DDP; DeepSpeed/FSDP through `--accelerate-config FILE`).
 
     Any other DPOConfig option (TRL's names): in a YAML/JSON file given with --config, and/or after the other
     options as `--name value` (e.g. `--gradient_accumulation_steps 4 --lr_scheduler_type cosine --warmup_steps 10
@@ -82,6 +84,7 @@ def train_cmd(
     other than sigmoid, label_smoothing, ld_alpha, f_divergence_type, use_weighting, sync_ref_model, a β other than
     the certificate's) are refused with the reason.
     """
+    launch_if_asked(num_processes, accelerate_config)
     from can_jax.errors import CanError
 
     try:
@@ -121,12 +124,15 @@ def prealign(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
     overwrite: OverwriteOpt = False,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateConfigOpt = None,
 ):
     """PeCAN: DPO of π_ref on one preference dataset (helpfulness only, or one safety aspect), recording β.
 
     Run once per dataset; then `can collect --aligned NAME=OUT/policy ...` and `can dual --pecan`. Other DPOConfig
     options: --config FILE and/or `--name value` after the options, as for `can train` (β is this command's).
     """
+    launch_if_asked(num_processes, accelerate_config)
     from can_jax.errors import CanError
 
     try:

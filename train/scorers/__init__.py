@@ -21,6 +21,7 @@ from a spec, `parse_scorer` for `NAME=SPEC`, and `scorer_options` from the CLI's
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class Scorer:
             values = np.asarray(self.fn(list(prompts), list(responses)), dtype=float).reshape(-1)
         except CanError:
             raise
-        except Exception as err:  # a user's scorer failing is a user error, reported in one line
+        except (Exception, SystemExit) as err:  # a user's scorer failing (or exiting) is a user error, in one line
             raise CanError(f"scorer {self.name!r} ({self.spec}) raised {type(err).__name__}: {err}") from None
         if values.shape != (len(responses),):
             raise CanError(f"scorer {self.name!r} returned {values.shape[0]} values for {len(responses)} responses")
@@ -103,18 +104,49 @@ class Scorer:
         return self.fn.truncated if isinstance(self.fn, ModelScore) else 0
 
 
-def _import_from_cwd(module: str):
-    """Imports `module` with the working directory first on the path, as `python -m` does."""
-    cwd = os.getcwd()
-    added = cwd not in sys.path and "" not in sys.path
-    if added:
-        sys.path.insert(0, cwd)
-    try:
-        importlib.invalidate_caches()
+OUR_PACKAGES = ("can_jax", "bridge", "train")
+
+
+def _module_file(folder: Path, module: str) -> Path | None:
+    """The file of `module` (dotted) under `folder`: `a/b.py` or `a/b/__init__.py`, if there is one."""
+    base = folder.joinpath(*module.split("."))
+    return next((f.resolve() for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
+
+
+def _user_module(module: str):
+    """The module of a `module:function` scorer. A file of that name in the working directory is loaded by its path,
+    and the working directory is on `sys.path` (last) only while it runs, for its own imports of its neighbours: a
+    user's `train.py`, `bridge.py` or `can_jax.py` beside it never stands in for ours (our packages are imported
+    before any user code, and their submodules are found through them). Otherwise an installed module."""
+    import bridge  # noqa: F401  (the last of our top-level packages not yet imported here)
+
+    file = _module_file(Path.cwd(), module)
+    if file is None:
         return importlib.import_module(module)
+    loaded = sys.modules.get(module)
+    if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == file:
+        return loaded
+    top = module.split(".")[0]
+    name = module if loaded is None and top not in OUR_PACKAGES and top not in sys.modules else (
+        "_can_user_" + module.replace(".", "_"))  # fmt: skip
+    spec = importlib.util.spec_from_file_location(
+        name, file, submodule_search_locations=[str(file.parent)] if file.name == "__init__.py" else None
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     finally:
         if added and cwd in sys.path:
             sys.path.remove(cwd)
+    return mod
 
 
 def scorer_options(template: str = "auto", dtype: str = "fp32", max_length: int | None = None,
@@ -145,9 +177,9 @@ def make_scorer(name: str, spec: str, template: str = "auto", *, dtype: str = "f
         raise CanError(f"scorer {name!r}: {spec!r} is not builtin:NAME, module:function, a model directory "
                        "or a Hugging Face Hub id")  # fmt: skip
     try:
-        fn = getattr(_import_from_cwd(module), attr)
-    except (ImportError, AttributeError) as err:
-        raise CanError(f"scorer {name!r}: cannot import {spec!r}: {err}") from None
+        fn = getattr(_user_module(module), attr)
+    except (Exception, SystemExit) as err:  # the user's module failing to import is a user error, in one line
+        raise CanError(f"scorer {name!r}: cannot import {spec!r}: {type(err).__name__}: {err}") from None
     return Scorer(name, spec, f"python callable {spec}", fn)
 
 
