@@ -185,7 +185,41 @@ def check_solution(scores_path, cert: Certificate) -> float:
             f"the certificate's λ {cert.lam} is not the solution of the dual at its β = {cert.beta:g} on "
             f"{scores_path} (KKT residual {res:.3g}, tolerance {reached:.2g}): was it edited? re-run `can dual`"
         )
+    check_predictions(loaded, cert, lam)
     return res
+
+
+def check_predictions(loaded, cert: Certificate, lam) -> None:
+    """Refuses a certificate whose predicted outcome (utility and reward gains, KL) is not what π_λ gives on the
+    table at its λ and β: evaluation, refine and the model card compare the trained policy with these numbers, so
+    an edited prediction would be a wrong verdict. The tolerance is the solve's precision, in each score's own
+    units (a float32 solve of scores near 100 is off by ~1e-5): an edit that matters is far larger."""
+    import jax.numpy as jnp
+
+    from can_jax.certify import predicted_outcome
+    from can_jax.dual import to_blocks
+
+    sc = loaded.scores
+    mask = np.asarray(sc.mask, bool)
+    units = {"reward": float(np.max(np.abs(np.asarray(sc.reward)[mask]), initial=0.0)), "KL": 1.0}
+    util = np.asarray(sc.utility)[mask]  # [rows, m]
+    units.update({n: float(np.max(np.abs(util[:, j]), initial=0.0)) for j, n in enumerate(loaded.names)})
+    eps = 1e-6 if cert.dtype == "float32" else 1e-9
+    pred = predicted_outcome(jnp.asarray(lam, jnp.float64), to_blocks(sc), jnp.asarray(cert.beta, jnp.float64),
+                             centre=True)  # fmt: skip
+    predicted = cert.predicted
+    given = {**{n: (predicted.get("utility_gains") or {}).get(n) for n in loaded.names},
+             "reward": predicted.get("reward_gain"), "KL": predicted.get("kl")}  # fmt: skip
+    here = {**dict(zip(loaded.names, np.asarray(pred.utility_gain).tolist(), strict=True)),
+            "reward": float(pred.reward_gain), "KL": float(pred.kl)}  # fmt: skip
+    for name, value in here.items():
+        was = given[name]
+        what = f"predicted {name}" + (" gain" if name != "KL" else "")
+        if not isinstance(was, (int, float)):
+            raise CanError(f"the certificate has no {what}: was it edited? re-run `can dual`")
+        if not abs(value - was) <= 1e3 * eps * (1.0 + units[name]) + 1e-4 * abs(value):
+            raise CanError(f"the certificate's {what} {was:.6g} is not what its λ gives on {loaded.path} "
+                           f"({value:.6g}): was it edited? re-run `can dual`")  # fmt: skip
 
 
 def data_summary(loaded, reward: str, prompt_id: str) -> dict:

@@ -101,3 +101,16 @@ def write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Gives the files under `folder` the permissions `open()` gives under the process umask. Weight writers that
+    go through a private temporary file (safetensors) leave 0600 behind, which a user sharing a group folder does
+    not expect."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).rglob("*"):
+        if f.is_file() and not f.is_symlink() and (f.stat().st_mode & 0o777) != mode:
+            try:
+                os.chmod(f, mode)
+            except OSError:
+                pass  # a file of someone else's: left as it is

@@ -123,6 +123,16 @@ def _stamp_hash(stamp: Path) -> str | None:
         return None  # unreadable: the shards beside it are judged by the rule above
 
 
+def _changed_scorers(stamp: Path, prints: dict) -> list[str]:
+    """The scorers whose fingerprint differs from the one the shards were scored under (all of them for a stamp
+    that records none: shards of unknown scorer code are not trusted)."""
+    try:
+        was = json.loads(stamp.read_text()).get("scorers") or {}
+    except (OSError, ValueError, AttributeError):
+        was = {}
+    return [name for name, fp in prints.items() if was.get(name) != fp]
+
+
 def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     """Runs the collection into `out` (.parquet), resuming from `out`.shards/ if it exists.
 
@@ -165,11 +175,25 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     shard_dir = ensure_dir(out.with_name(out.name + ".shards"))
     stamp = shard_dir / "settings.json"
     digest = _settings_hash(cfg, prompts)
-    if stamp.exists() and _stamp_hash(stamp) != digest and any(shard_dir.glob("shard-*.parquet")):
+    old_shards = sorted(shard_dir.glob("shard-*.parquet"))
+    if stamp.exists() and _stamp_hash(stamp) != digest and old_shards:
         raise CanError(f"{shard_dir} holds shards made with other settings or prompts; delete it or change --out")
+    prints = {sc.name: sc.fingerprint() for sc in scorers}
+    changed = _changed_scorers(stamp, prints) if old_shards else []
     st.wait_for_everyone()  # every rank has checked the old stamp before the main process replaces it
     if st.is_main_process:
-        atomic_write_text(stamp, json.dumps({"hash": digest, "config": asdict(cfg)}, indent=2))
+        if changed:
+            # The same settings and seeds with a scorer whose code or model changed: its scores in the finished
+            # shards are another function's, so those shards are redone (the samples come out the same).
+            import warnings
+
+            for f in old_shards:
+                f.unlink(missing_ok=True)
+            warnings.warn(f"scorer(s) {', '.join(changed)} changed since the {len(old_shards)} finished shards in "
+                          f"{shard_dir} were scored (another source file or model): those shards are redone",
+                          stacklevel=2)  # fmt: skip
+        atomic_write_text(stamp, json.dumps({"hash": digest, "config": asdict(cfg), "scorers": prints}, indent=2))
+    st.wait_for_everyone()  # no rank looks for finished shards before stale ones are gone
 
     conv = any(is_conversation(p) for p in prompts)
     others = [load_policy(path, device, cfg.dtype)[0].eval() for _, path, _ in aligned]

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bridge.files import atomic_write_text
+from train import dist
 from train.demo_prompts import TEST_PROMPTS, training_prompts
 
 # The demo's prompts before issue 20 (the study's baseline; benchmarks/lm_throughput.py).
@@ -86,6 +88,19 @@ class DemoConfig:
                 "lora": self.lora, "train_top": self.train_top, "seed": self.seed, **override}  # fmt: skip
 
 
+# What a demo run writes into its folder (and may replace on a rerun); `run/` and `evaluation/` have markers of
+# their own.
+DEMO_ENTRIES = ("train_prompts.txt", "scores.parquet", "scores.parquet.shards", "certificate.json",
+                "preferences.parquet", "run", "evaluation", "refine", "pecan")  # fmt: skip
+
+
+def _is_demo_folder(folder: Path) -> bool:
+    """A demo folder from before the marker: its certificate is one `can dual` wrote."""
+    from bridge.owned import json_format
+
+    return json_format(folder / "certificate.json", "can.dual-certificate")
+
+
 def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | None = None,
               reference_memo: dict | None = None) -> dict:
     """Runs the chain into OUT and returns the evaluation report. `scores`: a scores table already collected with
@@ -100,8 +115,11 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     from train.label import run as run_label
     from train.scorers import parse_scorer
 
+    # Under several processes every rank computes; the main process writes the shared files and speaks.
+    st = dist.state()
+    say = say if st.is_main_process else (lambda *_: None)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    dist.claim(st, out, list(DEMO_ENTRIES), legacy=_is_demo_folder)
     times = {}
     t = time.perf_counter()
     if scores is None:
@@ -118,7 +136,8 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     cert = run_dual(DualConfig(scores=str(scores_path), reward=cfg.reward, beta=cfg.beta, constraint=margins))
     if not cert.converged:
         raise CanError(f"the demo's dual did not converge: {cert.message}")
-    cert.write(out / "certificate.json")
+    if st.is_main_process:
+        cert.write(out / "certificate.json")
     times["dual"] = time.perf_counter() - t
     say(
         f"② dual: margins {cert.margins} → λ* { ({k: round(v, 4) for k, v in cert.lam.items()}) }, "
@@ -126,10 +145,12 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     )
 
     t = time.perf_counter()
-    _, stats = run_label(LabelConfig(scores=str(scores_path), certificate=str(out / "certificate.json"),
-                                     out=str(out / "preferences.parquet"), mode=cfg.mode,
-                                     pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed))  # fmt: skip
-    say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
+    if st.is_main_process:
+        _, stats = run_label(LabelConfig(scores=str(scores_path), certificate=str(out / "certificate.json"),
+                                         out=str(out / "preferences.parquet"), mode=cfg.mode,
+                                         pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed))  # fmt: skip
+        say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
+    st.wait_for_everyone()
     final = train(out / "preferences.parquet", cfg.policy, out / "run", **cfg.dpo_settings())
     times["label+train"] = time.perf_counter() - t
     say(f"④ DPO (β = {cert.beta:g}) → {final} ({times['label+train']:.0f} s)")
@@ -142,7 +163,8 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
                       insample=insample, reference_memo=reference_memo)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
     report["seconds"] = times
-    (out / "evaluation" / "timing.json").write_text(json.dumps(times, indent=2))
+    if st.is_main_process:
+        atomic_write_text(out / "evaluation" / "timing.json", json.dumps(times, indent=2))
     say(f"⑤ evaluated on {len(cfg.eval_prompts)} held-out prompts ({times['evaluate']:.0f} s): "
         f"{out / 'evaluation' / 'evaluation.md'}")  # fmt: skip
     return report
@@ -152,10 +174,12 @@ def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
     """Stage ①: K samples of the policy per training prompt, scored, into OUT/scores.parquet (resumes its shards)."""
     from train.collect import CollectConfig, collect
 
+    st = dist.state()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     prompts_file = out / "train_prompts.txt"
-    prompts_file.write_text("\n".join(cfg.train_prompts) + "\n")
+    if st.is_main_process:
+        atomic_write_text(prompts_file, "\n".join(cfg.train_prompts) + "\n")
+    st.wait_for_everyone()  # no rank reads the prompts before they are whole
     ccfg = CollectConfig(prompts=str(prompts_file), policy=cfg.policy, scorers=cfg.scorers, k=cfg.k,
                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed)  # fmt: skip
     return collect(ccfg, out / "scores.parquet")
@@ -170,22 +194,26 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
     the demo's own evaluation (the same policy, prompts, samples and seed)."""
     import shutil
 
-    from bridge.files import atomic_write_text
     from train.demo_prompts import CALIBRATION_PROMPTS
     from train.refine import RefineConfig, default_start, refine
 
+    st = dist.state()
+    say = say if st.is_main_process else (lambda *_: None)
     out = Path(out)
     start = start or default_start(cfg.lora)
     name = "refine" + (f"-caid-{eta:g}" if step == "caid" else "" if secant else "-no-secant")
     folder = out / (name + ("" if start == "previous" else f"-{start}"))  # the default start adds nothing
     evaluation = out / "evaluation" / "evaluation.json"
     round0 = folder / "round-0"
-    if evaluation.is_file() and not (round0 / "test" / "evaluation.json").exists():
+    dist.claim(st, out, [folder.name])
+    dist.claim(st, folder, ["round-0"])
+    if st.is_main_process and evaluation.is_file() and not (round0 / "test" / "evaluation.json").exists():
         round0.mkdir(parents=True, exist_ok=True)
         shutil.copytree(out / "evaluation", round0 / "test", dirs_exist_ok=True)
         rows = json.loads(evaluation.read_text())["rows"]
         if all(r.get("insample_gain") is not None for r in rows):  # the demo's scores are all utilities
             atomic_write_text(round0 / "insample.json", json.dumps({r["name"]: r["insample_gain"] for r in rows}))
+    st.wait_for_everyone()
     rcfg = RefineConfig(policy=str(out / "run" / "policy"), scores=str(out / "scores.parquet"),
                         prompts=list(CALIBRATION_PROMPTS), scorers=list(cfg.scorers), out=str(folder),
                         reference=cfg.policy, rounds=rounds, step=step, eta=eta, secant=secant, start=start,

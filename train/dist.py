@@ -56,3 +56,15 @@ def map_units(st, n_units: int, fn) -> list:
     """[fn(u) for u in range(n_units)], each unit computed by the rank that owns it, the results on every rank."""
     mine = [(u, fn(u)) for u in owned(n_units, st.process_index, st.num_processes)]
     return by_unit(gather(st, mine))
+
+
+def claim(st, folder, names: list[str], legacy=None) -> None:
+    """`bridge.owned.claim` under several processes: every rank checks that `can` may replace `names` in
+    `folder`, then the main process marks them, after a barrier (no rank reads a half-made decision)."""
+    from bridge.owned import claim as check
+
+    check(folder, names, legacy=legacy, write=False)
+    st.wait_for_everyone()
+    if st.is_main_process:
+        check(folder, names, legacy=legacy)
+    st.wait_for_everyone()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from can_jax.errors import CanError
 from train.dpo_config import CAN_FIXED, CanDPOConfig, bf16_available, check_config, make_config  # noqa: F401
-from train.run_record import RUN_RECORD, check_run_folder, run_record  # noqa: F401
+from train.run_record import RUN_RECORD, check_run_folder, is_run_folder, run_record  # noqa: F401
 from train.trainer import (  # noqa: F401  (the trainer's names, where callers have always found them)
     IDS,
     STORED_REF_TOL,
@@ -18,6 +18,7 @@ from train.trainer import (  # noqa: F401  (the trainer's names, where callers h
     CanDPOTrainer,
     SoftPreferenceCollator,
     compact_lm_head,
+    prompt_fits,
 )
 
 
@@ -104,6 +105,9 @@ def _apply_chat_template(data, tok, policy: str, chat_template: bool | None):
     return Dataset.from_dict(cols)
 
 
+RUN_ENTRIES = ("checkpoints", "data", "data.tmp", "policy", RUN_RECORD)
+
+
 def _shared_on_disk(data, folder: Path):
     """The dataset saved once (main process) under the run folder and memory-mapped by every process, so that the
     cache files TRL's preprocessing and reference pass write are shared by the ranks (an in-memory dataset gets a
@@ -167,10 +171,10 @@ def train(
     import json
     import shutil
 
-    from bridge.files import atomic_write_text
-    from train.dist import state
+    from bridge.files import atomic_write_text, honour_umask
+    from bridge.owned import check_not_inputs, spelled
+    from train.dist import claim, state
     from train.models import load_policy
-    from train.prompts import ensure_dir
 
     data, prefs = load_preferences(preferences, beta_override if beta_override is not None else beta)
     cert_beta = prefs.beta if prefs.beta is not None else beta  # a plain table: the β given
@@ -198,12 +202,16 @@ def train(
         raise CanError("a separate DPO reference does not go with --lora (the adapter's base is the reference)")
     record = run_record(Path(preferences), prefs, policy, args, lora=lora, train_top=train_top,
                         chat_template=chat_template,
-                        **({"reference": str(reference)} if reference else {}))  # fmt: skip
+                        **({"reference": spelled(reference)} if reference else {}))  # fmt: skip
     st = state()
     record["processes"] = st.num_processes  # what the run was launched on (not a setting: resume may differ)
     has_ckpt = check_run_folder(out_dir, record, resume, overwrite)
-    if st.is_main_process:
-        ensure_dir(out_dir)  # a path that cannot be a folder is refused before the model is loaded
+    # What this run replaces or cleans: only entries a `can` run made (never a user's own `data/` in --out), and
+    # never one of its own inputs (a policy trained from OUT/policy into OUT).
+    entries = [("--out", out_dir / name) for name in RUN_ENTRIES]
+    check_not_inputs(entries, [("PREFERENCES", preferences), ("--policy", policy), ("--reference", reference),
+                               ("--config", config_file)])  # fmt: skip
+    claim(st, out_dir, list(RUN_ENTRIES), legacy=is_run_folder)
     model, tok = load_policy(policy)
     if set(IDS) <= set(data.column_names) and prefs.tokenizer_sha256:
         from train.tokens import tokenizer_fingerprint
@@ -242,7 +250,14 @@ def train(
 
         longest = [len(p) + max(len(c), len(r)) for p, c, r in zip(data["prompt_ids"], data["chosen_ids"],
                                                                      data["rejected_ids"], strict=True)]  # fmt: skip
-        cut = sum(n > max_length for n in longest)
+        # keep_start drops a pair whose prompt fills max_length (`train.trainer.prompt_fits`); keep_end keeps it.
+        keep_start = args.truncation_mode == "keep_start"
+        fits = [prompt_fits(p, max_length) or not keep_start for p in data["prompt_ids"]]
+        if not any(fits):
+            raise CanError(f"--max-length {max_length} leaves no response token of any pair: every prompt is at "
+                           f"least that long (the shortest has {min(map(len, data['prompt_ids']))} tokens); raise "
+                           "--max-length")  # fmt: skip
+        cut = sum(n > max_length and ok for n, ok in zip(longest, fits, strict=True))
         if cut:
             warnings.warn(f"{cut} of {len(longest)} pairs are longer than max_length={max_length} tokens: DPO trains "
                           "their first max_length tokens, not the whole sampled response (raise --max-length)",
@@ -258,6 +273,7 @@ def train(
         ref_model.requires_grad_(False)
     trainer = CanDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tok,
                             data_collator=collator, peft_config=peft_config)  # fmt: skip
+    _count_dropped(trainer, len(data), max_length, out_dir / RUN_RECORD, record, st.is_main_process)
     trainer.train(resume_from_checkpoint=True if has_ckpt else None)
     final = out_dir / "policy"
     if lora:
@@ -271,8 +287,31 @@ def train(
     if trainer.accelerator.is_main_process:
         tok.save_pretrained(final)
         _write_card(final, prefs, policy, preferences, args)
+        for entry in (final, out_dir / "checkpoints"):  # this run's own entries, never the rest of --out
+            honour_umask(entry)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _count_dropped(trainer, given: int, max_length, record_path: Path, record: dict, main: bool) -> None:
+    """Pairs the trainer dropped (a prompt that fills --max-length leaves no response token to learn from) are
+    counted in run.json and said in a warning; none left is an error, not an empty run."""
+    import json
+    import warnings
+
+    from bridge.files import atomic_write_text
+
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        raise CanError(f"no pair is left to train on: every prompt fills --max-length {max_length}; raise "
+                       "--max-length")  # fmt: skip
+    record["pairs"] = {"given": given, "trained": kept, "dropped_prompt_fills_max_length": given - kept}
+    if main:
+        atomic_write_text(record_path, json.dumps(record, indent=2) + "\n")
+    if kept < given and main:
+        warnings.warn(f"{given - kept} of {given} pairs dropped: their prompt fills --max-length {max_length}, "
+                      "leaving no response token (counted in run.json; raise --max-length to keep them)",
+                      stacklevel=2)  # fmt: skip
 
 
 def _write_card(final: Path, prefs, policy: str, preferences, args) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from bridge.files import atomic_write_text, write_figure
+from bridge.owned import same_location
 from can_jax.errors import CanError
 
 PROMPTS_PER_UNIT = 16  # prompts per unit of evaluation work; unit u samples with seed + u (`train.dist`)
@@ -102,6 +103,19 @@ def text_health(aligned: str, reference: str, samples_a, samples_r, ids_a, ids_r
     }  # fmt: skip
 
 
+# What an evaluation writes into its folder (`timing.json`: the demo's stage times).
+EVALUATION_ENTRIES = ("evaluation.json", "evaluation.md", "evaluation.png", "timing.json")
+
+
+def _is_report(path: Path) -> bool:
+    """Whether `path` is an evaluation report `can evaluate` wrote (a folder from before the marker)."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(body, dict) and isinstance(body.get("rows"), list)
+
+
 def evaluate(
     aligned: str,
     reference: str,
@@ -124,7 +138,7 @@ def evaluate(
     the reference policy's samples and scores between calls of one process (a study evaluating several aligned
     policies on the same prompts samples the reference once)."""
     from train import dist
-    from train.prompts import check_sampling, ensure_dir
+    from train.prompts import check_sampling
     from train.scorers import make_scorer, parse_scorer
 
     check_sampling(k, max_new_tokens, batch_size)
@@ -134,8 +148,8 @@ def evaluate(
     check_scorers(cert, [parse_scorer(s)[0] for s in scorer_specs])
     st = dist.state()
     out = Path(out)
-    if st.is_main_process:
-        ensure_dir(out)  # before any sampling: an output path that cannot be written is refused first
+    # Before any sampling: an output folder that cannot be written, or files there `can` did not make, are refused.
+    dist.claim(st, out, list(EVALUATION_ENTRIES), legacy=lambda f: _is_report(f / "evaluation.json"))
     scorers = [make_scorer(*parse_scorer(s), **(scorer_options or {}), device=dist.device(st)) for s in scorer_specs]
     ours, samples_a, ids_a, logp_a = _policy_scores(aligned, prompts, scorers, k, max_new_tokens, batch_size, seed,
                                             chat_template, dtype)  # fmt: skip
@@ -202,6 +216,41 @@ def check_scorers(cert, names: list[str]) -> None:
         raise CanError(f"no scorer for {', '.join(repr(n) for n in missing)} of the certificate (reward "
                        f"{cert.reward!r}, constraints {cert.names}): give -s NAME=SPEC for each, the scorers the "
                        "certificate's table was scored with")  # fmt: skip
+
+
+def check_scorer_specs(cert, parsed: list) -> None:
+    """Refuses a scorer whose spec is not the one the certificate records for its name (the rounds would measure
+    another quantity under its margin); a certificate that records none is not checked."""
+    recorded = cert.scorers
+    for name, spec in (p[:2] for p in parsed):
+        was = (recorded.get(name) or {}).get("spec")
+        if was is not None and was != spec and not same_location(was, spec):
+            raise CanError(f"-s {name}={spec}: the certificate's {name!r} was scored with {was!r}; give the scorers "
+                           "its table was scored with")  # fmt: skip
+
+
+def check_policy_folder(aligned: str) -> None:
+    """Refuses a `can train` run folder given where its policy belongs: the model is in RUN/policy, and RUN itself
+    holds only checkpoints and records (loading it fails far from the reason)."""
+    folder = Path(aligned)
+    is_model = any((folder / f).is_file() for f in ("config.json", "adapter_config.json"))
+    if (folder / "policy").is_dir() and not is_model:
+        raise CanError(f"{aligned} is a run folder: evaluate {folder / 'policy'}")
+
+
+def check_held_out(prompts: list, train_scores) -> None:
+    """Refuses held-out prompts that are training prompts of the scores table the certificate was solved on: DPO
+    saw them, so their gains read higher than on fresh prompts. The prompts are compared as `can refine` compares
+    them (`train.prompts.prompt_key`: text as a one-turn conversation, whitespace-normalised)."""
+    from train.prompts import prompt_key, shown_prompt, training_prompts
+
+    train = {prompt_key(p) for p in training_prompts(train_scores)} - {None}
+    shared = [key for key in dict.fromkeys(map(prompt_key, prompts)) if key in train]
+    if shared:
+        raise CanError(f"{len(shared)} of the {len(prompts)} held-out prompts are training prompts of "
+                       f"--train-scores {train_scores} (e.g. {shown_prompt(shared[0])}): held-out gains must come from "
+                       "prompts DPO did not see; give fresh prompts, or --allow-training-prompts to measure on these "
+                       "anyway")  # fmt: skip
 
 
 def check_scorer_options(options: dict | None) -> None:

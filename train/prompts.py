@@ -94,7 +94,8 @@ def read_prompts(path: str | os.PathLike) -> list:
     if path.is_dir():
         raise CanError(f"{path} is a directory: give a .txt or .jsonl file of prompts")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first prompt
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise CanError(f"{path}: not UTF-8 text") from None
     while lines and not lines[-1].strip():
@@ -152,3 +153,32 @@ def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: i
             out["finished"].append(f)
             out["retokenizes"].append(retokenizes(tok, p, text, ids, r))
     return out
+
+
+def prompt_key(prompt) -> str | None:
+    """A prompt as the policy sees it, whitespace-normalised: text counts as a one-turn user conversation, a
+    conversation is keyed by all its messages (another system prompt or earlier turn is another prompt). None for
+    an empty or malformed one."""
+    if prompt is None:
+        return None
+    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    try:
+        norm = [[str(m["role"]), " ".join(str(m["content"]).split())] for m in msgs]
+    except (TypeError, KeyError):
+        return None
+    return json.dumps(norm, ensure_ascii=False) if any(c for _, c in norm) else None
+
+
+def shown_prompt(key: str) -> str:
+    """A prompt key as an error line shows it: its last message, cut to 80 characters."""
+    return repr(json.loads(key)[-1][1][:80])
+
+
+def training_prompts(scores: str) -> list:
+    """A scores table's prompts (its `instruction` column, else `prompt`); [] when it has neither. An unreadable
+    table is refused in one line (bridge.tables)."""
+    from bridge.tables import read_table
+
+    table = read_table(scores, columns=["instruction", "prompt"])
+    col = next((c for c in ("instruction", "prompt") if c in table.column_names), None)
+    return [] if col is None else table.column(col).to_pylist()

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.owned import same_location, spelled
 from can_jax.errors import CanError
+from train.prompts import prompt_key, shown_prompt, training_prompts
 
 STEPS = ("newton", "caid")
 STARTS = ("reference", "previous")
@@ -158,57 +160,10 @@ def chain_start(cfg: RefineConfig):
     from train.run_record import recorded_policy
 
     base = recorded_policy(policy.parent)
-    if base is not None and str(base) != str(cfg.reference):
+    if base is not None and not same_location(base, cfg.reference):
         raise CanError(f"{policy} was aligned from {base!r}, not from the reference {cfg.reference!r}: give "
                        f"--reference {base}")  # fmt: skip
     return cert, str(policy)
-
-
-def check_scorer_specs(cert, parsed: list) -> None:
-    """Refuses a scorer whose spec is not the one the certificate records for its name (the rounds would measure
-    another quantity under its margin); a certificate that records none is not checked."""
-    recorded = cert.scorers
-    for name, spec in (p[:2] for p in parsed):
-        was = (recorded.get(name) or {}).get("spec")
-        if was is not None and was != spec and not _same_path(was, spec):
-            raise CanError(f"-s {name}={spec}: the certificate's {name!r} was scored with {was!r}; give the scorers "
-                           "its table was scored with")  # fmt: skip
-
-
-def _same_path(a: str, b: str) -> bool:
-    try:
-        return Path(a).exists() and Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return False
-
-
-def _prompt_key(prompt) -> str | None:
-    """A prompt as the policy sees it, whitespace-normalised: text counts as a one-turn user conversation, a
-    conversation is keyed by all its messages (another system prompt or earlier turn is another prompt). None for
-    an empty or malformed one."""
-    if prompt is None:
-        return None
-    msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    try:
-        norm = [[str(m["role"]), " ".join(str(m["content"]).split())] for m in msgs]
-    except (TypeError, KeyError):
-        return None
-    return json.dumps(norm, ensure_ascii=False) if any(c for _, c in norm) else None
-
-
-def _shown(key: str) -> str:
-    """A prompt key as an error line shows it: its last message, cut to 80 characters."""
-    return repr(json.loads(key)[-1][1][:80])
-
-
-def _training_prompts(scores: str) -> list:
-    """A scores table's prompts (its `instruction` column, else `prompt`); [] when it has neither. An unreadable
-    table is refused in one line (bridge.tables)."""
-    from bridge.tables import read_table
-
-    table = read_table(scores, columns=["instruction", "prompt"])
-    col = next((c for c in ("instruction", "prompt") if c in table.column_names), None)
-    return [] if col is None else table.column(col).to_pylist()
 
 
 def check_prompts_apart(cfg: RefineConfig) -> None:
@@ -219,10 +174,10 @@ def check_prompts_apart(cfg: RefineConfig) -> None:
     def clash(a, b, what):
         shared = sorted((set(a) & set(b)) - {None})
         if shared:
-            raise CanError(f"{len(shared)} {what} (e.g. {_shown(shared[0])}): {_APART}")
+            raise CanError(f"{len(shared)} {what} (e.g. {shown_prompt(shared[0])}): {_APART}")
 
-    cal = [_prompt_key(p) for p in cfg.prompts]
-    test = [_prompt_key(p) for p in cfg.test_prompts or []]
+    cal = [prompt_key(p) for p in cfg.prompts]
+    test = [prompt_key(p) for p in cfg.test_prompts or []]
     for keys, name in ((cal, "calibration"), (test, "test")):
         seen, repeats = set(), []
         for k in keys:
@@ -230,10 +185,11 @@ def check_prompts_apart(cfg: RefineConfig) -> None:
                 repeats.append(k)
             seen.add(k)
         if repeats:
-            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. {_shown(repeats[0])}): the "
-                           "intervals are over distinct prompts; remove the repeats")  # fmt: skip
+            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. "
+                           f"{shown_prompt(repeats[0])}): the intervals are over distinct prompts; remove the "
+                           "repeats")  # fmt: skip
     clash(cal, test, "calibration prompt(s) are also test prompts")
-    train = {_prompt_key(p) for p in _training_prompts(cfg.scores)}
+    train = {prompt_key(p) for p in training_prompts(cfg.scores)}
     clash(cal, train, "calibration prompt(s) are training prompts of the scores table")
     clash(test, train, "test prompt(s) are training prompts of the scores table")
 
@@ -250,6 +206,15 @@ def prompts_sha256(prompts: list) -> str:
     return sha256_of(list(prompts))
 
 
+def _is_record(path: Path) -> bool:
+    """Whether `path` is a refine record (a rounds folder from before the marker)."""
+    try:
+        body = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(body, dict) and "root_sha256" in body
+
+
 def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
     """OUT/refine.json: the chain and settings its rounds belong to, the calibration and test prompts by hash. A
     rerun with the same ones resumes (more --rounds continue the run); another chain, other settings or other prompts
@@ -258,7 +223,8 @@ def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
 
     settings = {**cfg.chain_settings(), "calibration_prompts_sha256": prompts_sha256(cfg.prompts),
                 "test_prompts_sha256": prompts_sha256(cfg.test_prompts) if cfg.test_prompts else None}  # fmt: skip
-    record = {"root_sha256": cert.sha256, "scores_sha256": cert.scores_sha256, "policy": str(cfg.policy),
+    settings["reference"] = spelled(settings["reference"])  # the same run from another folder resumes
+    record = {"root_sha256": cert.sha256, "scores_sha256": cert.scores_sha256, "policy": spelled(cfg.policy),
               "settings": json.loads(json.dumps(settings, default=str))}  # fmt: skip
     path = out / RECORD
     if path.is_file():
@@ -268,7 +234,7 @@ def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
             raise CanError(f"{path}: unreadable ({err}); use another --out") from None
         if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
             raise CanError(f"{path}: not a refine record (a JSON object); use another --out")
-        same_policy = old.get("policy") == record["policy"] or _same_path(str(old.get("policy")), record["policy"])
+        same_policy = same_location(old.get("policy"), record["policy"])
         if old.get("root_sha256") != record["root_sha256"] or not same_policy:
             raise CanError(f"{out} holds the rounds of another chain (policy {old.get('policy')!r}): use another "
                            "--out")  # fmt: skip
@@ -282,7 +248,8 @@ def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
                 return f"other {k.split('_')[0]} prompts (sha256 {short[0]} here, {short[1]} there)"
             return f"{k} {now.get(k)!r} here, {was.get(k)!r} there"
 
-        diff = [says(k) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        diff = [says(k) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
+                and not (k == "reference" and same_location(was.get(k), now.get(k)))]  # fmt: skip
         if diff:
             raise CanError(f"{out} holds rounds made with other settings ({'; '.join(diff)}): rerun with those, or "
                            "use another --out")  # fmt: skip
@@ -326,8 +293,7 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
     """Runs (or resumes) the correction rounds in cfg.out; returns the rounds report (OUT/rounds.json)."""
     from can_jax.refine import stop_rule
     from train import dist
-    from train.evaluate import check_scorers
-    from train.prompts import ensure_dir
+    from train.evaluate import check_scorer_specs, check_scorers
     from train.scorers import parse_scorer
 
     cfg.check()
@@ -338,8 +304,9 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
     check_scorer_specs(cert0, [parse_scorer(s) for s in cfg.scorers])
     st = dist.state()
     out = Path(cfg.out)
+    entries = [RECORD, "rounds.json", "rounds.md", "rounds.png", *(f"round-{n}" for n in range(cfg.rounds + 1))]
+    dist.claim(st, out, entries, legacy=lambda f: _is_record(f / RECORD))
     if st.is_main_process:
-        ensure_dir(out)
         _check_record(out, cfg, cert0)
     st.wait_for_everyone()
     memo = {} if reference_memo is None else reference_memo

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bridge.owned import same_location, spelled
 from can_jax.errors import CanError
 
 RUN_SETTINGS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",
@@ -33,7 +34,19 @@ def run_record(preferences: Path, prefs, policy: str, args, **choices) -> dict:
     settings = {k: v if isinstance(v, (int, float, bool, str, type(None))) else str(v) for k, v in settings.items()}
     return {"preferences": str(preferences), "preferences_sha256": _content_sha256(Path(preferences)),
             "certificate_hash": None if prefs.certificate is None else prefs.certificate.sha256,
-            "policy": str(policy), "settings": {**settings, **choices}}  # fmt: skip
+            "policy": spelled(policy), "settings": {**settings, **choices}}  # fmt: skip
+
+
+def is_run_folder(out_dir: Path) -> bool:
+    """Whether `out_dir` holds the record of a `can train` run (its run.json parses as one): a run folder from before
+    the folder marker, whose entries `can` made."""
+    import json
+
+    try:
+        body = json.loads((Path(out_dir) / RUN_RECORD).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(body, dict) and "preferences_sha256" in body and isinstance(body.get("settings"), dict)
 
 
 def recorded_policy(out_dir: Path) -> str | None:
@@ -75,12 +88,12 @@ def check_run_folder(out_dir: Path, record: dict, resume: bool, overwrite: bool)
             raise CanError(f"--resume: the checkpoints in {ckpts} were trained on another preference set "
                            f"({old.get('preferences')}): resume with that set, or --overwrite to start "
                            "over")  # fmt: skip
-        if old.get("policy") != record["policy"]:
+        if not same_location(old.get("policy"), record["policy"]):
             raise CanError(f"--resume: the checkpoints in {ckpts} are of policy {old.get('policy')!r}, not "
                            f"{record['policy']!r}: resume with it, or --overwrite to start over")  # fmt: skip
         was, now = old.get("settings", {}), record["settings"]
         diff = [f"{k} {now.get(k)!r} here, {was.get(k)!r} there" for k in sorted(set(was) | set(now))
-                if was.get(k) != now.get(k)]  # fmt: skip
+                if was.get(k) != now.get(k) and not (k == "reference" and same_location(was.get(k), now.get(k)))]
         if diff:
             raise CanError(f"--resume: the checkpoints in {ckpts} were trained with other settings "
                            f"({'; '.join(diff)}): resume with that run's settings, or --overwrite to start "

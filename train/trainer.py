@@ -91,6 +91,12 @@ def _metric_callbacks():
     return {ProgressCallback: MetricProgress, PrinterCallback: MetricPrinter}
 
 
+def prompt_fits(prompt_ids, max_length: int) -> bool:
+    """Whether a pair keeps a response token under keep_start truncation at `max_length` (TRL's rule: a prompt that
+    fills max_length leaves no completion token to learn from)."""
+    return len(prompt_ids) < max_length
+
+
 class CanDPOTrainer(DPOTrainer):
     """DPOTrainer with soft Bradley–Terry targets (used when the batch carries `p_chosen`), trained on the sampled
     token ids when the pairs carry them (`prompt_ids`, `chosen_ids`, `rejected_ids`: `train.tokens`). Its metric
@@ -113,7 +119,8 @@ class CanDPOTrainer(DPOTrainer):
             # TRL's rule: a prompt that fills max_length leaves no completion token to learn from. The main
             # process writes the filter's cache file first; the others read it.
             with state().main_process_first():
-                dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
+                limit = args.max_length
+                dataset = dataset.filter(lambda e: prompt_fits(e["prompt_ids"], limit))
         return dataset
 
     def _precompute_ref_logps(self, dataset, name, batch_size):

@@ -170,7 +170,7 @@ def test_evaluate_output_under_a_file_one_prompt_and_a_long_prompt(world, tmp_pa
 # ---------------------------------------------------------------- train
 @pytest.mark.parametrize(
     "extra, expect",
-    [(["--lr", "-1"], "learning rate"), (["--lr", "nan"], "learning rate"), (["--epochs", "0"], "epoch"),
+    [(["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--epochs", "0"], "epoch"),
      (["--batch-size", "0"], "batch"), (["--batch-size", "-2"], "batch"), (["--max-length", "0"], "max"),
      (["--max_steps", "0", "--epochs", "0"], "epoch")],
 )  # fmt: skip

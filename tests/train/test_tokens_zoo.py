@@ -298,7 +298,7 @@ def test_every_stage_runs_on_each_family(family, zoo_dirs, tmp_path):
         "--precision", "fp32", "--max-length", 256)  # fmt: skip
     policy = tmp_path / "run" / "policy"
     run("evaluate", policy, cert, pfile, *scorers, "--reference", path, "--k", 2, "--max-new-tokens", 4,
-        "--out", tmp_path / "eval", "--train-scores", scores)  # fmt: skip
+        "--out", tmp_path / "eval", "--train-scores", scores, "--allow-training-prompts")  # fmt: skip
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert {r["name"] for r in report["rows"]} == {"len", "safe"}
     run("logratios", scores, "-a", f"new={policy}@0.5", "--policy", path, "-o", tmp_path / "pecan.parquet")

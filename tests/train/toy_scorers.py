@@ -28,3 +28,10 @@ def slow_length(prompts, responses):
 
     time.sleep(0.4)
     return length(prompts, responses)
+
+
+def exits(prompts, responses):
+    """A scorer that ends the process, as a careless script might."""
+    import sys
+
+    sys.exit(0)

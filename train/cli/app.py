@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 
 class _CanGroup(TyperGroup):
@@ -39,9 +39,7 @@ class _CanGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CanError as err:
-            if is_main_rank():
-                typer.echo(f"error: {one_line(err)}", err=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
+            fail(err, json_out="--json" in args, status=status_of(err))
         except Exception as err:
             # typer vendors click from 0.29 on: recognise its UsageError (and subclasses) by name.
             if "--json" in args and any(c.__name__ == "UsageError" for c in type(err).__mro__):
@@ -51,7 +49,95 @@ class _CanGroup(TyperGroup):
 
 COMMAND_LINE: list[str] = []  # this process's arguments after the program name, as the group parsed them
 
-app = typer.Typer(
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeding both take 0 … 2³² − 1
+# Counts and limits that must be positive wherever a command takes them, and those that may be 0.
+POSITIVE = {"k", "max_new_tokens", "batch_size", "shard_size", "max_length", "scorer_max_length", "scorer_batch_size",
+            "train_top", "epochs", "lr", "responses", "pairs_per_prompt", "max_iter", "chunk", "prompts",
+            "num_processes"}  # fmt: skip
+NON_NEGATIVE = {"rounds", "refine"}
+# Parameters that name what a command reads, and the folder outputs (a run folder rather than one file).
+INPUTS = ("prompts", "scores", "table", "preferences", "certificate", "certificate_or_prompts", "policy", "aligned",
+          "reference", "train_scores", "test_prompts", "config")  # fmt: skip
+FOLDER_OUTPUTS = {"train", "prealign", "evaluate", "refine", "demo"}
+FOLDER_REPLACING = {"label"}  # file-output commands whose output may be a folder they replace as a whole
+
+
+class _CanCommand(TyperCommand):
+    """Checks the inputs every command shares before its body runs, with one line each: seeds and counts in range,
+    an output that is not an input (nor a folder holding one), a file output that replaces only what `can` wrote,
+    and a run folder that is not a file."""
+
+    def invoke(self, ctx):
+        labels = {p.name: max(p.opts, key=len) if p.param_type_name == "option" else p.name.upper()
+                  for p in self.params}  # fmt: skip
+        check_params(self.name, ctx.params, labels)
+        return super().invoke(ctx)
+
+
+def check_params(command: str, params: dict, labels: dict | None = None) -> None:
+    """`_CanCommand`'s checks on a command's parsed parameters; `labels` name them as the user typed them."""
+    from can_jax.errors import InvalidArgumentError, OutputError
+
+    labels = labels or {}
+
+    def label(name: str) -> str:
+        return labels.get(name, "--" + name.replace("_", "-"))
+
+    for name, value in params.items():
+        opt = label(name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if name == "seed" or name.endswith("_seed"):
+            if not 0 <= value <= SEED_MAX:
+                raise InvalidArgumentError(f"{opt} must be a whole number from 0 to 2**32 - 1, got {value}")
+        elif name in POSITIVE and not value > 0:
+            raise InvalidArgumentError(f"{opt} must be positive, got {value}")
+        elif name in NON_NEGATIVE and not value >= 0:
+            raise InvalidArgumentError(f"{opt} must be 0 or more, got {value}")
+    from bridge.owned import check_not_inputs, is_png, replaceable
+
+    inputs = [(label(n), params.get(n)) for n in INPUTS]
+    plot = params.get("plot")
+    if plot is not None and not params.get("no_plot"):
+        check_not_inputs([(label("plot"), plot)], inputs)
+        if os.path.lexists(plot) and not is_png(plot):
+            raise OutputError(f"{label('plot')} {plot} exists and is not a PNG image: it is not replaced; choose "
+                              "another path for the plot")  # fmt: skip
+    out = params.get("out")
+    if out is None:
+        return
+    if command in FOLDER_OUTPUTS:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise OutputError(f"{label('out')} {out} is a file; {command} writes a folder there: choose another")
+        check_not_inputs([(label("out"), out)], [(n, v) for n, v in inputs if not _inside(v, out)])
+    else:
+        outputs = [(label("out"), out)] + ([(label("out"), f"{out}.shards")] if command == "collect" else [])
+        check_not_inputs(outputs, inputs)
+        # A folder in the way of a file output is refused by the atomic writer, after the result; only `label`
+        # replaces a folder (a `datasets` preference set), so only there must the folder be one `can` wrote.
+        if not replaceable(out) and not (Path(out).is_dir() and command not in FOLDER_REPLACING):
+            raise OutputError(f"{label('out')} {out} exists and was not written by can: it is not replaced; choose "
+                              "another output path (or remove it yourself)")  # fmt: skip
+
+
+def _inside(value, folder) -> bool:
+    """Whether an input lies strictly inside a run folder (a run's own policy, a demo's own table): the folder's
+    writers check the entries they replace (`bridge.owned.claim`)."""
+    from bridge.owned import resolved
+
+    if value is None or not isinstance(value, (str, os.PathLike)) or not os.path.lexists(value):
+        return False
+    return resolved(folder) in resolved(value).parents
+
+
+class _CanTyper(typer.Typer):
+    """Every command is a `_CanCommand`."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _CanCommand, **kwargs)
+
+
+app = _CanTyper(
     cls=_CanGroup,
     name="can",
     help="One-shot safety alignment by optimal dualization (CAN, arXiv 2405.19544).",

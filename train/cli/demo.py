@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, setup_jax
+from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process, setup_jax
 from train.cli.launch import launch_if_asked
 from train.cli.options import EtaOpt, SecantOpt, StartOpt, StepOpt
 
@@ -56,6 +56,9 @@ def demo(
     With --refine N: then up to N correction rounds (see `can refine`), with the rounds table in OUT/refine/rounds.md.
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """
+    if (synthetic or pecan) and ((num_processes or 1) > 1 or accelerate_config is not None):
+        fail(f"{'--synthetic' if synthetic else '--pecan'} runs in one process: leave out --num-processes and "
+             "--accelerate-config")  # fmt: skip
     launch_if_asked(num_processes, accelerate_config)
     if not synthetic:
         setup_jax()
@@ -64,8 +67,6 @@ def demo(
         from train.demo import DemoConfig, run_chain
 
         cfg = DemoConfig(seed=seed)
-        if refine < 0:
-            fail(f"--refine must be at least 0, got {refine}")
         if refine:  # the rounds' options, checked by the rounds' own config before the ~14-minute chain
             from train.demo_prompts import CALIBRATION_PROMPTS
             from train.refine import RefineConfig
@@ -76,20 +77,22 @@ def demo(
                              dpo=cfg.dpo_settings()).check()  # fmt: skip
             except CanError as err:
                 fail(str(err))
-        if out.exists() and not out.is_dir():
-            fail(f"--out {out} is a file: give a folder for the demo's run")
+        say = typer.echo if is_main_process() else (lambda *_: None)
         memo = {}  # the reference's samples on the test prompts, drawn once for the chain and the rounds
         try:
             if (pecan or refine) and (out / "evaluation" / "evaluation.json").exists():
-                typer.echo(f"reusing the finished MoCAN run in {out}")
+                say(f"reusing the finished MoCAN run in {out}")
             else:
-                print_evaluation(run_chain(cfg, out, say=typer.echo, reference_memo=memo))
+                report = run_chain(cfg, out, say=say, reference_memo=memo)
+                if is_main_process():
+                    print_evaluation(report)
             if refine:
                 from train.demo import run_refine
 
-                folder = run_refine(cfg, out, refine, step, eta, say=typer.echo, reference_memo=memo, start=start,
+                folder = run_refine(cfg, out, refine, step, eta, say=say, reference_memo=memo, start=start,
                                     secant=secant)
-                typer.echo(Path(folder["out"]).joinpath("rounds.md").read_text())
+                if is_main_process():
+                    typer.echo(Path(folder["out"]).joinpath("rounds.md").read_text())
             if pecan:
                 from train.demo_pecan import run_pecan
 

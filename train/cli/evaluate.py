@@ -48,13 +48,29 @@ def evaluate_cmd(
             "samples (reweighted by π_aligned/π_ref), where the prediction was made."
         ),
     ] = None,
+    allow_training_prompts: Annotated[
+        bool,
+        typer.Option(
+            "--allow-training-prompts",
+            help="Measure on prompts that are training prompts of --train-scores (refused otherwise): held-out "
+            "gains must come from prompts DPO did not see, so gains on these read too high.",
+        ),
+    ] = False,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
     launch_if_asked(num_processes, accelerate_config)
     from can_jax.errors import CanError
-    from train.evaluate import check_scorer_options, check_scorers, evaluate, insample_gains
+    from train.evaluate import (
+        check_held_out,
+        check_policy_folder,
+        check_scorer_options,
+        check_scorer_specs,
+        check_scorers,
+        evaluate,
+        insample_gains,
+    )
     from train.prompts import check_sampling, read_prompts
     from train.scorers import parse_scorer, scorer_options
 
@@ -62,14 +78,22 @@ def evaluate_cmd(
         fail("give the scorers: -s NAME=SPEC for the reward and every constraint (as for `can collect`)")
     try:
         certificate, prompts = (None, certificate_or_prompts) if prompts is None else (certificate_or_prompts, prompts)
+        check_policy_folder(aligned)
         cert = policy_certificate(aligned, certificate)
         check_sampling(k, max_new_tokens, 64, "--k")
         check_scorer_options(scorer_options(scorer_template, scorer_dtype, scorer_max_length, scorer_batch_size))
-        check_scorers(cert, [parse_scorer(s)[0] for s in scorer])  # before any model is loaded
+        # Every input is checked before any model is loaded: the scorers against the certificate (the gains of
+        # another scorer under a constraint's name would compare another quantity with its prediction), the prompts
+        # against the training table.
+        check_scorers(cert, [parse_scorer(s)[0] for s in scorer])
+        check_scorer_specs(cert, [parse_scorer(s) for s in scorer])
+        held_out = read_prompts(prompts)
+        if train_scores is not None and not allow_training_prompts:
+            check_held_out(held_out, train_scores)
         insample = None
         if train_scores is not None:
             insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
-        report = evaluate(aligned, reference, read_prompts(prompts), list(scorer), cert, out, k=k,
+        report = evaluate(aligned, reference, held_out, list(scorer), cert, out, k=k,
                           max_new_tokens=max_new_tokens, seed=seed, insample=insample, chat_template=chat_template,
                           scorer_options=scorer_options(scorer_template, scorer_dtype, scorer_max_length,
                                                         scorer_batch_size), dtype=dtype)  # fmt: skip

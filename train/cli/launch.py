@@ -28,8 +28,6 @@ def launch_if_asked(num_processes: int | None, accelerate_config: Path | None) -
     ends this process with the main child's exit code."""
     from train.cli.app import fail
 
-    if num_processes is not None and num_processes < 1:
-        fail(f"--num-processes must be at least 1, got {num_processes}")
     if accelerate_config is not None and not accelerate_config.is_file():
         fail(f"--accelerate-config {accelerate_config}: no such file (write one with `accelerate config`)")
     if launched():
@@ -69,11 +67,11 @@ def _launch(num_processes: int | None, accelerate_config: Path | None, argv: lis
 
     try:
         from accelerate.commands.launch import launch_command, launch_command_parser
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     except ImportError:
         from train.cli.app import fail
 
-        fail("--num-processes needs accelerate: pip install 'can-align[train]'")
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+        fail("--num-processes needs accelerate and torch: pip install 'can-align[train]'")
 
     if "--verbose" not in argv:
         # torch's elastic agent logs each child's failure and its notices; the main child's one line says it all.
@@ -90,7 +88,14 @@ def _launch(num_processes: int | None, accelerate_config: Path | None, argv: lis
         return _exit_code(err.returncode)
     except ChildFailedError as err:
         failures = err.failures
-        return _exit_code(failures[min(failures)].exitcode) if failures else 1
+        if not failures:
+            return 1
+        if 0 not in failures:
+            # Only the main process reports errors; when it did not fail, say which one did.
+            rank = min(failures)
+            typer.echo(f"error: process {rank} failed (exit code {_exit_code(failures[rank].exitcode)}) while the "
+                       "main process did not report an error: rerun with --verbose to see its output", err=True)
+        return _main_exit_code(failures)
     except ValueError as err:  # accelerate's own refusal of its options (e.g. a config it cannot read)
         from train.cli.app import fail
 
@@ -98,6 +103,16 @@ def _launch(num_processes: int | None, accelerate_config: Path | None, argv: lis
     finally:
         os.environ.pop(LAUNCHED, None)
     return 0
+
+
+def _main_exit_code(failures: dict) -> int:
+    """The exit code of one process for a failed launch: the main process's own, unless the launcher stopped it
+    (a signal) after another process failed first; then the first failure's that ended by itself."""
+    main = failures.get(0)
+    if main is not None and main.exitcode > 0:
+        return main.exitcode
+    exited = sorted((f for f in failures.values() if f.exitcode > 0), key=lambda f: f.timestamp)
+    return exited[0].exitcode if exited else _exit_code(min(failures.items())[1].exitcode)
 
 
 def _exit_code(code: int) -> int:

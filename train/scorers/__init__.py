@@ -98,6 +98,36 @@ class Scorer:
             out.update(self.fn.record())
         return out
 
+    def fingerprint(self) -> str:
+        """SHA-256 of what makes this scorer's numbers: its spec, template and the code or model behind it (a
+        function's source file; a score model's files, by content up to 16 MB and by size above, which covers its
+        config and tokenizer without reading gigabytes of weights; the built-ins' module). A shard scored under
+        another fingerprint is stale."""
+        import hashlib
+        import inspect
+
+        from bridge.files import sha256_file
+
+        h = hashlib.sha256(f"{self.spec}\0{self.template}\0".encode())
+        if isinstance(self.fn, ModelScore):
+            folder = Path(self.fn.path)
+            for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+                size = f.stat().st_size
+                digest = f"size {size}" if size > 16 << 20 else sha256_file(f)
+                h.update(f"{f.relative_to(folder)}\0{digest}\0".encode())
+            return h.hexdigest()
+        fn = self.fn
+        if self.spec.startswith("builtin:"):
+            from train.scorers import builtin as fn
+        module = sys.modules.get(getattr(inspect.unwrap(getattr(fn, "func", fn)), "__module__", None) or "")
+        try:
+            source = inspect.getsourcefile(module if module is not None else fn)
+        except TypeError:  # a callable object with no source file of its own
+            source = None
+        h.update((getattr(module, "__can_sha256__", None) or (sha256_file(source) if source and Path(source).is_file()
+                  else "no source")).encode())  # fmt: skip
+        return h.hexdigest()
+
     @property
     def truncated(self) -> int:
         """How many texts a score model has truncated so far (0 for other scorers)."""
@@ -123,16 +153,21 @@ def _user_module(module: str):
     file = _module_file(Path.cwd(), module)
     if file is None:
         return importlib.import_module(module)
+    from bridge.files import sha256_file
+
+    digest = sha256_file(file)
     loaded = sys.modules.get(module)
-    if loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == file:
-        return loaded
+    ours = loaded is not None and getattr(loaded, "__file__", None) and Path(loaded.__file__).resolve() == file
+    if ours and getattr(loaded, "__can_sha256__", digest) == digest:
+        return loaded  # unchanged since it was loaded (an edited file is loaded again: its scores would be stale)
     top = module.split(".")[0]
-    name = module if loaded is None and top not in OUR_PACKAGES and top not in sys.modules else (
+    name = module if (loaded is None or ours) and top not in OUR_PACKAGES and (top not in sys.modules or ours) else (
         "_can_user_" + module.replace(".", "_"))  # fmt: skip
     spec = importlib.util.spec_from_file_location(
         name, file, submodule_search_locations=[str(file.parent)] if file.name == "__init__.py" else None
     )
     mod = importlib.util.module_from_spec(spec)
+    mod.__can_sha256__ = digest
     sys.modules[name] = mod
     cwd = os.getcwd()
     added = cwd not in sys.path
