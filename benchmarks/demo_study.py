@@ -27,6 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bridge.reports import EvaluationReport, GainRow  # noqa: E402
+
 # The demo's settings before issue 20; each configuration changes some of them. "n_train": that many templated
 # training prompts (train.demo_prompts) instead of the 32 fixed ones. "demo" is `can demo`'s default as it is now.
 BASE = {"n_train": None, "k": 8, "max_new_tokens": 40, "mode": "soft", "pairs_per_prompt": 8, "epochs": 3.0,
@@ -80,10 +82,10 @@ def collection(cfg, work: Path) -> tuple[Path, float]:
     return path, sec
 
 
-def row(name: str, seed: int, report: dict, collect_s: float) -> dict:
-    sec = dict(report["seconds"], collect=collect_s)
-    return {"config": name, "seed": seed, "what": CONFIGS[name][0], "rows": report["rows"], "text": report["text"],
-            "lambda": report["lambda"], "seconds": sec, "total_s": sum(sec.values())}  # fmt: skip
+def row(name: str, seed: int, report: EvaluationReport, collect_s: float) -> dict:
+    sec = dict(report.seconds, collect=collect_s)
+    return {"config": name, "seed": seed, "what": CONFIGS[name][0], "rows": [g.as_dict() for g in report.rows],
+            "text": report.text, "lambda": report.lam, "seconds": sec, "total_s": sum(sec.values())}  # fmt: skip
 
 
 def markdown(rows: list[dict], title: str) -> str:
@@ -95,8 +97,8 @@ def markdown(rows: list[dict], title: str) -> str:
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["config"], str(r["seed"])]
-        for g in r["rows"]:
-            pred, ins, ach, (lo, hi) = g["predicted_gain"], g["insample_gain"], g["achieved_gain"], g["ci95"]
+        for g in map(GainRow.from_dict, r["rows"]):
+            pred, ins, ach, (lo, hi) = g.predicted_gain, g.insample_gain, g.achieved_gain, g.ci95
             ratio = "" if not pred else f" ({ach / pred:.2f})"
             cells.append(f"{pred:+.3f} / {ins:+.3f} / **{ach:+.3f}** [{lo:+.3f}, {hi:+.3f}]{ratio}")
         t = r["text"]

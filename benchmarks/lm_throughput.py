@@ -329,11 +329,12 @@ def bench_chain(args):
                      lr=1e-5, batch_size=32, max_length=256, gen_batch_size=args.big_batch)  # fmt: skip
     t = time.perf_counter()
     report = run_chain(cfg, out / "chain", say=print)
-    sec = report["seconds"]
+    sec = report.seconds
     result = {"machine": machine(), "random_init": args.random_init, "prompts": n, "k": args.k,
               "max_new_tokens": args.max_new_tokens, "seconds": sec, "total_s": time.perf_counter() - t,
               "collect_samples_per_s": n * args.k / sec["collect"], "pairs": n * 2,
-              "label_train_pairs_per_s": n * 2 / sec["label+train"], "rows": report["rows"]}  # fmt: skip
+              "label_train_pairs_per_s": n * 2 / sec["label+train"],
+              "rows": [g.as_dict() for g in report.rows]}  # fmt: skip
     (out / "lm_chain.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bridge.files import atomic_write_text
+from bridge.reports import EvaluationReport
 from train import dist
 from train.demo_prompts import TEST_PROMPTS, training_prompts
 
@@ -162,7 +163,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
                       insample=insample, reference_memo=reference_memo)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
-    report["seconds"] = times
+    report = report.with_seconds(times)
     if st.is_main_process:
         atomic_write_text(out / "evaluation" / "timing.json", json.dumps(times, indent=2))
     say(f"⑤ evaluated on {len(cfg.eval_prompts)} held-out prompts ({times['evaluate']:.0f} s): "
@@ -186,7 +187,7 @@ def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
 
 
 def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newton", eta: float = 1.0, say=print,
-               reference_memo: dict | None = None, start: str | None = None, secant: bool = True) -> dict:  # fmt: skip
+               reference_memo: dict | None = None, start: str | None = None, secant: bool = True):  # fmt: skip
     """`can demo --refine N`: correction rounds (`train.refine`) on the demo's finished run in OUT, into OUT/refine
     (…-caid-η with --step caid, …-no-secant with --no-secant, …-reference with --start reference). Calibration: 96
     prompts (`CALIBRATION_PROMPTS`: the 48 selection prompts, which chose the demo's settings and never judge it, and
@@ -210,9 +211,9 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
     if st.is_main_process and evaluation.is_file() and not (round0 / "test" / "evaluation.json").exists():
         round0.mkdir(parents=True, exist_ok=True)
         shutil.copytree(out / "evaluation", round0 / "test", dirs_exist_ok=True)
-        rows = json.loads(evaluation.read_text())["rows"]
-        if all(r.get("insample_gain") is not None for r in rows):  # the demo's scores are all utilities
-            atomic_write_text(round0 / "insample.json", json.dumps({r["name"]: r["insample_gain"] for r in rows}))
+        rows = EvaluationReport.read(evaluation).rows
+        if all(r.insample_gain is not None for r in rows):  # the demo's scores are all utilities
+            atomic_write_text(round0 / "insample.json", json.dumps({r.name: r.insample_gain for r in rows}))
     st.wait_for_everyone()
     rcfg = RefineConfig(policy=str(out / "run" / "policy"), scores=str(out / "scores.parquet"),
                         prompts=list(CALIBRATION_PROMPTS), scorers=list(cfg.scorers), out=str(folder),
@@ -224,6 +225,6 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
                         dpo=cfg.dpo_settings())  # fmt: skip
     t = time.perf_counter()
     report = refine(rcfg, say=say, reference_memo=reference_memo)
-    report["seconds"] = time.perf_counter() - t
-    say(f"⑥ {len(report['rounds']) - 1} correction round(s) in {report['seconds']:.0f} s: {folder / 'rounds.md'}")
+    report = report.with_seconds(time.perf_counter() - t)
+    say(f"⑥ {len(report.rounds) - 1} correction round(s) in {report.seconds:.0f} s: {folder / 'rounds.md'}")
     return report

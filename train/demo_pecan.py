@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.files import atomic_write_text, write_figure
+from bridge.reports import EvaluationReport
 from can_jax.errors import CanError
 
 
@@ -97,7 +98,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
                       insample=insample)  # fmt: skip
     times["evaluate"] = time.perf_counter() - t
-    mocan = json.loads((mocan_dir / "evaluation" / "evaluation.json").read_text())
+    mocan = EvaluationReport.read(mocan_dir / "evaluation" / "evaluation.json")
     implied = implied_gains(table, cert, scorer_names)
     comparison = compare(mocan, report, mocan_cert, cert, implied, times)
     atomic_write_text(out / "comparison.json", json.dumps(comparison, indent=2) + "\n")
@@ -107,17 +108,17 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     return comparison
 
 
-def compare(mocan: dict, pecan: dict, mocan_cert, pecan_cert, implied: dict, times: dict) -> dict:
+def compare(mocan: EvaluationReport, pecan: EvaluationReport, mocan_cert, pecan_cert, implied: dict,
+            times: dict) -> dict:  # fmt: skip
     rows = []
-    by_name = {r["name"]: r for r in pecan["rows"]}
-    for r in mocan["rows"]:
-        p = by_name[r["name"]]
-        rows.append({"name": r["name"], "role": r["role"], "mocan_predicted": r["predicted_gain"],
-                     "mocan_insample": r.get("insample_gain"), "mocan_achieved": r["achieved_gain"],
-                     "mocan_ci95": r["ci95"], "pecan_implied": implied.get(r["name"]),
-                     "pecan_insample": p.get("insample_gain"), "pecan_achieved": p["achieved_gain"],
-                     "pecan_ci95": p["ci95"]})  # fmt: skip
-    return {"prompts": mocan["prompts"], "samples_per_prompt": mocan["samples_per_prompt"], "beta": mocan["beta"],
+    for r in mocan.rows:
+        p = pecan.row(r.name)
+        rows.append({"name": r.name, "role": r.role, "mocan_predicted": r.predicted_gain,
+                     "mocan_insample": r.insample_gain, "mocan_achieved": r.achieved_gain,
+                     "mocan_ci95": list(r.ci95), "pecan_implied": implied.get(r.name),
+                     "pecan_insample": p.insample_gain, "pecan_achieved": p.achieved_gain,
+                     "pecan_ci95": list(p.ci95)})  # fmt: skip
+    return {"prompts": mocan.prompts, "samples_per_prompt": mocan.samples_per_prompt, "beta": mocan.beta,
             "mocan_lambda": mocan_cert.lam, "pecan_lambda": pecan_cert.lam,
             "pecan_margins": pecan_cert.margins, "pecan_kl": pecan_cert.pecan["kl"], "rows": rows,
             "pecan_seconds": times}  # fmt: skip

@@ -8,7 +8,6 @@ beside the gain the dual certificate predicted for π_λ*.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from bridge.files import atomic_write_text, write_figure
 from bridge.owned import same_location
+from bridge.reports import EvaluationReport, GainRow
 from can_jax.errors import CanError
 
 PROMPTS_PER_UNIT = 16  # prompts per unit of evaluation work; unit u samples with seed + u (`train.dist`)
@@ -110,10 +110,10 @@ EVALUATION_ENTRIES = ("evaluation.json", "evaluation.md", "evaluation.png", "tim
 def _is_report(path: Path) -> bool:
     """Whether `path` is an evaluation report `can evaluate` wrote (a folder from before the marker)."""
     try:
-        body = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        EvaluationReport.read(path)
+    except CanError:
         return False
-    return isinstance(body, dict) and isinstance(body.get("rows"), list)
+    return True
 
 
 def evaluate(
@@ -132,8 +132,8 @@ def evaluate(
     scorer_options: dict | None = None,
     dtype: str = "fp32",
     reference_memo: dict | None = None,
-) -> dict:
-    """Writes OUT/evaluation.json, .md and .png; returns the report dict. `insample` (from `insample_gains`) adds
+) -> EvaluationReport:
+    """Writes OUT/evaluation.json, .md and .png; returns the report. `insample` (from `insample_gains`) adds
     the aligned policy's gains on the training samples beside the held-out ones. `reference_memo`: a dict that keeps
     the reference policy's samples and scores between calls of one process (a study evaluating several aligned
     policies on the same prompts samples the reference once)."""
@@ -187,20 +187,19 @@ def evaluate(
         margin = cert.margins.get(sc.name)
         d = sign * diff
         se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
-        rows.append({"name": sc.name, "role": role, "predicted_gain": predicted, "achieved_gain": float(gain),
-                     "ci95": [lo, hi], "standard_error": se, "margin": margin,
-                     "reference_mean": float(sign * base[sc.name].mean()),
-                     "insample_gain": None if insample is None else sign * insample[sc.name]})  # fmt: skip
-    report = {"aligned": aligned, "reference": reference, "prompts": len(prompts), "samples_per_prompt": k,
-              "beta": cert.beta, "lambda": cert.lam, "rows": rows, "text": health,
-              "identical_samples": float(np.mean(same)), "note": note,
-              "examples": [{"prompt": p, "reference": r[0], "aligned": a[0]}
-                           for p, r, a in list(zip(prompts, samples_r, samples_a))[:5]]}  # fmt: skip
+        rows.append(GainRow(name=sc.name, achieved_gain=float(gain), ci95=(lo, hi), role=role, predicted_gain=predicted,
+                            standard_error=se, margin=margin, reference_mean=float(sign * base[sc.name].mean()),
+                            insample_gain=None if insample is None else sign * insample[sc.name]))  # fmt: skip
+    report = EvaluationReport.build(
+        aligned=aligned, reference=reference, prompts=len(prompts), samples_per_prompt=k, beta=cert.beta,
+        lam=cert.lam, rows=rows, text=health, identical_samples=float(np.mean(same)), note=note,
+        examples=[{"prompt": p, "reference": r[0], "aligned": a[0]}
+                  for p, r, a in list(zip(prompts, samples_r, samples_a))[:5]],
+    )  # fmt: skip
     if st.is_main_process:  # one writer
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "evaluation.json", json.dumps(report, indent=2) + "\n")
+        report.write(out / "evaluation.json")
         atomic_write_text(out / "evaluation.md", markdown(report))
-        plot(rows, out / "evaluation.png")
+        plot(report.rows, out / "evaluation.png")
     st.wait_for_everyone()
     return report
 
@@ -333,29 +332,29 @@ def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_siz
     return {n: float(v) for n, v in zip(scorer_names, gains, strict=True)}
 
 
-def markdown(report: dict) -> str:
+def markdown(report: EvaluationReport) -> str:
     lines = [
-        f"# Achieved vs predicted gains ({report['prompts']} held-out prompts × {report['samples_per_prompt']} "
-        f"samples per policy, β = {report['beta']:g})",
+        f"# Achieved vs predicted gains ({report.prompts} held-out prompts × {report.samples_per_prompt} "
+        f"samples per policy, β = {report.beta:g})",
         "",
         "| score | role | margin | predicted gain (certificate) | on the training samples | achieved gain (held out) "
         "| 95% interval |",
         "|---|---|---|---|---|---|---|",
     ]
-    for r in report["rows"]:
-        pred = "—" if r["predicted_gain"] is None else f"{r['predicted_gain']:+.3f}"
-        marg = "—" if r["margin"] is None else f"{r['margin']:+.3f}"
-        ins = "—" if r.get("insample_gain") is None else f"{r['insample_gain']:+.3f}"
-        lo, hi = r["ci95"]
-        lines.append(f"| {r['name']} | {r['role']} | {marg} | {pred} | {ins} | {r['achieved_gain']:+.3f} | "
+    for r in report.rows:
+        pred = "—" if r.predicted_gain is None else f"{r.predicted_gain:+.3f}"
+        marg = "—" if r.margin is None else f"{r.margin:+.3f}"
+        ins = "—" if r.insample_gain is None else f"{r.insample_gain:+.3f}"
+        lo, hi = r.ci95
+        lines.append(f"| {r.name} | {r.role} | {marg} | {pred} | {ins} | {r.achieved_gain:+.3f} | "
                      f"[{lo:+.3f}, {hi:+.3f}] |")  # fmt: skip
     lines += ["", "Gains are in the safe direction for constraints (a cost's decrease counts as a gain). "
               "\"On the training samples\": the reference samples the dual saw, reweighted by π_aligned/π_ref — "
               "how far DPO moved the policy towards π_λ* where the prediction was made; the held-out column adds "
-              "fresh samples on new prompts.", "", *([f"**Note:** {report['note']}", ""] if report.get("note") else []),
-              *health_lines(report.get("text")),
+              "fresh samples on new prompts.", "", *([f"**Note:** {report.note}", ""] if report.note else []),
+              *health_lines(report.text),
               "![gains](evaluation.png)", "", "## Examples (first sample of each policy)", ""]  # fmt: skip
-    for e in report["examples"]:
+    for e in report.examples:
         lines += [f"**{e['prompt']}**", "", f"- reference: {e['reference']!r}", f"- aligned: {e['aligned']!r}", ""]
     return "\n".join(lines) + "\n"
 
@@ -373,19 +372,19 @@ def health_lines(text: dict | None) -> list[str]:
             "or a much lower log π_ref per token than the reference's own samples.", ""]  # fmt: skip
 
 
-def plot(rows, path) -> None:
+def plot(rows: tuple[GainRow, ...], path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["name"] for r in rows]
+    names = [r.name for r in rows]
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(rows)), 3.6))
-    pred = [np.nan if r["predicted_gain"] is None else r["predicted_gain"] for r in rows]
-    ach = [r["achieved_gain"] for r in rows]
-    err = [[a - r["ci95"][0] for a, r in zip(ach, rows)], [r["ci95"][1] - a for a, r in zip(ach, rows)]]
-    ins = [np.nan if r.get("insample_gain") is None else r["insample_gain"] for r in rows]
+    pred = [np.nan if r.predicted_gain is None else r.predicted_gain for r in rows]
+    ach = [r.achieved_gain for r in rows]
+    err = [[a - r.ci95[0] for a, r in zip(ach, rows)], [r.ci95[1] - a for a, r in zip(ach, rows)]]
+    ins = [np.nan if r.insample_gain is None else r.insample_gain for r in rows]
     ax.bar(x - 0.27, pred, 0.27, label="predicted (certificate)")
     if not np.isnan(ins).all():
         ax.bar(x, ins, 0.27, label="aligned, on the training samples")

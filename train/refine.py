@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.owned import same_location, spelled
+from bridge.reports import EvaluationReport, RefineRecord, RoundsReport
 from can_jax.errors import CanError
 from train.prompts import prompt_key, shown_prompt, training_prompts
 
@@ -209,36 +210,30 @@ def prompts_sha256(prompts: list) -> str:
 def _is_record(path: Path) -> bool:
     """Whether `path` is a refine record (a rounds folder from before the marker)."""
     try:
-        body = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        return RefineRecord.read(path).root_sha256 is not None
+    except CanError:
         return False
-    return isinstance(body, dict) and "root_sha256" in body
 
 
 def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
     """OUT/refine.json: the chain and settings its rounds belong to, the calibration and test prompts by hash. A
     rerun with the same ones resumes (more --rounds continue the run); another chain, other settings or other prompts
     are refused (rounds measured on other prompts would not steer one run)."""
-    from bridge.files import atomic_write_text
-
     settings = {**cfg.chain_settings(), "calibration_prompts_sha256": prompts_sha256(cfg.prompts),
                 "test_prompts_sha256": prompts_sha256(cfg.test_prompts) if cfg.test_prompts else None}  # fmt: skip
     settings["reference"] = spelled(settings["reference"])  # the same run from another folder resumes
-    record = {"root_sha256": cert.sha256, "scores_sha256": cert.scores_sha256, "policy": spelled(cfg.policy),
-              "settings": json.loads(json.dumps(settings, default=str))}  # fmt: skip
+    record = RefineRecord.build(root_sha256=cert.sha256, scores_sha256=cert.scores_sha256, policy=spelled(cfg.policy),
+                                settings=settings)  # fmt: skip
     path = out / RECORD
     if path.is_file():
         try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise CanError(f"{path}: unreadable ({err}); use another --out") from None
-        if not isinstance(old, dict) or not isinstance(old.get("settings", {}), dict):
-            raise CanError(f"{path}: not a refine record (a JSON object); use another --out")
-        same_policy = same_location(old.get("policy"), record["policy"])
-        if old.get("root_sha256") != record["root_sha256"] or not same_policy:
-            raise CanError(f"{out} holds the rounds of another chain (policy {old.get('policy')!r}): use another "
+            old = RefineRecord.read(path)
+        except CanError as err:
+            raise CanError(f"{err}; use another --out") from None
+        if old.root_sha256 != record.root_sha256 or not same_location(old.policy, record.policy):
+            raise CanError(f"{out} holds the rounds of another chain (policy {old.policy!r}): use another "
                            "--out")  # fmt: skip
-        was, now = old.get("settings", {}), record["settings"]
+        was, now = old.settings, record.settings
         if "calibration_prompts_sha256" not in was:
             raise CanError(f"{out} holds rounds recorded before refine kept its prompts' hashes, so a resume cannot "
                            "check it measures on the same prompts: use another --out")  # fmt: skip
@@ -254,20 +249,19 @@ def _check_record(out: Path, cfg: RefineConfig, cert) -> None:
             raise CanError(f"{out} holds rounds made with other settings ({'; '.join(diff)}): rerun with those, or "
                            "use another --out")  # fmt: skip
         return
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
+    record.write(path)
 
 
-def gains_of(report: dict, names: list[str], level: float) -> dict:
+def gains_of(report: EvaluationReport, names: list[str], level: float) -> dict:
     """From an evaluation report: the constraints' achieved gains a [m], standard errors [m] and half-widths of
     their simultaneous intervals at joint `level` (Student t over prompts, Bonferroni over the m constraints)."""
     from scipy.stats import t
 
     from can_jax.refine import simultaneous_level
 
-    rows = {r["name"]: r for r in report["rows"]}
-    a = np.array([rows[n]["achieved_gain"] for n in names], float)
-    se = np.array([rows[n].get("standard_error", np.nan) for n in names], float)
-    q = float(t.ppf(0.5 + simultaneous_level(len(names), level) / 2, report["prompts"] - 1))
+    a = np.array([report.row(n).achieved_gain for n in names], float)
+    se = np.array([report.row(n).standard_error for n in names], float)
+    q = float(t.ppf(0.5 + simultaneous_level(len(names), level) / 2, report.prompts - 1))
     return {"gain": a, "se": se, "half_width": q * se}
 
 
@@ -289,7 +283,7 @@ def next_lambda(cfg: RefineConfig, history: list[tuple[np.ndarray, np.ndarray]],
     return np.asarray(state.lam, float)
 
 
-def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> dict:
+def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> RoundsReport:
     """Runs (or resumes) the correction rounds in cfg.out; returns the rounds report (OUT/rounds.json)."""
     from can_jax.refine import stop_rule
     from train import dist
@@ -369,13 +363,13 @@ def _hessian(scores, cert) -> np.ndarray:
     return np.asarray(sensitivity(lam, loaded.scores, cert.beta)[1], float)
 
 
-def _measure(cfg, policy, cert, prompts, k, seed, folder: Path, memo) -> dict:
+def _measure(cfg, policy, cert, prompts, k, seed, folder: Path, memo) -> EvaluationReport:
     """A policy's achieved gains on prompts (the `can evaluate` report), read back if that round already has it."""
     from train.evaluate import evaluate
 
     done = folder / "evaluation.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return EvaluationReport.read(done)
     return evaluate(policy, cfg.reference, list(prompts), list(cfg.scorers), cert, folder, k=k,
                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=seed,
                     chat_template=cfg.chat_template, scorer_options=cfg.scorer_options, dtype=cfg.dtype,
@@ -459,9 +453,8 @@ def _align(cfg, cert, previous: str, folder: Path, say) -> str:
     )
 
 
-def _row(n, cert, cal, test, insample, g, tol, stop, names, seconds) -> dict:
-    by = lambda rep: {r["name"]: r for r in rep["rows"]} if rep else {}  # noqa: E731
-    c, h = by(cal), by(test)
+def _row(n, cert, cal: EvaluationReport, test: EvaluationReport | None, insample, g, tol, stop, names,
+         seconds) -> dict:  # fmt: skip
     reward = cert.reward
     row = {"round": n, "certificate_sha256": cert.sha256, "lambda": cert.lam, "stop": bool(stop),
            "seconds_measuring": round(seconds, 1), "gains": {}}  # fmt: skip
@@ -469,14 +462,15 @@ def _row(n, cert, cal, test, insample, g, tol, stop, names, seconds) -> dict:
         row["gains"][name] = {
             "predicted": cert.predicted_gains[name],
             "insample": None if insample is None else _signed(insample[name], cert, name),
-            "calibration": c[name]["achieved_gain"], "calibration_half_width": float(g["half_width"][j]),
+            "calibration": cal.row(name).achieved_gain, "calibration_half_width": float(g["half_width"][j]),
             "tolerance": float(tol[j]),
-            "held_out": h[name]["achieved_gain"] if h else None, "held_out_ci95": h[name]["ci95"] if h else None,
+            "held_out": test.row(name).achieved_gain if test else None,
+            "held_out_ci95": list(test.row(name).ci95) if test else None,
         }  # fmt: skip
-    row["reward"] = {"predicted": cert.predicted_reward_gain, "calibration": c[reward]["achieved_gain"],
-                     "held_out": h[reward]["achieved_gain"] if h else None,
-                     "held_out_ci95": h[reward]["ci95"] if h else None}  # fmt: skip
-    row["kl"] = (test or cal).get("text", {}).get("kl")
+    row["reward"] = {"predicted": cert.predicted_reward_gain, "calibration": cal.row(reward).achieved_gain,
+                     "held_out": test.row(reward).achieved_gain if test else None,
+                     "held_out_ci95": list(test.row(reward).ci95) if test else None}  # fmt: skip
+    row["kl"] = ((test or cal).text or {}).get("kl")
     return row
 
 
@@ -495,17 +489,17 @@ def _say_round(row, names) -> str:
     return f"round {row['round']}: calibration gains " + "; ".join(parts)
 
 
-def _report(rows: list, stopped: bool | None, names: list, margins, out: Path, cfg: RefineConfig) -> dict:
+def _report(rows: list, stopped: bool | None, names: list, margins, out: Path, cfg: RefineConfig) -> RoundsReport:
     """The rounds report (OUT/rounds.json; `stopped` None while the run is under way)."""
-    return {"rounds": rows, "stopped": stopped, "names": names, "margins": list(map(float, margins)), "out": str(out),
-            "settings": json.loads(json.dumps(cfg.chain_settings(), default=str))}  # fmt: skip
+    return RoundsReport.build(rounds=rows, stopped=stopped, names=names, margins=list(margins), out=str(out),
+                              settings=json.loads(json.dumps(cfg.chain_settings(), default=str)))  # fmt: skip
 
 
-def write_rounds(out: Path, report: dict, cfg: RefineConfig) -> None:
+def write_rounds(out: Path, report: RoundsReport, cfg: RefineConfig) -> None:
     """OUT/rounds.json, rounds.md and rounds.png (atomic writes)."""
     from bridge.files import atomic_write_text
 
-    atomic_write_text(out / "rounds.json", json.dumps(report, indent=2) + "\n")
+    report.write(out / "rounds.json")
     atomic_write_text(out / "rounds.md", rounds_markdown(report, cfg))
     plot_rounds(report, out / "rounds.png")
 
@@ -514,8 +508,8 @@ def _f(x, spec="+.3f"):
     return "—" if x is None else format(x, spec)
 
 
-def rounds_markdown(report: dict, cfg: RefineConfig) -> str:
-    names, margins = report["names"], report["margins"]
+def rounds_markdown(report: RoundsReport, cfg: RefineConfig) -> str:
+    names, margins = report.names, report.margins
     lines = [f"# Correction rounds ({cfg.step} step{f', η = {cfg.eta:g}' if cfg.step == 'caid' else ''}; DPO "
              f"{'from π_ref' if cfg.start == 'reference' else 'continuing from the previous round'})", "",
              f"Calibration: {len(cfg.prompts)} prompts × {cfg.k} samples per policy; "
@@ -526,7 +520,7 @@ def rounds_markdown(report: dict, cfg: RefineConfig) -> str:
              f"{len(names)} intervals at joint level {cfg.level:g} (Bonferroni).", ""]  # fmt: skip
     head = "| round | constraint | margin b | λ | predicted | on training samples | calibration ± h | held out [95%] |"
     lines += [head, "|---|---|---|---|---|---|---|---|"]
-    for row in report["rounds"]:
+    for row in report.rounds:
         for j, name in enumerate(names):
             c = row["gains"][name]
             held = "—" if c["held_out"] is None else (f"{c['held_out']:+.3f} [{c['held_out_ci95'][0]:+.3f}, "
@@ -535,7 +529,7 @@ def rounds_markdown(report: dict, cfg: RefineConfig) -> str:
                          f"{_f(c['predicted'])} | {_f(c['insample'])} | {c['calibration']:+.3f} ± "
                          f"{c['calibration_half_width']:.3f} | {held} |")  # fmt: skip
     lines += ["", "| round | reward: predicted | reward held out [95%] | KL (nats) | stop |", "|---|---|---|---|---|"]
-    for row in report["rounds"]:
+    for row in report.rounds:
         r = row["reward"]
         held = (
             "—"
@@ -548,7 +542,7 @@ def rounds_markdown(report: dict, cfg: RefineConfig) -> str:
     return "\n".join(lines)
 
 
-def plot_rounds(report: dict, path: Path) -> None:
+def plot_rounds(report: RoundsReport, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -556,12 +550,12 @@ def plot_rounds(report: dict, path: Path) -> None:
 
     from bridge.files import write_figure
 
-    names, rows = report["names"], report["rounds"]
+    names, rows, margins = report.names, report.rounds, report.margins
     x = np.array([r["round"] for r in rows])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for j, (name, ax) in enumerate(zip(names, axes[0], strict=True)):
         c = [r["gains"][name] for r in rows]
-        ax.axhline(report["margins"][j], color="k", lw=0.8, ls="--", label="margin b")
+        ax.axhline(margins[j], color="k", lw=0.8, ls="--", label="margin b")
         ax.plot(x, [v["predicted"] for v in c], "o-", label="predicted (certificate)")
         if any(v["insample"] is not None for v in c):
             ax.plot(x, [np.nan if v["insample"] is None else v["insample"] for v in c], "s-",

@@ -12,14 +12,14 @@ def test_chain_moves_the_constraint_in_the_predicted_direction(mocan_run):
     _, out, report = mocan_run
     cert = json.loads((out / "certificate.json").read_text())
     assert cert["converged"] and cert["lambda"]["e"] > 0
-    row = next(r for r in report["rows"] if r["name"] == "e")
-    assert row["predicted_gain"] > 0
+    row = report.row("e")
+    assert row.predicted_gain > 0
     # DPO learned the tilt on the samples the dual saw, and the 'e' share rose on 96 held-out prompts, significantly.
     # Measured (seeds 0, 1, 2): predicted +0.052/+0.054/+0.049, on the training samples +0.048/+0.043/+0.047, held
     # out +0.0028 [+0.0003, +0.0053] / +0.0058 [+0.0030, +0.0087] / +0.0026 [+0.0004, +0.0048]; with 24 held-out
     # prompts the intervals of seeds 0 and 2 included 0.
-    assert row["insample_gain"] >= 0.5 * row["predicted_gain"]
-    assert row["ci95"][0] > 0
+    assert row.insample_gain >= 0.5 * row.predicted_gain
+    assert row.ci95[0] > 0
     assert (out / "evaluation" / "evaluation.md").exists() and (out / "evaluation" / "evaluation.png").exists()
 
 

@@ -98,6 +98,6 @@ def test_evaluate_says_so_when_training_moved_nothing(tiny_lm, tmp_path):
 
     rep = evaluate(str(path), str(path), ["hello", "tell me a joke."], ["len=tests.train.toy_scorers:length"], Cert(),
                    tmp_path / "e", k=2, max_new_tokens=4)  # fmt: skip
-    assert rep["identical_samples"] == 1.0 and "did not move" in rep["note"]
-    assert rep["rows"][0]["achieved_gain"] == 0.0
+    assert rep.identical_samples == 1.0 and "did not move" in rep.note
+    assert rep.rows[0].achieved_gain == 0.0
     assert "did not move" in (tmp_path / "e" / "evaluation.md").read_text()

@@ -65,8 +65,8 @@ def one_round(chain, tmp_path_factory):
 
 def test_a_round_moves_the_gain_toward_the_margin(one_round, chain):
     out, report = one_round
-    r0, r1 = report["rounds"]
-    b = report["margins"][0]
+    r0, r1 = report.rounds
+    b = report.margins[0]
     a0, h0 = r0["gains"]["brev"]["calibration"], r0["gains"]["brev"]["calibration_half_width"]
     a1 = r1["gains"]["brev"]["calibration"]
     print(f"b {b:+.4f}; round 0: λ {r0['lambda']['brev']:.4g}, a {a0:+.4f} ± {h0:.4f}; round 1: λ "
@@ -89,10 +89,10 @@ def test_continuing_from_the_previous_policy_keeps_pi_ref_as_the_dpo_reference(o
     record = json.loads((tmp_path / "round-1" / "run" / "run.json").read_text())
     assert record["policy"] == str(folder / "run" / "policy") and record["settings"]["reference"] == cfg.policy
     _, ref = one_round
-    assert report["rounds"][1]["lambda"] == ref["rounds"][1]["lambda"]
-    a = [r["gains"]["brev"]["calibration"] for r in report["rounds"]]
+    assert report.rounds[1]["lambda"] == ref.rounds[1]["lambda"]
+    a = [r["gains"]["brev"]["calibration"] for r in report.rounds]
     print(f"continuing: round 0 {a[0]:+.4f}, round 1 {a[1]:+.4f}; from π_ref: round 1 "
-          f"{ref['rounds'][1]['gains']['brev']['calibration']:+.4f}")  # fmt: skip
+          f"{ref.rounds[1]['gains']['brev']['calibration']:+.4f}")  # fmt: skip
 
 
 def test_rounds_link_by_hash_and_the_round_certificate_solves_its_dual(one_round, chain):
@@ -107,7 +107,7 @@ def test_rounds_link_by_hash_and_the_round_certificate_solves_its_dual(one_round
     assert cert.round["root_sha256"] == root.sha256 and cert.target_margins == root.margins
     # The round's λ is the dual's solution on the original samples at its effective margins (what `label` checks).
     check_solution(folder / "scores.parquet", cert)
-    assert report["rounds"][1]["certificate_sha256"] == cert.sha256
+    assert report.rounds[1]["certificate_sha256"] == cert.sha256
     # The policy of round 1 carries its round certificate (`can train` wrote it beside the weights).
     assert Certificate.read(out / "round-1" / "run" / "policy" / "certificate.json").sha256 == cert.sha256
 
@@ -152,7 +152,7 @@ def test_a_killed_run_resumes_and_keeps_what_it_finished(one_round, chain, tmp_p
     done = json.loads((out / "rounds.json").read_text())
     ref_out, ref = one_round
     got = [r["gains"]["brev"]["calibration"] for r in done["rounds"]]
-    want = [r["gains"]["brev"]["calibration"] for r in ref["rounds"]]
+    want = [r["gains"]["brev"]["calibration"] for r in ref.rounds]
     np.testing.assert_allclose(got, want, atol=1e-9)  # the same rounds as the uninterrupted in-process run
     assert json.loads(cert.read_text())["lambda"] == json.loads(
         (ref_out / "round-1" / "certificate.json").read_text())["lambda"]  # fmt: skip
@@ -261,12 +261,11 @@ def test_demo_refine_reuses_the_demo_evaluation_as_round_0(mocan_run):
 
     cfg, out, evaluation = mocan_run
     report = run_refine(cfg, out, 1, say=lambda *_: None)  # the default: DPO continuing from the previous policy
-    folder = Path(report["out"])
+    folder = Path(report.out)
     assert folder == out / "refine"
-    r0, r1 = report["rounds"]
-    demo = {r["name"]: r for r in evaluation["rows"]}
-    assert r0["gains"]["e"]["held_out"] == demo["e"]["achieved_gain"]
-    assert r0["gains"]["e"]["insample"] == demo["e"]["insample_gain"]
+    r0, r1 = report.rounds
+    assert r0["gains"]["e"]["held_out"] == evaluation.row("e").achieved_gain
+    assert r0["gains"]["e"]["insample"] == evaluation.row("e").insample_gain
     assert r1["gains"]["e"]["held_out"] is not None and r1["reward"]["held_out"] is not None
     cal = json.loads((folder / "round-1" / "calibration" / "evaluation.json").read_text())
     assert cal["prompts"] == len(CALIBRATION_PROMPTS) == 96
@@ -291,8 +290,8 @@ def test_refine_under_accelerate_with_two_processes(one_round, chain, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     done = json.loads((out / "rounds.json").read_text())
     _, ref = one_round
-    assert done["rounds"][0]["gains"]["brev"]["calibration"] == ref["rounds"][0]["gains"]["brev"]["calibration"]
-    assert done["rounds"][1]["lambda"] == pytest.approx(ref["rounds"][1]["lambda"], abs=1e-12)
+    assert done["rounds"][0]["gains"]["brev"]["calibration"] == ref.rounds[0]["gains"]["brev"]["calibration"]
+    assert done["rounds"][1]["lambda"] == pytest.approx(ref.rounds[1]["lambda"], abs=1e-12)
     assert (out / "round-1" / "run" / "policy" / "certificate.json").exists()
     assert res.stdout.count("round 1: λ") == 1  # one process speaks
 

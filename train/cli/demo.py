@@ -89,10 +89,10 @@ def demo(
             if refine:
                 from train.demo import run_refine
 
-                folder = run_refine(cfg, out, refine, step, eta, say=say, reference_memo=memo, start=start,
+                rounds = run_refine(cfg, out, refine, step, eta, say=say, reference_memo=memo, start=start,
                                     secant=secant)
                 if is_main_process():
-                    typer.echo(Path(folder["out"]).joinpath("rounds.md").read_text())
+                    typer.echo(Path(rounds.out).joinpath("rounds.md").read_text())
             if pecan:
                 from train.demo_pecan import run_pecan
 

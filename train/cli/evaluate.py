@@ -124,21 +124,22 @@ def policy_certificate(aligned: str, certificate: Path | None):
     return carried if carried is not None else given
 
 
-def print_evaluation(report: dict):
+def print_evaluation(report):
+    """An `EvaluationReport` as a table, its note and its text check."""
     from rich.table import Table
 
-    table = Table(title=f"achieved vs predicted gains on {report['prompts']} held-out prompts (β = {report['beta']:g})")
+    table = Table(title=f"achieved vs predicted gains on {report.prompts} held-out prompts (β = {report.beta:g})")
     for col in ("score", "role", "margin", "predicted", "on training samples", "achieved", "95% interval"):
         table.add_column(col, justify="left" if col in ("score", "role") else "right")
-    for r in report["rows"]:
-        table.add_row(r["name"], r["role"], "—" if r["margin"] is None else f"{r['margin']:+.3f}",
-                      "—" if r["predicted_gain"] is None else f"{r['predicted_gain']:+.3f}",
-                      "—" if r.get("insample_gain") is None else f"{r['insample_gain']:+.3f}",
-                      f"{r['achieved_gain']:+.3f}", f"[{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]")  # fmt: skip
+    for r in report.rows:
+        table.add_row(r.name, r.role, "—" if r.margin is None else f"{r.margin:+.3f}",
+                      "—" if r.predicted_gain is None else f"{r.predicted_gain:+.3f}",
+                      "—" if r.insample_gain is None else f"{r.insample_gain:+.3f}",
+                      f"{r.achieved_gain:+.3f}", f"[{r.ci95[0]:+.3f}, {r.ci95[1]:+.3f}]")  # fmt: skip
     console().print(table)
-    if report.get("note"):
-        console().print(f"[yellow]note:[/] {report['note']}")
-    text = report.get("text")
+    if report.note:
+        console().print(f"[yellow]note:[/] {report.note}")
+    text = report.text
     if text:
         d, lp = text["distinct_2"], text["logp_ref_per_token"]
         console().print(f"text check: distinct-2 {d['aligned']:.3f} aligned / {d['reference']:.3f} reference; "

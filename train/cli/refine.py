@@ -130,5 +130,5 @@ def refine_cmd(
     except CanError as err:
         fail(str(err))
     if is_main_process():
-        verdict = "on target" if report["stopped"] else f"not on target after {len(report['rounds']) - 1} round(s)"
+        verdict = "on target" if report.stopped else f"not on target after {len(report.rounds) - 1} round(s)"
         typer.echo(f"{verdict}; the rounds table is in {out / 'rounds.md'}")
