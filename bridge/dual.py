@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -75,11 +75,8 @@ def run(cfg: DualConfig) -> Certificate:
 
     Out-of-reach margins raise `InfeasibleMarginsError` naming them; bad tables and options raise `CanError`.
     """
-    import jax.numpy as jnp
 
     from bridge.limits import apply_limits, limit_specs
-    from bridge.scores_table import collect_record
-    from can_jax.result import Status
 
     cfg.check()
     t0 = time.perf_counter()
@@ -92,6 +89,17 @@ def run(cfg: DualConfig) -> Certificate:
     loaded = load_table(cfg.scores, cfg.reward, cfg.constraint, cfg.cost, cfg.prompt_id, cfg.float32,
                         cfg.drop_bad_rows, cfg.kl if cfg.pecan else None, lim_specs, keep_float32=True)  # fmt: skip
     loaded, limit_block = apply_limits(loaded, limits)
+    return certify(loaded, cfg, limit_block, load_s=time.perf_counter() - t0)
+
+
+def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: float = 0.0) -> Certificate:
+    """The solve and certificate of a loaded table with its margins (`run` after loading; a refine round's
+    certificate on its parent's table, at margins given as numbers)."""
+    import jax.numpy as jnp
+
+    from bridge.scores_table import collect_record
+    from can_jax.result import Status
+
     t1 = time.perf_counter()
     from can_jax.shard import device_count
 
@@ -107,7 +115,7 @@ def run(cfg: DualConfig) -> Certificate:
         from bridge.pecan import certificate_block
 
         pecan = certificate_block(cfg.scores, cfg.reward, loaded.names, cfg.kl, cfg.prompt_id)
-    timing = {"load_s": round(t1 - t0, 4), "solve_s": round(time.perf_counter() - t1 - (t3 - t2), 4)}
+    timing = {"load_s": round(load_s, 4), "solve_s": round(time.perf_counter() - t1 - (t3 - t2), 4)}
     if bias is not None:
         timing["bias_s"] = round(t3 - t2, 4)
     return Certificate.build(
@@ -157,13 +165,17 @@ def certificate_bias(result, loaded, beta: float, devices: int | None = 1) -> di
     return bias_block(report, loaded.names)
 
 
-def loaded_for(scores_path, cert: Certificate, dtype=None):
+def loaded_for(scores_path, cert: Certificate, dtype=None, keep_float32: bool = False):
     """The scores table read exactly as `can dual` read it for this certificate (same columns, kinds, margins,
     reference columns and bad-row rule)."""
     specs = [ConstraintSpec(n, m, k) for (n, m), k in zip(cert.margins.items(), cert.kinds, strict=True)]
     refs = cert.reference_columns
+    if dtype is None and keep_float32:
+        import jax.numpy as jnp
+
+        dtype = jnp.float32 if cert.dtype == "float32" else jnp.float64
     return load_scores(scores_path, cert.reward, specs, cert.prompt_id, drop_bad_rows=cert.drops_bad_rows, dtype=dtype,
-                       ref_columns=refs or None)  # fmt: skip
+                       ref_columns=refs or None, keep_float32=keep_float32)  # fmt: skip
 
 
 def check_solution(scores_path, cert: Certificate) -> float:
@@ -296,20 +308,20 @@ def round_certificate(scores_path, parent: Certificate, lam, index: int, **recor
 
     from can_jax.refine import sensitivity
 
-    loaded = loaded_for(scores_path, parent)
+    t0 = time.perf_counter()
+    exact = loaded_for(scores_path, parent)  # p(λ) in the table's own precision, as the step computed it
     lam = np.maximum(np.asarray(lam, float), 0.0)
-    p = np.asarray(sensitivity(jnp.asarray(lam, loaded.scores.reward.dtype), loaded.scores, parent.beta)[0], float)
+    p = np.asarray(sensitivity(jnp.asarray(lam, exact.scores.reward.dtype), exact.scores, parent.beta)[0], float)
+    loaded = loaded_for(scores_path, parent, keep_float32=True)  # as `can dual` loads it for the solve
     targets = parent.target_margins
     eff = np.where(lam > 0, p, np.minimum([targets[n] for n in parent.names], p))
-    texts = {"utility": [], "cost": []}
-    for name, kind, b in zip(parent.names, parent.kinds, eff, strict=True):
-        texts[kind].append(f"{name}={float(b)!r}")
     pecan = parent.pecan
-    cfg = DualConfig(scores=str(scores_path), reward=parent.reward, beta=parent.beta, constraint=texts["utility"],
-                     cost=texts["cost"], prompt_id=parent.prompt_id, float32=parent.dtype == "float32",
-                     drop_bad_rows=parent.drops_bad_rows, pecan=pecan is not None,
+    cfg = DualConfig(scores=scores_path, reward=parent.reward, beta=parent.beta, prompt_id=parent.prompt_id,
+                     float32=parent.dtype == "float32", drop_bad_rows=parent.drops_bad_rows, pecan=pecan is not None,
                      kl=(pecan or {}).get("reference", "token"))  # fmt: skip
-    cert = run(cfg)
+    # The margins go to the solve as the numbers they are (a cost's margin is the reduction of its mean, the gain
+    # of the negated column: the same number in both).
+    cert = certify(replace(loaded, margins=np.asarray(eff, float)), cfg, load_s=time.perf_counter() - t0)
     if not cert.converged:
         raise CanError(f"round {index}: the dual at the round's λ did not converge ({cert.message})")
     return cert.with_round(index, parent, requested_lambda=dict(zip(parent.names, lam.tolist(), strict=True)),

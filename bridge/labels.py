@@ -15,9 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from bridge.files import sha256_file
 from bridge.scores_table import collect_record
-from bridge.tables import bad_rows, check_one_prompt_per_id, group_prompts, prompt_keys, read_table
+from bridge.tables import (
+    ScoresFile,
+    bad_rows,
+    check_one_prompt_per_id,
+    group_prompts,
+    prompt_keys,
+    read_table,
+    scores_sha256,
+)
 from can_jax.errors import CanError, ScoresFormatError
 from can_jax.labels import MODES
 
@@ -70,7 +77,7 @@ def pseudo_preferences(
 
     check_label_options(mode, pairs_per_prompt)
     _check_source(scores_path)
-    if check_hash and sha256_file(scores_path) != cert.scores_sha256:
+    if check_hash and scores_sha256(scores_path) != cert.scores_sha256:
         raise CanError(
             f"the certificate was computed on another scores table (sha256 {str(cert.scores_sha256)[:12]}…, "
             f"{scores_path} has another); re-run `can dual` on this table or pass --no-check-hash"
@@ -115,6 +122,8 @@ def check_label_options(mode: str, pairs_per_prompt: int) -> None:
 def _check_source(path) -> None:
     from pathlib import Path
 
+    if isinstance(path, ScoresFile):  # read already
+        return
     path = Path(path)
     if path.is_dir():
         raise CanError(f"{path} is a directory but neither a scores table nor a `datasets` directory of pairs "

@@ -255,6 +255,10 @@ def pairs_meta(mode: str, seed: int, pairs_path) -> dict:
 def looks_like_pairs(path: str | os.PathLike, response_col: str = "response") -> bool:
     """Whether `path` is a pairs dataset (two responses per row) rather than a scores table (one per row, in
     `response_col`)."""
+    from bridge.tables import ScoresFile
+
+    if isinstance(path, ScoresFile):
+        return is_pairs_columns(path.table.column_names, response_col)
     path = Path(path)
     if path.is_dir():
         return (path / "dataset_info.json").exists() or (path / "state.json").exists()

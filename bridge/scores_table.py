@@ -111,6 +111,10 @@ def _parse(raw: bytes | None, where: str) -> CollectRecord:
 def collect_record(source: str | os.PathLike | pa.Table) -> CollectRecord:
     """The collect record of a Parquet table (a path or an Arrow table read from one); empty for a JSONL/CSV table
     or a Parquet table made elsewhere."""
+    from bridge.tables import ScoresFile
+
+    if isinstance(source, ScoresFile):
+        source = source.table
     if isinstance(source, pa.Table):
         return _parse((source.schema.metadata or {}).get(_KEY), "the scores table")
     path = Path(source)

@@ -115,6 +115,10 @@ def _sniff(path: Path) -> str:
     """The table format: Parquet by its magic bytes; otherwise by suffix, refusing binary content as text."""
     with open(path, "rb") as f:
         head = f.read(4096)
+    return _format(path, head)
+
+
+def _format(path: Path, head: bytes) -> str:
     if head[:4] == b"PAR1":
         return "parquet"
     fmt = FORMATS.get(path.suffix.lower())
@@ -127,9 +131,73 @@ def _sniff(path: Path) -> str:
     return fmt
 
 
+@dataclass(frozen=True)
+class ScoresFile:
+    """A scores table read once: its bytes hashed as they are parsed, every column in memory. Every function that
+    takes a scores path takes one of these too and opens nothing (a refine run reads its table once, whatever
+    the number of rounds); `os.fspath` gives the path, for messages and for code that must open it."""
+
+    path: str
+    table: pa.Table
+    sha256: str
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def open_scores(path: str | os.PathLike) -> ScoresFile:
+    """Reads the scores table at `path` once: its SHA-256 from the same bytes the table is parsed from."""
+    import hashlib
+    import io
+
+    if isinstance(path, ScoresFile):
+        return path
+    path = Path(path)
+    if path.is_dir():
+        raise ScoresFormatError(f"{path} is a directory, not a scores file (.parquet, .jsonl or .csv)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise ScoresFormatError(f"scores file not found: {path}") from None
+    except OSError as err:
+        raise ScoresFormatError(f"cannot read {path}: {printable(err.strerror or err)}") from None
+    fmt = _format(path, data[:4096])
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            with pq.ParquetFile(pa.BufferReader(data)) as parquet:
+                table = parquet.read()
+        elif fmt == "json":
+            import pyarrow.json as pj
+
+            table = pj.read_json(io.BytesIO(data))
+        else:
+            import pyarrow.csv as pc
+
+            table = pc.read_csv(io.BytesIO(data))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ScoresFormatError(f"cannot read {path} as {fmt}: {printable(first)}") from None
+    return ScoresFile(str(path), table, hashlib.sha256(data).hexdigest())
+
+
+def scores_sha256(source) -> str:
+    """The SHA-256 of a scores table's file (a `ScoresFile` knows it already)."""
+    return source.sha256 if isinstance(source, ScoresFile) else sha256_file(source)
+
+
 def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Reads a scores table from Parquet, JSON Lines or CSV. With `columns`, a Parquet table is read with only those
-    of them it has (the others are never decoded); `table_columns` names all of a table's columns."""
+    of them it has (the others are never decoded); `table_columns` names all of a table's columns. A `ScoresFile`
+    gives its columns from memory."""
+    if isinstance(path, ScoresFile):
+        names = path.table.column_names
+        return path.table if columns is None else path.table.select([c for c in dict.fromkeys(columns) if c in names])
     path = Path(path)
     if path.is_dir():
         raise ScoresFormatError(f"{path} is a directory, not a scores file (.parquet, .jsonl or .csv)")
@@ -309,7 +377,8 @@ def load_scores(
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(sha256_file, path) if Path(path).is_file() else None
+        known = isinstance(path, ScoresFile)
+        digest = pool.submit(sha256_file, path) if not known and Path(path).is_file() else None
         needed = [prompt_id, reward, *names, *ref_columns.values()]
         table = read_table(path, columns=[*needed, "prompt"])
         missing = [c for c in needed if c not in table.column_names]
@@ -317,11 +386,14 @@ def load_scores(
             raise ScoresFormatError(f"{path}: missing column(s) {missing}; the table has {_all_columns(path, table)}")
         loaded = _validated(path, table, reward, constraints, prompt_id, drop_bad_rows, dtype, ref_columns,
                             keep_float32, names)  # fmt: skip
-        return replace(loaded, sha256=digest.result() if digest is not None else sha256_file(path))
+        sha = path.sha256 if known else digest.result() if digest is not None else sha256_file(path)
+        return replace(loaded, sha256=sha)
 
 
 def _all_columns(path, table: pa.Table) -> list[str]:
     """Every column of the table at `path` (`table` may have been read with some of them only)."""
+    if isinstance(path, ScoresFile):
+        return path.table.column_names
     if _sniff(Path(path)) == "parquet":
         import pyarrow.parquet as pq
 

@@ -84,7 +84,7 @@ class DemoConfig:
     seed: int = 0
 
     def dpo_settings(self, **override) -> dict:
-        """`train.dpo.train` keywords of the demo's DPO runs (the one place MoCAN, PeCAN and pre-alignment read)."""
+        """`train.dpo.TrainConfig` fields of the demo's DPO runs (the one place MoCAN, PeCAN and pre-alignment read)."""
         return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
                 "lora": self.lora, "train_top": self.train_top, "seed": self.seed, **override}  # fmt: skip
 
@@ -110,7 +110,8 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     from bridge.dual import DualConfig, margins_at_reach
     from bridge.dual import run as run_dual
     from can_jax.errors import CanError
-    from train.dpo import train
+    from train.dpo import TrainConfig
+    from train.dpo import run as train
     from train.evaluate import evaluate, insample_gains
     from train.label import LabelConfig
     from train.label import run as run_label
@@ -152,7 +153,8 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
                                          pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed))  # fmt: skip
         say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
     st.wait_for_everyone()
-    final = train(out / "preferences.parquet", cfg.policy, out / "run", **cfg.dpo_settings())
+    final = train(TrainConfig(preferences=str(out / "preferences.parquet"), policy=cfg.policy, out=str(out / "run"),
+                              **cfg.dpo_settings()))  # fmt: skip
     times["label+train"] = time.perf_counter() - t
     say(f"④ DPO (β = {cert.beta:g}) → {final} ({times['label+train']:.0f} s)")
 

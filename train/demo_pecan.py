@@ -42,7 +42,8 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     from bridge.dual import run as run_dual
     from bridge.files import write_parquet
     from bridge.labels import score_preferences
-    from train.dpo import prealign, train
+    from train.dpo import TrainConfig, prealign
+    from train.dpo import run as train
     from train.evaluate import evaluate, insample_gains
     from train.label import LabelConfig
     from train.label import run as run_label
@@ -61,8 +62,9 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     for i, name in enumerate(aspects):
         prefs, stats = score_preferences(samples, name, prealign_pairs, cfg.seed + i)
         write_parquet(out / f"prefs_{name}.parquet", prefs)
-        policy = prealign(out / f"prefs_{name}.parquet", cfg.policy, out / f"pre_{name}", cfg.beta,
-                          **cfg.dpo_settings(epochs=prealign_epochs, lr=prealign_lr or cfg.lr))  # fmt: skip
+        settings = cfg.dpo_settings(epochs=prealign_epochs, lr=prealign_lr or cfg.lr)
+        policy = prealign(TrainConfig(preferences=str(out / f"prefs_{name}.parquet"), policy=cfg.policy,
+                                      out=str(out / f"pre_{name}"), beta_override=cfg.beta, **settings))  # fmt: skip
         aligned.append(f"pre_{name}={policy}")
         say(f"Ⓐ pre-aligned π_{name} on {stats.pairs} preference pairs ({stats.ties_dropped} ties dropped)")
     times["prealign"] = time.perf_counter() - t
@@ -87,7 +89,8 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     _, stats = run_label(LabelConfig(scores=str(table), certificate=str(out / "certificate.json"),
                                      out=str(out / "preferences.parquet"), mode=cfg.mode,
                                      pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed))  # fmt: skip
-    final = train(out / "preferences.parquet", cfg.policy, out / "run", **cfg.dpo_settings())
+    final = train(TrainConfig(preferences=str(out / "preferences.parquet"), policy=cfg.policy, out=str(out / "run"),
+                              **cfg.dpo_settings()))  # fmt: skip
     times["label+train"] = time.perf_counter() - t
     say(f"Ⓒ {stats.pairs} {cfg.mode} pairs from s̃ = r̃ + λ*ᵀg̃, one DPO run → {final}")
 

@@ -6,6 +6,7 @@ weights. `prealign` is PeCAN's DPO of π_ref on one aspect's preferences.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from can_jax.errors import CanError
@@ -129,28 +130,35 @@ def _shared_on_disk(data, folder: Path):
     return load_from_disk(str(folder))
 
 
-def train(
-    preferences: str | Path,
-    policy: str,
-    out_dir: str | Path,
-    beta: float | None = None,
-    epochs: float | None = None,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    max_length: int | None = None,
-    lora: bool = False,
-    train_top: int | None = None,
-    precision: str = "auto",
-    chat_template: bool | None = None,
-    resume: bool = False,
-    seed: int | None = None,
-    beta_override: float | None = None,
-    config_file: str | Path | None = None,
-    extra_args: list[str] | tuple = (),
-    overwrite: bool = True,
-    reference: str | None = None,
-    **config_kw,
-) -> Path:
+@dataclass
+class TrainConfig:
+    """One DPO run (`can train`, and the DPO of the demos, pre-alignment and refine rounds). Unset options come from
+    `config_file` (YAML/JSON of DPOConfig options), `extra_args` (`--name value`) or the defaults (`make_config`);
+    those given here win over both. `dpo`: other DPOConfig options by TRL name."""
+
+    preferences: str  # a preference set written by `can label` (or pairs with `beta_override`)
+    policy: str = "smollm2"
+    out: str = "can-run"
+    beta: float | None = None  # must equal the certificate's β (a consistency check)
+    epochs: float | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+    lora: bool = False
+    train_top: int | None = None
+    precision: str = "auto"
+    chat_template: bool | None = None
+    resume: bool = False
+    seed: int | None = None
+    beta_override: float | None = None  # replaces the certificate's β deliberately
+    config_file: str | None = None
+    extra_args: list = field(default_factory=list)
+    overwrite: bool = True
+    reference: str | None = None
+    dpo: dict = field(default_factory=dict)
+
+
+def run(cfg: TrainConfig) -> Path:
     """Runs DPO with β from the preference dataset's certificate; returns the directory of the aligned policy.
 
     `beta` must equal the certificate's β (a consistency check); `beta_override` replaces it deliberately.
@@ -176,6 +184,10 @@ def train(
     from train.dist import claim, state
     from train.models import load_policy
 
+    preferences, policy, out_dir, reference = cfg.preferences, cfg.policy, Path(cfg.out), cfg.reference
+    beta, beta_override, precision = cfg.beta, cfg.beta_override, cfg.precision
+    lora, train_top, config_file, extra_args = cfg.lora, cfg.train_top, cfg.config_file, cfg.extra_args
+    chat_template = cfg.chat_template
     data, prefs = load_preferences(preferences, beta_override if beta_override is not None else beta)
     cert_beta = prefs.beta if prefs.beta is not None else beta  # a plain table: the β given
     if beta_override is not None:
@@ -185,13 +197,12 @@ def train(
             f"--beta {beta} differs from the certificate's β = {cert_beta}: the dual and DPO must use the same β "
             "(DESIGN §4); drop --beta, or pass --allow-beta-mismatch"
         )
-    out_dir = Path(out_dir)
-    given = {"num_train_epochs": epochs, "learning_rate": lr, "per_device_train_batch_size": batch_size,
-             "max_length": max_length, "seed": seed}  # fmt: skip
+    given = {"num_train_epochs": cfg.epochs, "learning_rate": cfg.lr, "per_device_train_batch_size": cfg.batch_size,
+             "max_length": cfg.max_length, "seed": cfg.seed}  # fmt: skip
     # Every setting is parsed and checked before the run folder is touched or a model loaded.
     args = make_config(out_dir / "checkpoints", cert_beta if beta is None else beta, precision, config_file,
                        extra_args, lora=lora, **{k: v for k, v in given.items() if v is not None},
-                       **config_kw)  # fmt: skip
+                       **cfg.dpo)  # fmt: skip
     check_config(args)
     if train_top is not None:
         if lora:
@@ -205,7 +216,7 @@ def train(
                         **({"reference": spelled(reference)} if reference else {}))  # fmt: skip
     st = state()
     record["processes"] = st.num_processes  # what the run was launched on (not a setting: resume may differ)
-    has_ckpt = check_run_folder(out_dir, record, resume, overwrite)
+    has_ckpt = check_run_folder(out_dir, record, cfg.resume, cfg.overwrite)
     # What this run replaces or cleans: only entries a `can` run made (never a user's own `data/` in --out), and
     # never one of its own inputs (a policy trained from OUT/policy into OUT).
     entries = [("--out", out_dir / name) for name in RUN_ENTRIES]
@@ -337,8 +348,9 @@ def _write_card(final: Path, prefs, policy: str, preferences, args) -> None:
         write_beside(final, prefs.certificate)
 
 
-def prealign(preferences: str | Path, policy: str, out_dir: str | Path, beta: float, **train_kw) -> Path:
-    """PeCAN's pre-alignment (DESIGN §3): DPO of the reference policy on one preference dataset with KL weight β.
+def prealign(cfg: TrainConfig) -> Path:
+    """PeCAN's pre-alignment (DESIGN §3): DPO of the reference policy `cfg.policy` on one preference dataset with
+    KL weight β = `cfg.beta_override` (pairs carry no certificate).
 
     Writes the aligned policy to OUT/policy with `prealign.json` beside its weights (β, the reference it was
     aligned from, the dataset's hash), which `can collect --aligned NAME=OUT/policy` reads β from.
@@ -349,9 +361,10 @@ def prealign(preferences: str | Path, policy: str, out_dir: str | Path, beta: fl
     from train.logratios import PREALIGN_FILE
     from train.models import resolve_policy
 
-    if not beta > 0:
+    beta, policy, preferences = cfg.beta_override, cfg.policy, cfg.preferences
+    if beta is None or not beta > 0:
         raise CanError(f"--beta must be positive, got {beta}")
-    final = train(preferences, policy, out_dir, beta_override=beta, **train_kw)
+    final = run(cfg)
     from train.dist import state
 
     if not state().is_main_process:

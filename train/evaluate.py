@@ -295,8 +295,7 @@ def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_siz
     π_aligned/π_ref (self-normalised, the weights the certificate's prediction uses for π_λ*), with log-probs
     computed the DPO way. Compared with the prediction, this separates "DPO did not learn the tilt" from "the
     tilt did not carry over to fresh samples and prompts"."""
-    import pyarrow.parquet as pq
-
+    from bridge.tables import read_table
     from train import dist
     from train.logps import sequence_logps
     from train.logratios import ROWS_PER_UNIT
@@ -306,9 +305,9 @@ def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_siz
     from can_jax.errors import CanError
 
     try:
-        table = pq.read_table(scores_path)
-    except (OSError, ValueError) as err:
-        raise CanError(f"--train-scores {scores_path}: not a Parquet scores table ({err})") from None
+        table = read_table(scores_path)
+    except CanError as err:
+        raise CanError(f"--train-scores: {err}") from None
     missing = [c for c in ("prompt_id", "prompt", "response", "logp_ref", *scorer_names) if c not in table.column_names]
     if missing:
         raise CanError(

@@ -21,15 +21,17 @@ processes; the main process writes.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from bridge.owned import same_location, spelled
 from bridge.reports import EvaluationReport, RefineRecord, RoundsReport
+from bridge.tables import open_scores
 from can_jax.errors import CanError
 from train.prompts import prompt_key, shown_prompt, training_prompts
 
@@ -44,7 +46,7 @@ CHAIN_SETTINGS = ("step", "eta", "secant", "start", "k", "max_new_tokens", "seed
 @dataclass
 class RefineConfig:
     policy: str  # round 0's aligned policy: a `can train` output (carries its certificate)
-    scores: str  # the π_ref samples its certificate was solved on (`can collect`'s table)
+    scores: str  # the π_ref samples its certificate was solved on (`can collect`'s table; refine reads it once)
     prompts: list  # calibration prompts (texts or conversations), disjoint from training and test
     scorers: list  # NAME=SPEC for the reward and every constraint
     out: str = "can-refine"
@@ -72,7 +74,7 @@ class RefineConfig:
     mode: str = "bt"  # label mode of the relabelled samples (as `can label`)
     pairs_per_prompt: int = 1
     label_seed: int = 0
-    dpo: dict = field(default_factory=dict)  # `train.dpo.train` keywords (epochs, lr, batch_size, train_top, …)
+    dpo: dict = field(default_factory=dict)  # `train.dpo.TrainConfig` fields (epochs, lr, batch_size, train_top, …)
     chat_template: bool = True
     dtype: str = "fp32"
     scorer_options: dict | None = None
@@ -123,8 +125,7 @@ class RefineConfig:
             raise CanError(f"{len(self.test_prompts)} test prompt(s): give at least 2 (the intervals are over prompts)")
 
     def chain_settings(self) -> dict:
-        d = asdict(self)
-        return {k: d[k] for k in CHAIN_SETTINGS}
+        return {k: copy.deepcopy(getattr(self, k)) for k in CHAIN_SETTINGS}
 
 
 def default_start(lora: bool) -> str:
@@ -137,7 +138,7 @@ def chain_start(cfg: RefineConfig):
     """(round-0 certificate, policy path): the policy's carried certificate, checked against --certificate, the
     scores table and the reference. Refuses a policy or certificate from another chain, in one line."""
     from bridge.certificate import Certificate, read_beside
-    from bridge.files import sha256_file
+    from bridge.tables import scores_sha256
 
     policy = Path(cfg.policy)
     if not policy.is_dir():
@@ -155,7 +156,7 @@ def chain_start(cfg: RefineConfig):
                        "and the same --out to continue a refine run")  # fmt: skip
     if not Path(cfg.scores).is_file():
         raise CanError(f"scores table not found: {cfg.scores}")
-    if sha256_file(cfg.scores) != cert.scores_sha256:
+    if scores_sha256(cfg.scores) != cert.scores_sha256:
         raise CanError(f"{cfg.scores} is not the scores table the certificate of {policy} was solved on "
                        f"(sha256 {str(cert.scores_sha256)[:12]}…): give that table")  # fmt: skip
     from train.run_record import recorded_policy
@@ -291,6 +292,10 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
     from train.scorers import parse_scorer
 
     cfg.check()
+    if not Path(cfg.scores).is_file():
+        raise CanError(f"scores table not found: {cfg.scores}")
+    # The table is read once, hashed as it is read, and every stage of every round takes it from memory.
+    cfg = replace(cfg, scores=open_scores(cfg.scores))
     cert0, policy0 = chain_start(cfg)
     check_prompts_apart(cfg)
     names = cert0.names
@@ -422,7 +427,8 @@ def _round_certificate(cfg, parent, lam, n: int, folder: Path, achieved, half_wi
 def _align(cfg, cert, previous: str, folder: Path, say) -> str:
     """Relabels the π_ref samples under round n's certificate and runs DPO (resuming its checkpoints)."""
     from train import dist
-    from train.dpo import train
+    from train.dpo import TrainConfig
+    from train.dpo import run as train
     from train.label import LabelConfig
     from train.label import run as run_label
 
@@ -440,17 +446,8 @@ def _align(cfg, cert, previous: str, folder: Path, say) -> str:
     continuing = cfg.start == "previous"
     start = previous if continuing else cfg.reference
     kw = dict(cfg.dpo)
-    return str(
-        train(
-            prefs,
-            start,
-            folder / "run",
-            resume=True,
-            overwrite=True,
-            reference=cfg.reference if continuing else None,
-            **kw,
-        )
-    )
+    return str(train(TrainConfig(preferences=str(prefs), policy=start, out=str(folder / "run"), resume=True,
+                                 overwrite=True, reference=cfg.reference if continuing else None, **kw)))
 
 
 def _row(n, cert, cal: EvaluationReport, test: EvaluationReport | None, insample, g, tol, stop, names,

@@ -347,3 +347,40 @@ def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):
     assert "1 calibration prompt(s) are training prompts" in refused(["Bake  bread.", *fresh], test)
     assert "1 test prompt(s) are training prompts" in refused(fresh, [*test, "Plant tomatoes."])
     assert "1 test prompt(s) repeat" in refused(fresh, [*test, test[0]])
+
+
+def test_a_refine_run_opens_its_scores_table_once(chain, tmp_path, monkeypatch):
+    """Whatever the number of rounds, one refine run opens the scores file once (hashing included): the prompts
+    check, the in-sample gains, the Hessian, each round's certificate and labels take the table from memory."""
+    import builtins
+    import io
+
+    import pyarrow.csv
+    import pyarrow.json
+    import pyarrow.parquet
+
+    from train.refine import refine
+
+    scores = (chain[1] / "scores.parquet").resolve()
+    opened = []
+
+    def counting(fn):
+        def wrapper(source, *args, **kwargs):
+            try:
+                if isinstance(source, (str, os.PathLike)) and Path(os.fspath(source)).resolve() == scores:
+                    opened.append(fn.__name__)
+            except (OSError, ValueError):
+                pass
+            return fn(source, *args, **kwargs)
+
+        return wrapper
+
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", counting(real_open))
+    monkeypatch.setattr(io, "open", counting(real_open))
+    for mod, name in [(pyarrow.parquet, "ParquetFile"), (pyarrow.parquet, "read_table"), (pyarrow.parquet,
+                      "read_schema"), (pyarrow.json, "read_json"), (pyarrow.csv, "read_csv")]:  # fmt: skip
+        monkeypatch.setattr(mod, name, counting(getattr(mod, name)))
+    report = refine(_config(chain, tmp_path, rounds=2, start="reference"), say=lambda *_: None)
+    assert len(report.rounds) == 3  # two correction rounds: two certificates, two labellings, three measurements
+    assert opened == ["open"], opened

@@ -320,7 +320,7 @@ def test_text_pairs_take_the_template_and_ids_need_their_tokenizer(zoo_dirs, tmp
     are refused by a policy with another tokenizer."""
     from datasets import Dataset
 
-    from train.dpo import _apply_chat_template, train
+    from train.dpo import TrainConfig, _apply_chat_template, run
 
     _, _, tok = zoo_dirs["llama3"]
     text = Dataset.from_dict({"prompt": ["hi?"], "chosen": ["a"], "rejected": ["b"]})
@@ -344,7 +344,7 @@ def test_text_pairs_take_the_template_and_ids_need_their_tokenizer(zoo_dirs, tmp
                                "--out", str(cert)]).exit_code == 0  # fmt: skip
     assert runner.invoke(app, ["label", str(scores), str(cert), "-o", str(prefs)]).exit_code == 0
     with pytest.raises(CanError, match="another tokenizer"):
-        train(prefs, str(zoo_dirs["qwen2_5"][0]), tmp_path / "run")
+        run(TrainConfig(preferences=str(prefs), policy=str(zoo_dirs["qwen2_5"][0]), out=str(tmp_path / "run")))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

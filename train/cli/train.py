@@ -88,16 +88,18 @@ def train_cmd(
     from can_jax.errors import CanError
 
     try:
-        from train.dpo import load_preferences, train
+        from train.dpo import TrainConfig, load_preferences, run
 
         if beta is not None and allow_beta_mismatch:
             _, prefs = load_preferences(preferences, beta)
             typer.echo(f"warning: β = {beta} instead of the certificate's {prefs.beta}", err=True)
-        final = train(preferences, policy, out, beta=None if allow_beta_mismatch else beta, epochs=epochs, lr=lr,
-                      batch_size=batch_size, max_length=max_length, lora=lora, train_top=train_top,
-                      precision=precision, resume=resume, seed=seed, config_file=config, extra_args=list(ctx.args),
-                      chat_template=chat_template, overwrite=overwrite,
-                      **({"beta_override": beta} if allow_beta_mismatch and beta is not None else {}))  # fmt: skip
+        final = run(TrainConfig(
+            preferences=str(preferences), policy=policy, out=str(out), beta=None if allow_beta_mismatch else beta,
+            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, lora=lora, train_top=train_top,
+            precision=precision, resume=resume, seed=seed, config_file=None if config is None else str(config),
+            extra_args=list(ctx.args), chat_template=chat_template, overwrite=overwrite,
+            beta_override=beta if allow_beta_mismatch else None,
+        ))  # fmt: skip
     except (CanError, FileNotFoundError) as err:
         fail(str(err))
     if is_main_process():
@@ -136,11 +138,15 @@ def prealign(
     from can_jax.errors import CanError
 
     try:
+        from train.dpo import TrainConfig
         from train.dpo import prealign as run
 
-        final = run(preferences, policy, out, beta, epochs=epochs, lr=lr, batch_size=batch_size,
-                    max_length=max_length, lora=lora, train_top=train_top, chat_template=chat_template, resume=resume,
-                    seed=seed, config_file=config, extra_args=list(ctx.args), overwrite=overwrite)  # fmt: skip
+        final = run(TrainConfig(
+            preferences=str(preferences), policy=policy, out=str(out), beta_override=beta, epochs=epochs, lr=lr,
+            batch_size=batch_size, max_length=max_length, lora=lora, train_top=train_top, chat_template=chat_template,
+            resume=resume, seed=seed, config_file=None if config is None else str(config), extra_args=list(ctx.args),
+            overwrite=overwrite,
+        ))  # fmt: skip
     except (CanError, FileNotFoundError) as err:
         fail(str(err))
     if is_main_process():
