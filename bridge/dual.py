@@ -295,6 +295,18 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     return result, errs, notes, tol
 
 
+def sensitivity_at(scores_path, cert: Certificate) -> np.ndarray:
+    """The dual's Hessian ∇²D̂(λ) at the certificate's λ on its table, in float64: the derivative ∂p/∂λ of the
+    predicted gains, the first sensitivity of `can refine`'s Newton step."""
+    import jax.numpy as jnp
+
+    from can_jax.refine import sensitivity
+
+    loaded = loaded_for(scores_path, cert, dtype=jnp.float64)
+    lam = jnp.asarray([cert.lam[n] for n in cert.names], jnp.float64)
+    return np.asarray(sensitivity(lam, loaded.scores, cert.beta)[1], float)
+
+
 def round_certificate(scores_path, parent: Certificate, lam, index: int, **record) -> Certificate:
     """The certificate of correction round `index` (`can refine`): the dual on the parent's own table whose solution
     is `lam` (the λ the round's step chose), so that `label` relabels the same samples under it and re-checks it.

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ARMIJO = 1e-4
 HALVINGS = 40
@@ -130,6 +131,19 @@ def refine_step(
         jac = jnp.where(state.rounds > 0, updated, jac)
     lam = newton_step(state.lam, achieved, margins, jac)
     return Refine(lam, jac, state.lam, achieved, state.rounds + 1)
+
+
+def next_lambda(lams, gains, margins, hess0, step: str = "newton", eta: float = 1.0,
+                secant: bool = True) -> np.ndarray:  # fmt: skip
+    """λ for the next round from the measured history: `lams`[t] and `gains`[t] the λ and achieved gains of round t
+    (round 0 first), `hess0` the dual's Hessian at round 0's λ. Newton steps are replayed from round 0, so a resumed
+    run takes exactly the step it would have taken; CAID's step needs the last round alone."""
+    if step == "caid":
+        return np.asarray(caid_step(jnp.asarray(lams[-1]), jnp.asarray(gains[-1]), jnp.asarray(margins), eta), float)
+    state = refine_init(jnp.asarray(lams[0]), jnp.asarray(hess0))
+    for a in gains:
+        state = refine_step(state, jnp.asarray(a), jnp.asarray(margins), secant=secant)
+    return np.asarray(state.lam, float)
 
 
 def on_target(gain: jnp.ndarray, margins: jnp.ndarray, active: jnp.ndarray, interval=0.0, floor: float = 0.02):

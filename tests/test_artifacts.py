@@ -1,7 +1,7 @@
 """One owner for each artifact (issue 19), checked through the code's own syntax trees rather than a text search:
 no module but the owner reads or writes an artifact's metadata keys, no module subscripts another's record with an
 owner's keys, and no module imports a private name from another module. The evaluation report, the refine record and
-the rounds report are owned by bridge/reports.py (train/refine.py builds the rounds' rows).
+the rounds report are owned by bridge/reports.py (train/rounds.py builds the rounds' rows).
 
 The owners: the scores table's collect record — bridge/scores_table.py; the dual certificate —
 bridge/certificate.py (bridge/dual.py builds its data block, bridge/bias.py its bias block); the preference set —
@@ -47,7 +47,7 @@ OWNERS = {
 }
 # Modules that build one block of an owner's artifact and may name its keys while doing so.
 BUILDERS = {"bridge/dual.py": "bridge/certificate.py", "bridge/bias.py": "bridge/certificate.py",
-            "train/refine.py": "bridge/reports.py"}  # the rows of the rounds report  # fmt: skip
+            "train/rounds.py": "bridge/reports.py"}  # the rows of the rounds report  # fmt: skip
 
 
 def _modules():

@@ -106,13 +106,14 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
               reference_memo: dict | None = None) -> dict:
     """Runs the chain into OUT and returns the evaluation report. `scores`: a scores table already collected with
     cfg's collection settings (a study shares one collection between configurations); `reference_memo`: see
-    `train.evaluate.evaluate`."""
+    `train.evaluate.run`."""
     from bridge.dual import DualConfig, margins_at_reach
     from bridge.dual import run as run_dual
     from can_jax.errors import CanError
     from train.dpo import TrainConfig
     from train.dpo import run as train
-    from train.evaluate import evaluate, insample_gains
+    from train.evaluate import EvaluateConfig, insample_gains
+    from train.evaluate import run as evaluate
     from train.label import LabelConfig
     from train.label import run as run_label
     from train.scorers import parse_scorer
@@ -161,9 +162,10 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     t = time.perf_counter()
     insample = insample_gains(str(final), scores_path, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,
                               cfg.max_length)  # fmt: skip
-    report = evaluate(str(final), cfg.policy, cfg.eval_prompts, cfg.scorers, cert, out / "evaluation", k=cfg.eval_k,
-                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
-                      insample=insample, reference_memo=reference_memo)  # fmt: skip
+    ecfg = EvaluateConfig(aligned=str(final), reference=cfg.policy, scorers=tuple(cfg.scorers),
+                          out=str(out / "evaluation"), k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip
+    report = evaluate(ecfg, cert, cfg.eval_prompts, insample, reference_memo)
     times["evaluate"] = time.perf_counter() - t
     report = report.with_seconds(times)
     if st.is_main_process:
@@ -197,8 +199,9 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
     the demo's own evaluation (the same policy, prompts, samples and seed)."""
     import shutil
 
+    from train.chain import RefineConfig, default_start
     from train.demo_prompts import CALIBRATION_PROMPTS
-    from train.refine import RefineConfig, default_start, refine
+    from train.refine import refine
 
     st = dist.state()
     say = say if st.is_main_process else (lambda *_: None)

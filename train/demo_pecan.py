@@ -44,7 +44,8 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     from bridge.labels import score_preferences
     from train.dpo import TrainConfig, prealign
     from train.dpo import run as train
-    from train.evaluate import evaluate, insample_gains
+    from train.evaluate import EvaluateConfig, insample_gains
+    from train.evaluate import run as evaluate
     from train.label import LabelConfig
     from train.label import run as run_label
     from train.logratios import add_aligned
@@ -97,9 +98,10 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     t = time.perf_counter()
     mocan_cert = Certificate.read(mocan_dir / "certificate.json")
     insample = insample_gains(str(final), table, scorer_names, cfg.gen_batch_size, cfg.max_length)
-    report = evaluate(str(final), cfg.policy, cfg.eval_prompts, cfg.scorers, mocan_cert, out / "evaluation", k=cfg.k,
-                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size, seed=cfg.seed + 1,
-                      insample=insample)  # fmt: skip
+    ecfg = EvaluateConfig(aligned=str(final), reference=cfg.policy, scorers=tuple(cfg.scorers),
+                          out=str(out / "evaluation"), k=cfg.k, max_new_tokens=cfg.max_new_tokens,
+                          batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip
+    report = evaluate(ecfg, mocan_cert, cfg.eval_prompts, insample)
     times["evaluate"] = time.perf_counter() - t
     mocan = EvaluationReport.read(mocan_dir / "evaluation" / "evaluation.json")
     implied = implied_gains(table, cert, scorer_names)

@@ -8,6 +8,7 @@ beside the gain the dual certificate predicted for π_λ*.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +22,17 @@ from can_jax.errors import CanError
 PROMPTS_PER_UNIT = 16  # prompts per unit of evaluation work; unit u samples with seed + u (`train.dist`)
 
 
-def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed, chat_template=True, dtype="fp32"):
-    """Per-prompt mean scores of K samples of a policy, and the samples. Units of prompts are spread over the
+def _policy_scores(spec: str, prompts: list, scorers: list, cfg: EvaluateConfig):
+    """Per-prompt mean scores of cfg.k samples of a policy, and the samples. Units of prompts are spread over the
     processes of `accelerate launch` (seeds per unit: the same numbers for any number of processes)."""
     from train import dist
     from train.models import load_policy
     from train.prompts import check_context, sample
     from train.tokens import as_prompts, is_conversation
 
+    k, max_new_tokens, chat_template = cfg.k, cfg.max_new_tokens, cfg.chat_template
     st = dist.state()
-    model, tok = load_policy(spec, dist.device(st), dtype)
+    model, tok = load_policy(spec, dist.device(st), cfg.dtype)
     model.eval()
     conv = any(is_conversation(p) for p in prompts)
     check_context(model, tok, as_prompts(tok, prompts, chat_template), max_new_tokens, "the held-out prompts", spec)
@@ -38,7 +40,8 @@ def _policy_scores(spec, prompts, scorers, k, max_new_tokens, batch_size, seed, 
     def unit(u):
         chunk = prompts[u * PROMPTS_PER_UNIT : (u + 1) * PROMPTS_PER_UNIT]
         # The same tokenisation path and exact sampling as `can collect` (train.tokens, train.sampling).
-        drawn = sample(model, tok, as_prompts(tok, chunk, chat_template), k, max_new_tokens, batch_size, seed + u)
+        drawn = sample(model, tok, as_prompts(tok, chunk, chat_template), k, max_new_tokens, cfg.batch_size,
+                       cfg.seed + u)  # fmt: skip
         instr = [p for p in (as_prompts(tok, chunk, True) if conv else chunk) for _ in range(k)]
         scores = {sc.name: np.asarray(sc(instr, drawn["response"])).reshape(len(chunk), k) for sc in scorers}
         ids = list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
@@ -116,52 +119,58 @@ def _is_report(path: Path) -> bool:
     return True
 
 
-def evaluate(
-    aligned: str,
-    reference: str,
-    prompts: list[str],
-    scorer_specs: list[str],
-    cert,
-    out: str | Path,
-    k: int = 4,
-    max_new_tokens: int = 48,
-    batch_size: int = 64,
-    seed: int = 1,
-    insample: dict | None = None,
-    chat_template: bool = True,
-    scorer_options: dict | None = None,
-    dtype: str = "fp32",
-    reference_memo: dict | None = None,
-) -> EvaluationReport:
-    """Writes OUT/evaluation.json, .md and .png; returns the report. `insample` (from `insample_gains`) adds
-    the aligned policy's gains on the training samples beside the held-out ones. `reference_memo`: a dict that keeps
-    the reference policy's samples and scores between calls of one process (a study evaluating several aligned
-    policies on the same prompts samples the reference once)."""
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """One measurement of achieved gains (`can evaluate`, the demos' last stage, each refine round): the two policies,
+    the scorers (`NAME=SPEC`, the certificate's reward and constraints) and how they are sampled."""
+
+    aligned: str
+    reference: str
+    scorers: tuple[str, ...]
+    out: str = "can-eval"
+    k: int = 4  # samples per prompt and policy
+    max_new_tokens: int = 48
+    batch_size: int = 64
+    seed: int = 1
+    chat_template: bool = True
+    scorer_options: dict | None = None
+    dtype: str = "fp32"
+
+
+def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
+        reference_memo: dict | None = None) -> EvaluationReport:  # fmt: skip
+    """Measures cfg.aligned against cfg.reference on held-out `prompts` under `cert` (a `Certificate`); writes
+    OUT/evaluation.json, .md and .png and returns the report. `insample` (from `insample_gains`) adds the aligned
+    policy's gains on the training samples beside the held-out ones. `reference_memo`: a dict that keeps the reference
+    policy's samples and scores between calls of one process (a study evaluating several aligned policies on the same
+    prompts samples the reference once)."""
     from train import dist
     from train.prompts import check_sampling
     from train.scorers import make_scorer, parse_scorer
 
-    check_sampling(k, max_new_tokens, batch_size)
-    check_scorer_options(scorer_options)
+    k, seed, aligned, reference, scorer_specs = cfg.k, cfg.seed, cfg.aligned, cfg.reference, list(cfg.scorers)
+    check_sampling(k, cfg.max_new_tokens, cfg.batch_size)
+    check_scorer_options(cfg.scorer_options)
     if len(prompts) < 2:
         raise CanError(f"{len(prompts)} held-out prompt: give at least 2 (the interval of the gains is over prompts)")
     check_scorers(cert, [parse_scorer(s)[0] for s in scorer_specs])
     st = dist.state()
-    out = Path(out)
+    out = Path(cfg.out)
     # Before any sampling: an output folder that cannot be written, or files there `can` did not make, are refused.
     dist.claim(st, out, list(EVALUATION_ENTRIES), legacy=lambda f: _is_report(f / "evaluation.json"))
-    scorers = [make_scorer(*parse_scorer(s), **(scorer_options or {}), device=dist.device(st)) for s in scorer_specs]
-    ours, samples_a, ids_a, logp_a = _policy_scores(aligned, prompts, scorers, k, max_new_tokens, batch_size, seed,
-                                            chat_template, dtype)  # fmt: skip
-    key = (reference, tuple(map(str, prompts)), tuple(scorer_specs), k, max_new_tokens, seed, chat_template, dtype)
+    scorers = [make_scorer(*parse_scorer(s), **(cfg.scorer_options or {}), device=dist.device(st))
+               for s in scorer_specs]  # fmt: skip
+    ours, samples_a, ids_a, logp_a = _policy_scores(aligned, prompts, scorers, cfg)
+    key = (reference, tuple(map(str, prompts)), tuple(scorer_specs), k, cfg.max_new_tokens, seed, cfg.chat_template,
+           cfg.dtype)  # fmt: skip
     if reference_memo is not None and key in reference_memo:
         base, samples_r, ids_r, logp_r = reference_memo[key]
     else:
-        base, samples_r, ids_r, logp_r = _policy_scores(reference, prompts, scorers, k, max_new_tokens, batch_size,
-                                                        seed, chat_template, dtype)  # fmt: skip
+        base, samples_r, ids_r, logp_r = _policy_scores(reference, prompts, scorers, cfg)
         if reference_memo is not None:
             reference_memo[key] = (base, samples_r, ids_r, logp_r)
-    health = text_health(aligned, reference, samples_a, samples_r, ids_a, ids_r, batch_size, dtype, logp_a, logp_r)
+    health = text_health(aligned, reference, samples_a, samples_r, ids_a, ids_r, cfg.batch_size, cfg.dtype, logp_a,
+                         logp_r)  # fmt: skip
     same = [a == r for a, r in zip(ids_a, ids_r, strict=True)]
     note = None
     if all(same):

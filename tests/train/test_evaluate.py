@@ -88,7 +88,7 @@ def test_text_check_against_the_samplers_own_logps(tiny_lm, other_lm, tmp_path):
 def test_evaluate_says_so_when_training_moved_nothing(tiny_lm, tmp_path):
     """An "aligned" policy that is the reference draws the same samples: gains are exactly 0 and the report says
     why, instead of a bare +0.000 [+0.000, +0.000]."""
-    from train.evaluate import evaluate
+    from train.evaluate import EvaluateConfig, run
 
     _, _, path = tiny_lm
 
@@ -96,8 +96,9 @@ def test_evaluate_says_so_when_training_moved_nothing(tiny_lm, tmp_path):
         reward, names, kinds, beta, lam, margins = "len", [], [], 0.5, {}, {}
         predicted_gains, predicted_reward_gain = {}, 0.1
 
-    rep = evaluate(str(path), str(path), ["hello", "tell me a joke."], ["len=tests.train.toy_scorers:length"], Cert(),
-                   tmp_path / "e", k=2, max_new_tokens=4)  # fmt: skip
+    cfg = EvaluateConfig(aligned=str(path), reference=str(path), scorers=("len=tests.train.toy_scorers:length",),
+                         out=str(tmp_path / "e"), k=2, max_new_tokens=4)  # fmt: skip
+    rep = run(cfg, Cert(), ["hello", "tell me a joke."])
     assert rep.identical_samples == 1.0 and "did not move" in rep.note
     assert rep.rows[0].achieved_gain == 0.0
     assert "did not move" in (tmp_path / "e" / "evaluation.md").read_text()

@@ -44,7 +44,7 @@ def chain(tiny_lm, tmp_path_factory):
 
 
 def _config(chain, out, **kw):
-    from train.refine import RefineConfig
+    from train.chain import RefineConfig
 
     cfg, folder, _ = chain
     base = dict(policy=str(folder / "run" / "policy"), scores=str(folder / "scores.parquet"),
@@ -204,7 +204,7 @@ def test_refine_refuses_another_chain(chain, tmp_path):
     assert not list(Path(tmp_path / "r").glob("round-*"))
     # This chain's rounds made with the secant step, continued with --no-secant: its steps would differ.
     from bridge.certificate import read_beside
-    from train.refine import RefineConfig
+    from train.chain import RefineConfig
 
     rec = {
         "root_sha256": read_beside(folder / "run" / "policy").sha256,
@@ -300,7 +300,7 @@ def test_the_default_start_continues_except_with_lora():
     """No --start: DPO continues from the previous round's policy; with LoRA (whose DPO reference is its base model)
     it restarts from π_ref, and an explicit --start previous with LoRA is refused in one line."""
     from can_jax.errors import CanError
-    from train.refine import RefineConfig
+    from train.chain import RefineConfig
 
     base = dict(policy="p", scores="s.parquet", prompts=["a?", "b?"], scorers=["x=builtin:politeness"])
     assert RefineConfig(**base).start == "previous"
@@ -317,7 +317,7 @@ def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):
     import pyarrow.parquet as pq
 
     from can_jax.errors import CanError
-    from train.refine import RefineConfig, check_prompts_apart
+    from train.chain import RefineConfig, check_prompts_apart
 
     scores = tmp_path / "scores.parquet"
     train = ["Bake bread.", "Fix a tyre.", "Plant tomatoes."]

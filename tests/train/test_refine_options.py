@@ -14,7 +14,7 @@ from can_jax.errors import CanError
 
 
 def _cfg(**kw):
-    from train.refine import RefineConfig
+    from train.chain import RefineConfig
 
     return RefineConfig(**{"policy": "", "scores": "", "prompts": ["a?", "b?"], "scorers": [], **kw})
 

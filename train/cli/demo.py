@@ -68,8 +68,8 @@ def demo(
 
         cfg = DemoConfig(seed=seed)
         if refine:  # the rounds' options, checked by the rounds' own config before the ~14-minute chain
+            from train.chain import RefineConfig
             from train.demo_prompts import CALIBRATION_PROMPTS
-            from train.refine import RefineConfig
 
             try:
                 RefineConfig(policy="", scores="", prompts=list(CALIBRATION_PROMPTS), scorers=[], step=step, eta=eta,

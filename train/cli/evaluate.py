@@ -63,13 +63,14 @@ def evaluate_cmd(
     launch_if_asked(num_processes, accelerate_config)
     from can_jax.errors import CanError
     from train.evaluate import (
+        EvaluateConfig,
         check_held_out,
         check_policy_folder,
         check_scorer_options,
         check_scorer_specs,
         check_scorers,
-        evaluate,
         insample_gains,
+        run,
     )
     from train.prompts import check_sampling, read_prompts
     from train.scorers import parse_scorer, scorer_options
@@ -93,10 +94,11 @@ def evaluate_cmd(
         insample = None
         if train_scores is not None:
             insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
-        report = evaluate(aligned, reference, held_out, list(scorer), cert, out, k=k,
-                          max_new_tokens=max_new_tokens, seed=seed, insample=insample, chat_template=chat_template,
-                          scorer_options=scorer_options(scorer_template, scorer_dtype, scorer_max_length,
-                                                        scorer_batch_size), dtype=dtype)  # fmt: skip
+        options = scorer_options(scorer_template, scorer_dtype, scorer_max_length, scorer_batch_size)
+        ecfg = EvaluateConfig(aligned=aligned, reference=reference, scorers=tuple(scorer), out=str(out), k=k,
+                              max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template,
+                              scorer_options=options, dtype=dtype)  # fmt: skip
+        report = run(ecfg, cert, held_out, insample)
     except CanError as err:
         fail(str(err))
     if is_main_process():

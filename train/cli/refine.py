@@ -106,8 +106,9 @@ def refine_cmd(
         fail("give the scorers: -s NAME=SPEC for the reward and every constraint (as for `can collect`)")
     setup_jax()
     from can_jax.errors import CanError
+    from train.chain import RefineConfig
     from train.prompts import check_sampling, read_prompts
-    from train.refine import RefineConfig, refine
+    from train.refine import refine
     from train.scorers import scorer_options
 
     dpo = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "train_top": train_top,

@@ -1,0 +1,262 @@
+"""A correction chain's settings (`RefineConfig`) and the guards that keep one run folder one chain: round 0's
+certificate and policy checked against the scores table and the reference, calibration and test prompts apart from
+each other and from training, and OUT/refine.json (`bridge.reports.RefineRecord`) refusing another chain or other
+settings on a resume."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from bridge.owned import same_location, spelled
+from bridge.reports import RefineRecord
+from bridge.tables import open_scores
+from can_jax.errors import CanError
+from train.prompts import prompt_key, shown_prompt, training_prompts
+
+STEPS = ("newton", "caid")
+STARTS = ("reference", "previous")
+RECORD = "refine.json"
+# What a run folder's rounds depend on: changing one of these under an existing OUT would mix two chains.
+CHAIN_SETTINGS = ("step", "eta", "secant", "start", "k", "max_new_tokens", "seed", "mode", "pairs_per_prompt",
+                  "label_seed", "dpo", "reference", "floor", "level", "chat_template", "dtype")  # fmt: skip
+
+
+@dataclass
+class RefineConfig:
+    policy: str  # round 0's aligned policy: a `can train` output (carries its certificate)
+    scores: str  # the π_ref samples its certificate was solved on (`can collect`'s table; refine reads it once)
+    prompts: list  # calibration prompts (texts or conversations), disjoint from training and test
+    scorers: list  # NAME=SPEC for the reward and every constraint
+    out: str = "can-refine"
+    reference: str = "smollm2"  # π_ref
+    certificate: str | None = None  # round 0's certificate; default the one the policy carries (checked if both)
+    rounds: int = 2  # correction rounds at most
+    step: str = "newton"  # newton (the dual's Hessian, then secant) or caid (λ ← [λ − η(a − b)]₊)
+    eta: float = 1.0  # caid's step size
+    secant: bool = True  # newton: secant updates of the sensitivity from round 2 on
+    # Each round's DPO continuing from the previous round's policy (π_ref stays the DPO reference), or from π_ref.
+    # Continuing, one round met both margins on the demo's test prompts with seed 0 (12 pairs per prompt, 96
+    # calibration prompts; 6 pairs, 48) and seed 1 (12 pairs, 48; with 96 it missed by 0.003); from π_ref the
+    # harmlessness gain stalled (hard labels barely change with λ, so a fresh DPO relearns the same tilt).
+    # None: previous, or reference for a LoRA run (whose DPO reference is its base model).
+    start: str | None = None
+    floor: float = 0.02  # the stopping rule's smallest tolerance
+    level: float = 0.95  # joint confidence of the m intervals the rule judges with
+    k: int = 8  # samples per calibration prompt and policy
+    max_new_tokens: int = 48
+    gen_batch_size: int = 64
+    seed: int = 1  # calibration sampling seed
+    test_prompts: list | None = None  # held-out prompts: measured each round, never used to steer
+    test_k: int = 8
+    test_seed: int = 2
+    mode: str = "bt"  # label mode of the relabelled samples (as `can label`)
+    pairs_per_prompt: int = 1
+    label_seed: int = 0
+    dpo: dict = field(default_factory=dict)  # `train.dpo.TrainConfig` fields (epochs, lr, batch_size, train_top, …)
+    chat_template: bool = True
+    dtype: str = "fp32"
+    scorer_options: dict | None = None
+    insample: bool = True  # each round's gains on the training samples (a log-prob pass over the table)
+
+    def __post_init__(self):
+        if self.start is None:
+            self.start = default_start(bool(self.dpo.get("lora")))
+
+    def check(self) -> None:
+        if self.step not in STEPS:
+            raise CanError(f"--step {self.step!r}: use one of {', '.join(STEPS)}")
+        if self.start not in STARTS:
+            raise CanError(f"--start {self.start!r}: use one of {', '.join(STARTS)}")
+        if self.rounds < 0:
+            raise CanError(f"--rounds must be at least 0, got {self.rounds}")
+        if not (np.isfinite(self.eta) and self.eta > 0):
+            raise CanError(f"--eta must be a positive number, got {self.eta}")
+        if not (np.isfinite(self.floor) and self.floor >= 0):
+            raise CanError(f"--floor must be a number ≥ 0, got {self.floor}")
+        if not 0 < self.level < 1:
+            raise CanError(f"--level must be in (0, 1), got {self.level}")
+        if len(self.prompts) < 2:
+            raise CanError(f"{len(self.prompts)} calibration prompt(s): give at least 2 (the intervals are over "
+                           "prompts)")  # fmt: skip
+        from bridge.labels import check_label_options
+
+        check_label_options(self.mode, self.pairs_per_prompt)  # the rounds' labelling, before round 0
+        self._check_dpo()
+        if self.start == "previous" and self.dpo.get("lora"):
+            raise CanError("--start previous with LoRA is not supported: a LoRA run's reference is its base model")
+
+    def _check_dpo(self) -> None:
+        """The rounds' DPO options, before round 0 is measured and recorded (else a bad value is found minutes later,
+        after refine.json holds it)."""
+        d = self.dpo
+        for key, flag in (("lr", "--lr"), ("epochs", "--epochs")):
+            v = d.get(key)
+            if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+                raise CanError(f"{flag} must be a positive number, got {v}")
+        for key, flag in (("batch_size", "--batch-size"), ("max_length", "--max-length"), ("train_top", "--train-top")):
+            v = d.get(key)
+            if v is not None and v < 1:
+                raise CanError(f"{flag} must be at least 1, got {v}")
+        if d.get("precision") not in (None, "auto", "bf16", "fp32"):
+            raise CanError(f"--precision {d['precision']!r}: use auto, bf16 or fp32")
+        if self.test_prompts is not None and len(self.test_prompts) < 2:
+            raise CanError(f"{len(self.test_prompts)} test prompt(s): give at least 2 (the intervals are over prompts)")
+
+    def chain_settings(self) -> dict:
+        return {k: copy.deepcopy(getattr(self, k)) for k in CHAIN_SETTINGS}
+
+
+def default_start(lora: bool) -> str:
+    """The rounds' DPO start when none is asked for: continuing from the previous round's policy, except with LoRA
+    (an adapter run's DPO reference is its base model, so it can only restart from π_ref)."""
+    return "reference" if lora else "previous"
+
+
+def chain_start(cfg: RefineConfig):
+    """(round-0 certificate, policy path): the policy's carried certificate, checked against --certificate, the
+    scores table and the reference. Refuses a policy or certificate from another chain, in one line."""
+    from bridge.certificate import Certificate, read_beside
+    from bridge.tables import scores_sha256
+
+    policy = Path(cfg.policy)
+    if not policy.is_dir():
+        raise CanError(f"{policy}: not a policy folder (give the aligned policy `can train` wrote, RUN/policy)")
+    carried = read_beside(policy)
+    given = None if cfg.certificate is None else Certificate.read(cfg.certificate)
+    if carried is None and given is None:
+        raise CanError(f"{policy} carries no certificate.json (was it trained by `can train`?): give --certificate")
+    if carried is not None and given is not None and carried.sha256 != given.sha256:
+        raise CanError(f"{policy} was aligned under another certificate than {cfg.certificate} (λ {carried.lam} "
+                       f"there, {given.lam} here): refine the policy of that certificate's chain")  # fmt: skip
+    cert = carried or given
+    if cert.round_index != 0:
+        raise CanError(f"{policy} is the policy of correction round {cert.round_index}: give round 0's policy, "
+                       "and the same --out to continue a refine run")  # fmt: skip
+    if not Path(cfg.scores).is_file():
+        raise CanError(f"scores table not found: {cfg.scores}")
+    if scores_sha256(cfg.scores) != cert.scores_sha256:
+        raise CanError(f"{cfg.scores} is not the scores table the certificate of {policy} was solved on "
+                       f"(sha256 {str(cert.scores_sha256)[:12]}…): give that table")  # fmt: skip
+    from train.run_record import recorded_policy
+
+    base = recorded_policy(policy.parent)
+    if base is not None and not same_location(base, cfg.reference):
+        raise CanError(f"{policy} was aligned from {base!r}, not from the reference {cfg.reference!r}: give "
+                       f"--reference {base}")  # fmt: skip
+    return cert, str(policy)
+
+
+def check_prompts_apart(cfg: RefineConfig) -> None:
+    """Calibration prompts steer λ and test prompts judge the rounds: neither may repeat, share a prompt with the
+    other, or be a training prompt of the scores table (gains there read higher than on fresh prompts). Refused in
+    one line, before any model work."""
+
+    def clash(a, b, what):
+        shared = sorted((set(a) & set(b)) - {None})
+        if shared:
+            raise CanError(f"{len(shared)} {what} (e.g. {shown_prompt(shared[0])}): {_APART}")
+
+    cal = [prompt_key(p) for p in cfg.prompts]
+    test = [prompt_key(p) for p in cfg.test_prompts or []]
+    for keys, name in ((cal, "calibration"), (test, "test")):
+        seen, repeats = set(), []
+        for k in keys:
+            if k is not None and k in seen:
+                repeats.append(k)
+            seen.add(k)
+        if repeats:
+            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. "
+                           f"{shown_prompt(repeats[0])}): the intervals are over distinct prompts; remove the "
+                           "repeats")  # fmt: skip
+    clash(cal, test, "calibration prompt(s) are also test prompts")
+    train = {prompt_key(p) for p in training_prompts(cfg.scores)}
+    clash(cal, train, "calibration prompt(s) are training prompts of the scores table")
+    clash(test, train, "test prompt(s) are training prompts of the scores table")
+
+
+_APART = ("calibration prompts steer the rounds and test prompts judge them, so both must be fresh to the policy and "
+          "apart from each other; use prompts the policy was not trained on, in one file each")
+
+
+def prompts_sha256(prompts: list) -> str:
+    """The SHA-256 of a prompt list (texts or conversations) in order: which calibration or test prompts a run's
+    rounds were measured on."""
+    from bridge.certificate import sha256_of  # canonical JSON (sorted keys), for a list as for a body
+
+    return sha256_of(list(prompts))
+
+
+def _is_record(path: Path) -> bool:
+    """Whether `path` is a refine record (a rounds folder from before the marker)."""
+    try:
+        return RefineRecord.read(path).root_sha256 is not None
+    except CanError:
+        return False
+
+
+def check_record(out: Path, cfg: RefineConfig, cert) -> None:
+    """OUT/refine.json: the chain and settings its rounds belong to, the calibration and test prompts by hash. A
+    rerun with the same ones resumes (more --rounds continue the run); another chain, other settings or other prompts
+    are refused (rounds measured on other prompts would not steer one run)."""
+    settings = {**cfg.chain_settings(), "calibration_prompts_sha256": prompts_sha256(cfg.prompts),
+                "test_prompts_sha256": prompts_sha256(cfg.test_prompts) if cfg.test_prompts else None}  # fmt: skip
+    settings["reference"] = spelled(settings["reference"])  # the same run from another folder resumes
+    record = RefineRecord.build(root_sha256=cert.sha256, scores_sha256=cert.scores_sha256, policy=spelled(cfg.policy),
+                                settings=settings)  # fmt: skip
+    path = out / RECORD
+    if path.is_file():
+        try:
+            old = RefineRecord.read(path)
+        except CanError as err:
+            raise CanError(f"{err}; use another --out") from None
+        if old.root_sha256 != record.root_sha256 or not same_location(old.policy, record.policy):
+            raise CanError(f"{out} holds the rounds of another chain (policy {old.policy!r}): use another "
+                           "--out")  # fmt: skip
+        was, now = old.settings, record.settings
+        if "calibration_prompts_sha256" not in was:
+            raise CanError(f"{out} holds rounds recorded before refine kept its prompts' hashes, so a resume cannot "
+                           "check it measures on the same prompts: use another --out")  # fmt: skip
+        def says(k):
+            if k.endswith("_prompts_sha256"):  # the prompts by hash: a short one is enough to tell them apart
+                short = [v[:12] if isinstance(v, str) else v for v in (now.get(k), was.get(k))]
+                return f"other {k.split('_')[0]} prompts (sha256 {short[0]} here, {short[1]} there)"
+            return f"{k} {now.get(k)!r} here, {was.get(k)!r} there"
+
+        diff = [says(k) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)
+                and not (k == "reference" and same_location(was.get(k), now.get(k)))]  # fmt: skip
+        if diff:
+            raise CanError(f"{out} holds rounds made with other settings ({'; '.join(diff)}): rerun with those, or "
+                           "use another --out")  # fmt: skip
+        return
+    record.write(path)
+
+
+
+def open_chain(cfg: RefineConfig):
+    """Checks a refine run before any model work and claims its folder: returns (cfg with its scores table opened,
+    round 0's certificate, round 0's policy). The table is read once, hashed as it is read, and every stage of every
+    round takes it from memory."""
+    from train import dist
+    from train.evaluate import check_scorer_specs, check_scorers
+    from train.scorers import parse_scorer
+
+    cfg.check()
+    if not Path(cfg.scores).is_file():
+        raise CanError(f"scores table not found: {cfg.scores}")
+    cfg = replace(cfg, scores=open_scores(cfg.scores))
+    cert0, policy0 = chain_start(cfg)
+    check_prompts_apart(cfg)
+    check_scorers(cert0, [parse_scorer(s)[0] for s in cfg.scorers])
+    check_scorer_specs(cert0, [parse_scorer(s) for s in cfg.scorers])
+    st = dist.state()
+    out = Path(cfg.out)
+    entries = [RECORD, "rounds.json", "rounds.md", "rounds.png", *(f"round-{n}" for n in range(cfg.rounds + 1))]
+    dist.claim(st, out, entries, legacy=lambda f: _is_record(f / RECORD))
+    if st.is_main_process:
+        check_record(out, cfg, cert0)
+    st.wait_for_everyone()
+    return cfg, cert0, policy0
