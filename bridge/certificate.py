@@ -384,10 +384,6 @@ class Certificate:
         return max(reached) if reached else None
 
     @property
-    def created(self) -> str | None:
-        return self._body.get("created")
-
-    @property
     def limits(self) -> dict:
         return copy.deepcopy(self._body.get("limits") or {})
 

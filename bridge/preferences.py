@@ -60,9 +60,6 @@ class PreferenceSet:
         """The fingerprint of the tokenizer that sampled the pairs' ids (`can train` refuses another)."""
         return self.record.get("tokenizer_sha256")
 
-    def with_record(self, **fields) -> PreferenceSet:
-        return PreferenceSet(self.table, {**self.record, **fields}, self.certificate)
-
     def _stamped(self) -> dict:
         record = {k: v for k, v in self.record.items() if k not in ("beta", "lambda")}
         record["format_version"] = FORMAT_VERSION

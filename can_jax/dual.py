@@ -338,38 +338,6 @@ def cast(scores: Scores, dtype) -> Scores:
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, scores)
 
 
-def centre_pass(blocks: Scores, margins, dtype=None) -> tuple[Scores, Units, jnp.ndarray]:
-    """One scan over [C, B, ...] blocks: the centred blocks (`centre_block`), the data's `Units` and each
-    constraint's reach [m], together — the solver's set-up in a single read of the table and a single write of its
-    centred copy (the passes that follow read the copy, with no centring of their own). `dtype`: the precision the
-    copy is made in (float32 scores upcast block by block; default: the scores' own)."""
-    m = blocks.utility.shape[-1]
-    dtype = blocks.reward.dtype if dtype is None else dtype
-
-    def one(block: Scores):
-        raw = masked(cast(block, dtype))
-        sc, p, r_mean = centre_block(raw)
-        valid = sc.mask.any(axis=1)
-        wt = jnp.where(valid, sc.weight, 0.0)
-        g2 = jnp.stack([(p * sc.utility[..., j] ** 2).sum(axis=1) for j in range(m)], axis=-1)
-        mag = _slices_max(jnp.abs(raw.utility), jnp.ones_like(raw.mask))
-        units = Units(wt.sum(), wt @ g2, wt @ mag, wt @ (p * sc.reward**2).sum(axis=1), wt @ r_mean)
-        top = jnp.where(valid[:, None], _slices_max(sc.utility, sc.mask), 0.0)
-        reach = wt @ jnp.where(valid[:, None], top - reference_utility(sc), 0.0)
-        return sc, (units, reach)
-
-    first = jax.eval_shape(one, one_block(blocks))[1]
-    init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
-
-    def step(carry, block):
-        sc, sums = one(block)
-        return jax.tree.map(jnp.add, carry, sums), sc
-
-    (units, reach), centred = scan_blocks(step, init, blocks)
-    tot = jnp.where(units.tot > 0, units.tot, 1.0)
-    return centred, units, reach / tot
-
-
 def auto_block(n: int, k: int, m: int, backend: str | None = None) -> int:
     """Prompts per scan step.
 

@@ -42,10 +42,6 @@ class Scores(NamedTuple):
     def n_prompts(self) -> int:
         return self.reward.shape[0]
 
-    @property
-    def n_constraints(self) -> int:
-        return self.utility.shape[-1]
-
 
 def from_padded(reward, utility, mask=None, weight=None, dtype=None, log_prior=None) -> Scores:
     """Builds `Scores` from padded arrays: reward [N, K], utility [N, K, m] (or [N, K] for m = 1).
