@@ -62,7 +62,8 @@ def config(name: str, seed: int, eval_prompts: list):
     n = over.pop("n_train")
     mix = {k: over.pop(k) for k in ("risky_share",) if k in over}  # training_prompts' own default otherwise
     prompts = list(TRAIN_PROMPTS) if n is None else training_prompts(n, seed=0, **mix)
-    return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts), train_prompts=prompts, **over)
+    dpo = replace(DemoConfig().dpo, **{k: over.pop(k) for k in ("epochs", "lr", "lora", "train_top") if k in over})
+    return replace(DemoConfig(), seed=seed, eval_prompts=list(eval_prompts), train_prompts=prompts, dpo=dpo, **over)
 
 
 def collection(cfg, work: Path) -> tuple[Path, float]:

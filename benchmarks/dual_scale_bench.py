@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from benchmarks.dual_bench import NumpyDual, machine, memory_bandwidth, run_scipy  # noqa: E402
 from can_jax.bias import block_pass, finite_k_bias_jit  # noqa: E402
 from can_jax.dual import pass_units, to_blocks  # noqa: E402
+from can_jax.result import Status  # noqa: E402
 from can_jax.sim.synthetic import synthetic_scores  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
 from can_jax.sweep import problems_per_step, solve_many_jit  # noqa: E402
@@ -178,7 +179,7 @@ def batch(problems=1000, n=1000, k=16, scipy_problems=100, reps=3):
            "ours_solves_per_s": problems / t_ours, "per_step": problems_per_step(n, k, 4),
            "all_vmapped_solves_per_s": problems / t_all, "scipy_problems_timed": scipy_problems,
            "scipy_solves_per_s": 1.0 / per_scipy, "speedup": (problems / t_ours) * per_scipy,
-           "converged": int(np.sum(np.asarray(res.status) == 0)), "max_kkt_ours": max(kkt),
+           "converged": int(np.sum(np.asarray(res.status) == Status.CONVERGED)), "max_kkt_ours": max(kkt),
            "mean_passes": float(np.mean(np.asarray(res.nfev))), "bytes": sum(x.nbytes for x in jax.tree.leaves(scs)),
            "max_abs_dlambda_vs_scipy": max(dl)}  # fmt: skip
     print("batch", out, flush=True)

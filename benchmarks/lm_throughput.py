@@ -308,6 +308,7 @@ def bench_chain(args):
 
     jax.config.update("jax_enable_x64", True)
     from train.demo import EVAL_PROMPTS, TRAIN_PROMPTS, DemoConfig, run_chain
+    from train.settings import DPOSettings
 
     out = Path(args.out).with_name(Path(args.out).name + "_chain")
     out.mkdir(parents=True, exist_ok=True)
@@ -325,8 +326,9 @@ def bench_chain(args):
     scorers = ["helpfulness=builtin:helpfulness", "e=tests.train.toy_scorers:e_share",
                "brevity=tests.train.toy_scorers:brevity"]  # fmt: skip
     cfg = DemoConfig(policy=policy, scorers=scorers, train_prompts=prompts, eval_prompts=EVAL_PROMPTS * 4, k=args.k,
-                     max_new_tokens=args.max_new_tokens, beta=0.1, margin_frac=0.3, pairs_per_prompt=2, epochs=1,
-                     lr=1e-5, batch_size=32, max_length=256, gen_batch_size=args.big_batch)  # fmt: skip
+                     max_new_tokens=args.max_new_tokens, beta=0.1, margin_frac=0.3, pairs_per_prompt=2,
+                     dpo=DPOSettings(epochs=1, lr=1e-5, batch_size=32, train_top=8), max_length=256,
+                     gen_batch_size=args.big_batch)  # fmt: skip
     t = time.perf_counter()
     report = run_chain(cfg, out / "chain", say=print)
     sec = report.seconds

@@ -25,6 +25,7 @@ import numpy as np
 from bridge.files import atomic_write_text
 from bridge.tables import printable
 from can_jax.errors import CanError
+from can_jax.result import Status
 
 _FORMAT = "can.dual-certificate"
 FORMAT_VERSION = 2
@@ -144,8 +145,6 @@ class Certificate:
         else:
             notes = list(standard_error_notes or [None] * len(names))
         tol_reached = np.broadcast_to(np.asarray(result.tol, float), (len(names),))
-        from can_jax.result import Status
-
         status = Status(int(result.status))
         constraints = []
         for j, name in enumerate(names):
@@ -175,10 +174,10 @@ class Certificate:
             "lambda": {n: lam[j] for j, n in enumerate(names)},
             "margins": {n: float(margins[j]) for j, n in enumerate(names)},
             "constraints": constraints,
-            "status": status.name.lower(),
+            "status": status.label,
             "status_code": int(status),
             "converged": status == Status.CONVERGED,
-            "message": result.message,
+            "message": status.message,
             "iterations": int(result.nit),
             "function_evaluations": int(result.nfev),
             "kkt_residual": float(result.kkt_residual),
@@ -231,7 +230,7 @@ class Certificate:
             body = {**body, "scorers": {}, "limits": {}, "round": {"index": 0, "parent_sha256": None}, "bias": None}
         if require_converged and body.get("converged") is not True:
             raise CanError(f"{where}: the dual solve did not converge ({printable(body.get('message'))})")
-        if require_converged and body.get("status") != "converged":
+        if require_converged and body.get("status") != Status.CONVERGED.label:
             raise CanError(f"{where}: status {printable(body.get('status'), 30)!r} is not 'converged' (was it edited?)")
         return cls(_validate(copy.deepcopy(body), where))
 

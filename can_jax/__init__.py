@@ -21,8 +21,8 @@ _EXPORTS = {
         "InfeasibleMarginsError",
         "InvalidArgumentError",
         "OutputError",
+        "Outcome",
         "ScoresFormatError",
-        "SolverError",
     ],  # fmt: skip
     "can_jax.inference": ["Bootstrap", "bootstrap", "sandwich_covariance", "standard_error_notes", "standard_errors"],
     "can_jax.result": ["DualResult", "Predicted", "Status"],

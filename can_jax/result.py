@@ -7,34 +7,47 @@ status outside jit.
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:  # only the annotations name JAX: the certificate reader and the CLI read `Status` without it
+    import jax.numpy as jnp
 
 
 class Status(enum.IntEnum):
-    CONVERGED = 0
-    MAX_ITER = 1
-    INFEASIBLE = 2
-    PRECISION = 3
-    NONFINITE = 4
-    DIVERGED = 5
-    INVALID = 6
-    RUNNING = -1
+    """Why the solver stopped: each code with its human message (optimistix's `RESULTS`), so no code can lack one.
 
+    The codes are ints because `solve_dual` carries them through `lax.while_loop` and vmap; `label` is the lower-case
+    name the certificate, `can dual --json` and `can sweep` print, and what users' scripts compare with.
+    """
 
-MESSAGES = {
-    Status.CONVERGED: "converged: KKT residual within tolerance",
-    Status.MAX_ITER: "stopped at the iteration limit before the KKT residual reached the tolerance",
-    Status.INFEASIBLE: "infeasible margins: no policy supported on the samples reaches them (dual unbounded)",
-    Status.PRECISION: "stopped at the floating-point precision limit before the KKT residual reached the tolerance: "
-    "no further decrease of the dual is possible; centre or rescale the scores",
-    Status.NONFINITE: "a non-finite value (NaN/inf) appeared in the dual; check the scores",
-    Status.DIVERGED: "the multipliers grew without bound: the margins are at the edge of what the samples reach",
-    Status.INVALID: "invalid arguments: beta and tol must be positive and finite, and the margins finite",
-    Status.RUNNING: "running",
-}
+    message: str
+
+    def __new__(cls, code: int, message: str):
+        member = int.__new__(cls, code)
+        member._value_ = code
+        member.message = message
+        return member
+
+    CONVERGED = 0, "converged: KKT residual within tolerance"
+    MAX_ITER = 1, "stopped at the iteration limit before the KKT residual reached the tolerance"
+    INFEASIBLE = 2, "infeasible margins: no policy supported on the samples reaches them (dual unbounded)"
+    PRECISION = (
+        3,
+        "stopped at the floating-point precision limit before the KKT residual reached the tolerance: "
+        "no further decrease of the dual is possible; centre or rescale the scores",
+    )
+    NONFINITE = 4, "a non-finite value (NaN/inf) appeared in the dual; check the scores"
+    DIVERGED = 5, "the multipliers grew without bound: the margins are at the edge of what the samples reach"
+    INVALID = 6, "invalid arguments: beta and tol must be positive and finite, and the margins finite"
+    RUNNING = -1, "running"
+
+    @property
+    def label(self) -> str:
+        from can_jax.errors import Outcome
+
+        return Outcome[self.name].value
 
 
 class Predicted(NamedTuple):
@@ -82,4 +95,4 @@ class DualResult(NamedTuple):
     @property
     def message(self) -> str:
         """Human message for a single (non-vmapped) result; call outside jit."""
-        return MESSAGES[Status(int(np.asarray(self.status)))]
+        return Status(int(np.asarray(self.status))).message

@@ -6,6 +6,7 @@ settings on a resume."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,13 +17,19 @@ from bridge.reports import RefineRecord
 from bridge.tables import open_scores
 from can_jax.errors import CanError
 from train.prompts import prompt_key, shown_prompt, training_prompts
+from train.scorers import ScorerOptions
+from train.settings import DPOSettings
 
 STEPS = ("newton", "caid")
 STARTS = ("reference", "previous")
 RECORD = "refine.json"
 # What a run folder's rounds depend on: changing one of these under an existing OUT would mix two chains.
 CHAIN_SETTINGS = ("step", "eta", "secant", "start", "k", "max_new_tokens", "seed", "mode", "pairs_per_prompt",
-                  "label_seed", "dpo", "reference", "floor", "level", "chat_template", "dtype")  # fmt: skip
+                  "label_seed", "dpo", "reference", "floor", "level", "chat_template", "dtype", "test_k",
+                  "test_seed")  # fmt: skip
+# What a record written before a setting was recorded implies for it (the test prompts were measured with K = k and
+# seed 2 then).
+IMPLIED = {"test_k": lambda was: was.get("k"), "test_seed": lambda was: 2}
 
 
 @dataclass
@@ -51,20 +58,22 @@ class RefineConfig:
     gen_batch_size: int = 64
     seed: int = 1  # calibration sampling seed
     test_prompts: list | None = None  # held-out prompts: measured each round, never used to steer
-    test_k: int = 8
+    test_k: int | None = None  # samples per test prompt and policy (None: as k)
     test_seed: int = 2
     mode: str = "bt"  # label mode of the relabelled samples (as `can label`)
     pairs_per_prompt: int = 1
     label_seed: int = 0
-    dpo: dict = field(default_factory=dict)  # `train.dpo.TrainConfig` fields (epochs, lr, batch_size, train_top, …)
+    dpo: DPOSettings = field(default_factory=DPOSettings)  # each round's DPO
     chat_template: bool = True
     dtype: str = "fp32"
-    scorer_options: dict | None = None
+    scorer_options: ScorerOptions = field(default_factory=ScorerOptions)
     insample: bool = True  # each round's gains on the training samples (a log-prob pass over the table)
 
     def __post_init__(self):
+        if self.test_k is None:
+            self.test_k = self.k
         if self.start is None:
-            self.start = default_start(bool(self.dpo.get("lora")))
+            self.start = default_start(self.dpo.lora)
 
     def check(self) -> None:
         if self.step not in STEPS:
@@ -83,31 +92,22 @@ class RefineConfig:
             raise CanError(f"{len(self.prompts)} calibration prompt(s): give at least 2 (the intervals are over "
                            "prompts)")  # fmt: skip
         from bridge.labels import check_label_options
+        from train.prompts import at_least_one
+
+        at_least_one(("--k", self.k), ("--test-k", self.test_k), ("--max-new-tokens", self.max_new_tokens),
+                     ("--gen-batch-size", self.gen_batch_size))  # fmt: skip
 
         check_label_options(self.mode, self.pairs_per_prompt)  # the rounds' labelling, before round 0
-        self._check_dpo()
-        if self.start == "previous" and self.dpo.get("lora"):
-            raise CanError("--start previous with LoRA is not supported: a LoRA run's reference is its base model")
-
-    def _check_dpo(self) -> None:
-        """The rounds' DPO options, before round 0 is measured and recorded (else a bad value is found minutes later,
-        after refine.json holds it)."""
-        d = self.dpo
-        for key, flag in (("lr", "--lr"), ("epochs", "--epochs")):
-            v = d.get(key)
-            if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
-                raise CanError(f"{flag} must be a positive number, got {v}")
-        for key, flag in (("batch_size", "--batch-size"), ("max_length", "--max-length"), ("train_top", "--train-top")):
-            v = d.get(key)
-            if v is not None and v < 1:
-                raise CanError(f"{flag} must be at least 1, got {v}")
-        if d.get("precision") not in (None, "auto", "bf16", "fp32"):
-            raise CanError(f"--precision {d['precision']!r}: use auto, bf16 or fp32")
         if self.test_prompts is not None and len(self.test_prompts) < 2:
             raise CanError(f"{len(self.test_prompts)} test prompt(s): give at least 2 (the intervals are over prompts)")
+        if self.start == "previous" and self.dpo.lora:
+            raise CanError("--start previous with LoRA is not supported: a LoRA run's reference is its base model")
 
     def chain_settings(self) -> dict:
-        return {k: copy.deepcopy(getattr(self, k)) for k in CHAIN_SETTINGS}
+        settings = {k: copy.deepcopy(getattr(self, k)) for k in CHAIN_SETTINGS}
+        # The DPO options as refine.json has always recorded them: the ones set (unset and off ones left out).
+        settings["dpo"] = {k: v for k, v in dataclasses.asdict(self.dpo).items() if v is not None and v is not False}
+        return settings
 
 
 def default_start(lora: bool) -> str:
@@ -198,6 +198,12 @@ def _is_record(path: Path) -> bool:
         return False
 
 
+def _set_options(dpo: dict) -> dict:
+    """The DPO options of a record that differ from `DPOSettings`' defaults."""
+    defaults = dataclasses.asdict(DPOSettings())
+    return {k: v for k, v in dpo.items() if defaults.get(k, object()) != v}
+
+
 def check_record(out: Path, cfg: RefineConfig, cert) -> None:
     """OUT/refine.json: the chain and settings its rounds belong to, the calibration and test prompts by hash. A
     rerun with the same ones resumes (more --rounds continue the run); another chain, other settings or other prompts
@@ -216,10 +222,13 @@ def check_record(out: Path, cfg: RefineConfig, cert) -> None:
         if old.root_sha256 != record.root_sha256 or not same_location(old.policy, record.policy):
             raise CanError(f"{out} holds the rounds of another chain (policy {old.policy!r}): use another "
                            "--out")  # fmt: skip
-        was, now = old.settings, record.settings
+        was, now = dict(old.settings), dict(record.settings)
         if "calibration_prompts_sha256" not in was:
             raise CanError(f"{out} holds rounds recorded before refine kept its prompts' hashes, so a resume cannot "
                            "check it measures on the same prompts: use another --out")  # fmt: skip
+        was.update({k: implied(was) for k, implied in IMPLIED.items() if k not in was})
+        # The DPO options compared as set: an option at its default recorded or not is the same run.
+        was["dpo"], now["dpo"] = _set_options(was.get("dpo") or {}), _set_options(now.get("dpo") or {})
         def says(k):
             if k.endswith("_prompts_sha256"):  # the prompts by hash: a short one is enough to tell them apart
                 short = [v[:12] if isinstance(v, str) else v for v in (now.get(k), was.get(k))]

@@ -43,6 +43,7 @@ from train.prompts import (  # noqa: F401  (where callers have always found them
     read_prompts,
     sample,
 )
+from train.scorers import scorer_field
 
 
 @dataclass
@@ -59,10 +60,10 @@ class CollectConfig:
     seed: int = 0
     aligned: list = field(default_factory=list)  # PeCAN: NAME=DIR pre-aligned policies (`can prealign` output)
     chat_template: bool = True  # text prompts through the policy's chat template (as one-turn conversations)
-    scorer_template: str = "auto"  # score models: "auto", "safe-rlhf", "chat" or a {prompt}/{response} format
-    scorer_dtype: str = "fp32"
-    scorer_max_length: int | None = None
-    scorer_batch_size: int = 16
+    scorer_template: str = scorer_field("template")
+    scorer_dtype: str = scorer_field("dtype")
+    scorer_max_length: int | None = scorer_field("max_length")
+    scorer_batch_size: int = scorer_field("batch_size")
     dtype: str = "fp32"  # the policies' weights: fp32, bf16 or fp16 (log-probs from a float32 LM head either way)
 
     def scorer_options(self) -> dict:

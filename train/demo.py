@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bridge.files import atomic_write_text
 from bridge.reports import EvaluationReport
 from train import dist
 from train.demo_prompts import TEST_PROMPTS, training_prompts
+from train.settings import DPOSettings
 
 # The demo's prompts before issue 20 (the study's baseline; benchmarks/lm_throughput.py).
 TRAIN_PROMPTS = [
@@ -70,23 +71,18 @@ class DemoConfig:
     # gains to the selection prompts, soft ones 0.11 / 0.22 (issue 20's study).
     mode: str = "hard"
     pairs_per_prompt: int = 12
-    epochs: float = 1.0
     # Full fine-tuning at 1e-4 collapsed SmolLM2 into gibberish; the top 8 of 30 blocks at 1e-4 keep it coherent and
     # halve the CPU step (no gradient checkpointing; 5.1 s per 8 pairs on 2 cores, fp32, issue 12). Measured on the
     # held-out prompts: lr 5e-5 × 2 epochs moved harmlessness/politeness by +0.008/+0.002 (n.s.), 1e-4 × 3 epochs
-    # by +0.033/+0.016 (politeness significant).
-    lr: float = 1e-4
-    lora: bool = False  # train a LoRA adapter instead of all weights
-    train_top: int | None = 8  # train only the top N blocks (CPU speed)
-    batch_size: int = 8  # DPO pairs per step
+    # by +0.033/+0.016 (politeness significant). Its max_length and seed are the demo's own (below).
+    dpo: DPOSettings = field(default_factory=lambda: DPOSettings(epochs=1.0, lr=1e-4, train_top=8, batch_size=8))
     gen_batch_size: int = 64  # sequences per sampling / log-prob batch
-    max_length: int = 192
+    max_length: int = 192  # token limit of prompt + response: DPO's and the log-prob passes'
     seed: int = 0
 
-    def dpo_settings(self, **override) -> dict:
-        """`train.dpo.TrainConfig` fields of the demo's DPO runs (the one place MoCAN, PeCAN and pre-alignment read)."""
-        return {"epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size, "max_length": self.max_length,
-                "lora": self.lora, "train_top": self.train_top, "seed": self.seed, **override}  # fmt: skip
+    def dpo_settings(self, **override) -> DPOSettings:
+        """The DPO settings of the demo's runs (the one place MoCAN, PeCAN and pre-alignment read)."""
+        return replace(self.dpo, max_length=self.max_length, seed=self.seed, **override)
 
 
 # What a demo run writes into its folder (and may replace on a rerun); `run/` and `evaluation/` have markers of
@@ -110,13 +106,13 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     from bridge.dual import DualConfig, margins_at_reach
     from bridge.dual import run as run_dual
     from can_jax.errors import CanError
-    from train.dpo import TrainConfig
     from train.dpo import run as train
     from train.evaluate import EvaluateConfig, insample_gains
     from train.evaluate import run as evaluate
     from train.label import LabelConfig
     from train.label import run as run_label
     from train.scorers import parse_scorer
+    from train.settings import TrainConfig
 
     # Under several processes every rank computes; the main process writes the shared files and speaks.
     st = dist.state()
@@ -135,12 +131,16 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
 
     t = time.perf_counter()
     names = [parse_scorer(s)[0] for s in cfg.scorers if parse_scorer(s)[0] != cfg.reward]
-    margins = margins_at_reach(scores_path, cfg.reward, names, cfg.beta, cfg.margin_frac)
-    cert = run_dual(DualConfig(scores=str(scores_path), reward=cfg.reward, beta=cfg.beta, constraint=margins))
-    if not cert.converged:
-        raise CanError(f"the demo's dual did not converge: {cert.message}")
-    if st.is_main_process:
+
+    def solve():  # on the main process, handed to the others
+        margins = margins_at_reach(scores_path, cfg.reward, names, cfg.beta, cfg.margin_frac)
+        cert = run_dual(DualConfig(scores=str(scores_path), reward=cfg.reward, beta=cfg.beta, constraint=margins))
+        if not cert.converged:
+            raise CanError(f"the demo's dual did not converge: {cert.message}")
         cert.write(out / "certificate.json")
+        return cert
+
+    cert = dist.shared(st, solve)
     times["dual"] = time.perf_counter() - t
     say(
         f"② dual: margins {cert.margins} → λ* { ({k: round(v, 4) for k, v in cert.lam.items()}) }, "
@@ -155,7 +155,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
         say(f"③ labelled {stats.pairs} {cfg.mode} pairs → {out / 'preferences.parquet'}")
     st.wait_for_everyone()
     final = train(TrainConfig(preferences=str(out / "preferences.parquet"), policy=cfg.policy, out=str(out / "run"),
-                              **cfg.dpo_settings()))  # fmt: skip
+                              dpo=cfg.dpo_settings(), overwrite=True))  # fmt: skip
     times["label+train"] = time.perf_counter() - t
     say(f"④ DPO (β = {cert.beta:g}) → {final} ({times['label+train']:.0f} s)")
 
@@ -190,25 +190,33 @@ def collect_samples(cfg: DemoConfig, out: str | Path) -> Path:
     return collect(ccfg, out / "scores.parquet")
 
 
-def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newton", eta: float = 1.0, say=print,
-               reference_memo: dict | None = None, start: str | None = None, secant: bool = True):  # fmt: skip
+def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, say=print, reference_memo: dict | None = None,
+               **step):  # fmt: skip
     """`can demo --refine N`: correction rounds (`train.refine`) on the demo's finished run in OUT, into OUT/refine
-    (…-caid-η with --step caid, …-no-secant with --no-secant, …-reference with --start reference). Calibration: 96
-    prompts (`CALIBRATION_PROMPTS`: the 48 selection prompts, which chose the demo's settings and never judge it, and
-    48 more); every round is also measured on the 48 test prompts, which never steer. Round 0's test measurement is
-    the demo's own evaluation (the same policy, prompts, samples and seed)."""
+    (…-caid-η with --step caid, …-no-secant with --no-secant, …-reference with --start reference); `step`: the
+    rounds' step options (`RefineConfig`'s step, eta, secant, start). Calibration: 96 prompts (`CALIBRATION_PROMPTS`:
+    the 48 selection prompts, which chose the demo's settings and never judge it, and 48 more); every round is also
+    measured on the 48 test prompts, which never steer. Round 0's test measurement is the demo's own evaluation (the
+    same policy, prompts, samples and seed)."""
     import shutil
 
-    from train.chain import RefineConfig, default_start
+    from train.chain import RefineConfig
     from train.demo_prompts import CALIBRATION_PROMPTS
     from train.refine import refine
 
     st = dist.state()
     say = say if st.is_main_process else (lambda *_: None)
     out = Path(out)
-    start = start or default_start(cfg.lora)
-    name = "refine" + (f"-caid-{eta:g}" if step == "caid" else "" if secant else "-no-secant")
-    folder = out / (name + ("" if start == "previous" else f"-{start}"))  # the default start adds nothing
+    rcfg = RefineConfig(policy=str(out / "run" / "policy"), scores=str(out / "scores.parquet"),
+                        prompts=list(CALIBRATION_PROMPTS), scorers=list(cfg.scorers), reference=cfg.policy,
+                        rounds=rounds, k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens,
+                        gen_batch_size=cfg.gen_batch_size, seed=cfg.seed + 3, test_prompts=list(cfg.eval_prompts),
+                        test_k=cfg.eval_k, test_seed=cfg.seed + 1, mode=cfg.mode,
+                        pairs_per_prompt=cfg.pairs_per_prompt, label_seed=cfg.seed, dpo=cfg.dpo_settings(),
+                        **step)  # fmt: skip
+    name = "refine" + (f"-caid-{rcfg.eta:g}" if rcfg.step == "caid" else "" if rcfg.secant else "-no-secant")
+    folder = out / (name + ("" if rcfg.start == "previous" else f"-{rcfg.start}"))  # the default start adds nothing
+    rcfg = replace(rcfg, out=str(folder))
     evaluation = out / "evaluation" / "evaluation.json"
     round0 = folder / "round-0"
     dist.claim(st, out, [folder.name])
@@ -220,14 +228,6 @@ def run_refine(cfg: DemoConfig, out: str | Path, rounds: int, step: str = "newto
         if all(r.insample_gain is not None for r in rows):  # the demo's scores are all utilities
             atomic_write_text(round0 / "insample.json", json.dumps({r.name: r.insample_gain for r in rows}))
     st.wait_for_everyone()
-    rcfg = RefineConfig(policy=str(out / "run" / "policy"), scores=str(out / "scores.parquet"),
-                        prompts=list(CALIBRATION_PROMPTS), scorers=list(cfg.scorers), out=str(folder),
-                        reference=cfg.policy, rounds=rounds, step=step, eta=eta, secant=secant, start=start,
-                        k=cfg.eval_k,
-                        max_new_tokens=cfg.max_new_tokens, gen_batch_size=cfg.gen_batch_size, seed=cfg.seed + 3,
-                        test_prompts=list(cfg.eval_prompts), test_k=cfg.eval_k, test_seed=cfg.seed + 1, mode=cfg.mode,
-                        pairs_per_prompt=cfg.pairs_per_prompt, label_seed=cfg.seed,
-                        dpo=cfg.dpo_settings())  # fmt: skip
     t = time.perf_counter()
     report = refine(rcfg, say=say, reference_memo=reference_memo)
     report = report.with_seconds(time.perf_counter() - t)

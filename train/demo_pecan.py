@@ -42,14 +42,15 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     from bridge.dual import run as run_dual
     from bridge.files import write_parquet
     from bridge.labels import score_preferences
-    from train.dpo import TrainConfig, prealign
+    from train.dpo import prealign
     from train.dpo import run as train
     from train.evaluate import EvaluateConfig, insample_gains
     from train.evaluate import run as evaluate
     from train.label import LabelConfig
     from train.label import run as run_label
-    from train.logratios import add_aligned
+    from train.logratios import LogratiosConfig, add_aligned
     from train.scorers import parse_scorer
+    from train.settings import TrainConfig
 
     out, mocan_dir = Path(out), Path(mocan_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,15 +64,18 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     for i, name in enumerate(aspects):
         prefs, stats = score_preferences(samples, name, prealign_pairs, cfg.seed + i)
         write_parquet(out / f"prefs_{name}.parquet", prefs)
-        settings = cfg.dpo_settings(epochs=prealign_epochs, lr=prealign_lr or cfg.lr)
+        settings = cfg.dpo_settings(epochs=prealign_epochs, lr=prealign_lr or cfg.dpo.lr)
         policy = prealign(TrainConfig(preferences=str(out / f"prefs_{name}.parquet"), policy=cfg.policy,
-                                      out=str(out / f"pre_{name}"), beta_override=cfg.beta, **settings))  # fmt: skip
+                                      out=str(out / f"pre_{name}"), beta_override=cfg.beta, dpo=settings,
+                                      overwrite=True))  # fmt: skip
         aligned.append(f"pre_{name}={policy}")
         say(f"Ⓐ pre-aligned π_{name} on {stats.pairs} preference pairs ({stats.ties_dropped} ties dropped)")
     times["prealign"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    table = add_aligned(samples, aligned, out / "pecan_scores.parquet", cfg.policy, cfg.max_length, cfg.gen_batch_size)
+    lcfg = LogratiosConfig(aligned=aligned, out=str(out / "pecan_scores.parquet"), policy=cfg.policy,
+                           max_length=cfg.max_length, batch_size=cfg.gen_batch_size)  # fmt: skip
+    table = add_aligned(lcfg, samples)
     names = [f"pre_{n}" for n in aspects]
     refs = {n: f"ref_{n}" for n in names[1:]} if kl == "token" else None
     margins = margins_at_reach(table, names[0], names[1:], cfg.beta, cfg.margin_frac, ref_columns=refs)
@@ -91,7 +95,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
                                      out=str(out / "preferences.parquet"), mode=cfg.mode,
                                      pairs_per_prompt=cfg.pairs_per_prompt, seed=cfg.seed))  # fmt: skip
     final = train(TrainConfig(preferences=str(out / "preferences.parquet"), policy=cfg.policy, out=str(out / "run"),
-                              **cfg.dpo_settings()))  # fmt: skip
+                              dpo=cfg.dpo_settings(), overwrite=True))  # fmt: skip
     times["label+train"] = time.perf_counter() - t
     say(f"Ⓒ {stats.pairs} {cfg.mode} pairs from s̃ = r̃ + λ*ᵀg̃, one DPO run → {final}")
 

@@ -8,14 +8,13 @@ Outside `accelerate launch` this is one process, rank 0 of 1.
 
 from __future__ import annotations
 
-import torch
-
 
 def state():
     """accelerate's PartialState (initialises the process group under `accelerate launch`). Without a GPU the
     processes talk through gloo: accelerate only does that when told `cpu=True` (its `--cpu` launcher alone starts
     a single process unless MPI is installed; `accelerate launch --multi_gpu --num_processes N` on a CPU machine
     starts N processes that land here)."""
+    import torch
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
@@ -30,6 +29,8 @@ def owned(n_units: int, rank: int, world: int) -> list[int]:
 
 def device(st) -> str | None:
     """The device this process works on: its GPU under accelerate, else CPU (None: the model's default)."""
+    import torch
+
     if torch.cuda.is_available():
         return str(st.device)
     return None
@@ -68,3 +69,26 @@ def claim(st, folder, names: list[str], legacy=None) -> None:
     if st.is_main_process:
         check(folder, names, legacy=legacy)
     st.wait_for_everyone()
+
+
+def shared(st, make):
+    """What the main process makes, handed to every process (accelerate's `broadcast_object_list`): an artifact
+    computed once (a round's certificate, a dual) instead of once per rank or through a file. `make()` runs on the
+    main process alone; a `CanError` it raises is raised on every rank, so none waits for an object that never comes."""
+    from can_jax.errors import CanError
+
+    if st.num_processes == 1:
+        return make()
+    from accelerate.utils import broadcast_object_list
+
+    box = [None]
+    if st.is_main_process:
+        try:
+            box[0] = ("ok", make())
+        except CanError as err:
+            box[0] = ("error", err)
+    broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

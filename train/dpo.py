@@ -6,12 +6,18 @@ weights. `prealign` is PeCAN's DPO of π_ref on one aspect's preferences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from can_jax.errors import CanError
-from train.dpo_config import CAN_FIXED, CanDPOConfig, bf16_available, check_config, make_config  # noqa: F401
+from train.dpo_config import (  # noqa: F401
+    CAN_FIXED,
+    CanDPOConfig,
+    bf16_available,
+    check_config,
+    make_config,
+)
 from train.run_record import RUN_RECORD, check_run_folder, is_run_folder, run_record  # noqa: F401
+from train.settings import DPOSettings, TrainConfig  # noqa: F401  (the stage's settings)
 from train.trainer import (  # noqa: F401  (the trainer's names, where callers have always found them)
     IDS,
     STORED_REF_TOL,
@@ -130,34 +136,6 @@ def _shared_on_disk(data, folder: Path):
     return load_from_disk(str(folder))
 
 
-@dataclass
-class TrainConfig:
-    """One DPO run (`can train`, and the DPO of the demos, pre-alignment and refine rounds). Unset options come from
-    `config_file` (YAML/JSON of DPOConfig options), `extra_args` (`--name value`) or the defaults (`make_config`);
-    those given here win over both. `dpo`: other DPOConfig options by TRL name."""
-
-    preferences: str  # a preference set written by `can label` (or pairs with `beta_override`)
-    policy: str = "smollm2"
-    out: str = "can-run"
-    beta: float | None = None  # must equal the certificate's β (a consistency check)
-    epochs: float | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    max_length: int | None = None
-    lora: bool = False
-    train_top: int | None = None
-    precision: str = "auto"
-    chat_template: bool | None = None
-    resume: bool = False
-    seed: int | None = None
-    beta_override: float | None = None  # replaces the certificate's β deliberately
-    config_file: str | None = None
-    extra_args: list = field(default_factory=list)
-    overwrite: bool = True
-    reference: str | None = None
-    dpo: dict = field(default_factory=dict)
-
-
 def run(cfg: TrainConfig) -> Path:
     """Runs DPO with β from the preference dataset's certificate; returns the directory of the aligned policy.
 
@@ -185,8 +163,8 @@ def run(cfg: TrainConfig) -> Path:
     from train.models import load_policy
 
     preferences, policy, out_dir, reference = cfg.preferences, cfg.policy, Path(cfg.out), cfg.reference
-    beta, beta_override, precision = cfg.beta, cfg.beta_override, cfg.precision
-    lora, train_top, config_file, extra_args = cfg.lora, cfg.train_top, cfg.config_file, cfg.extra_args
+    beta, beta_override, precision = cfg.beta, cfg.beta_override, cfg.dpo.precision
+    lora, train_top, config_file, extra_args = cfg.dpo.lora, cfg.dpo.train_top, cfg.config_file, cfg.extra_args
     chat_template = cfg.chat_template
     data, prefs = load_preferences(preferences, beta_override if beta_override is not None else beta)
     cert_beta = prefs.beta if prefs.beta is not None else beta  # a plain table: the β given
@@ -197,18 +175,11 @@ def run(cfg: TrainConfig) -> Path:
             f"--beta {beta} differs from the certificate's β = {cert_beta}: the dual and DPO must use the same β "
             "(DESIGN §4); drop --beta, or pass --allow-beta-mismatch"
         )
-    given = {"num_train_epochs": cfg.epochs, "learning_rate": cfg.lr, "per_device_train_batch_size": cfg.batch_size,
-             "max_length": cfg.max_length, "seed": cfg.seed}  # fmt: skip
-    # Every setting is parsed and checked before the run folder is touched or a model loaded.
+    # Every setting is parsed and checked before the run folder is touched or a model loaded (`cfg.dpo` checked
+    # itself; what a config file or `--name value` adds is checked here).
     args = make_config(out_dir / "checkpoints", cert_beta if beta is None else beta, precision, config_file,
-                       extra_args, lora=lora, **{k: v for k, v in given.items() if v is not None},
-                       **cfg.dpo)  # fmt: skip
+                       extra_args, lora=lora, **cfg.dpo.given())  # fmt: skip
     check_config(args)
-    if train_top is not None:
-        if lora:
-            raise CanError("--train-top and --lora are alternatives: choose one")
-        if train_top < 1:
-            raise CanError(f"--train-top must be at least 1, got {train_top}")
     if reference is not None and lora:
         raise CanError("a separate DPO reference does not go with --lora (the adapter's base is the reference)")
     record = run_record(Path(preferences), prefs, policy, args, lora=lora, train_top=train_top,

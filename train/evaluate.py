@@ -8,16 +8,16 @@ beside the gain the dual certificate predicted for π_λ*.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from bridge.files import atomic_write_text, write_figure
 from bridge.owned import same_location
 from bridge.reports import EvaluationReport, GainRow
 from can_jax.errors import CanError
+from train.scorers import ScorerOptions
 
 PROMPTS_PER_UNIT = 16  # prompts per unit of evaluation work; unit u samples with seed + u (`train.dist`)
 
@@ -65,6 +65,8 @@ def distinct_2(texts: list[str]) -> float:
 def sample_logps(spec, ids: list, batch_size: int, dtype: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
     """[n] summed log π(response | prompt) of sampled (prompt_ids, response_ids) under policy `spec`, and [n]
     response lengths in tokens, spread over the processes in units."""
+    import torch
+
     from train import dist
     from train.logps import sequence_logps
     from train.logratios import ROWS_PER_UNIT
@@ -125,15 +127,15 @@ class EvaluateConfig:
     the scorers (`NAME=SPEC`, the certificate's reward and constraints) and how they are sampled."""
 
     aligned: str
-    reference: str
-    scorers: tuple[str, ...]
+    scorers: tuple[str, ...]  # NAME=SPEC: the certificate's reward and constraints (and any extra)
+    reference: str = "smollm2"  # π_ref
     out: str = "can-eval"
     k: int = 4  # samples per prompt and policy
     max_new_tokens: int = 48
     batch_size: int = 64
     seed: int = 1
     chat_template: bool = True
-    scorer_options: dict | None = None
+    scorer_options: ScorerOptions = field(default_factory=ScorerOptions)
     dtype: str = "fp32"
 
 
@@ -150,7 +152,6 @@ def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
 
     k, seed, aligned, reference, scorer_specs = cfg.k, cfg.seed, cfg.aligned, cfg.reference, list(cfg.scorers)
     check_sampling(k, cfg.max_new_tokens, cfg.batch_size)
-    check_scorer_options(cfg.scorer_options)
     if len(prompts) < 2:
         raise CanError(f"{len(prompts)} held-out prompt: give at least 2 (the interval of the gains is over prompts)")
     check_scorers(cert, [parse_scorer(s)[0] for s in scorer_specs])
@@ -158,7 +159,7 @@ def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
     out = Path(cfg.out)
     # Before any sampling: an output folder that cannot be written, or files there `can` did not make, are refused.
     dist.claim(st, out, list(EVALUATION_ENTRIES), legacy=lambda f: _is_report(f / "evaluation.json"))
-    scorers = [make_scorer(*parse_scorer(s), **(cfg.scorer_options or {}), device=dist.device(st))
+    scorers = [make_scorer(*parse_scorer(s), **cfg.scorer_options.kwargs(), device=dist.device(st))
                for s in scorer_specs]  # fmt: skip
     ours, samples_a, ids_a, logp_a = _policy_scores(aligned, prompts, scorers, cfg)
     key = (reference, tuple(map(str, prompts)), tuple(scorer_specs), k, cfg.max_new_tokens, seed, cfg.chat_template,
@@ -261,15 +262,6 @@ def check_held_out(prompts: list, train_scores) -> None:
                        "anyway")  # fmt: skip
 
 
-def check_scorer_options(options: dict | None) -> None:
-    """--scorer-batch-size ≥ 1 and --scorer-max-length ≥ 1 when given."""
-    options = options or {}
-    if options.get("batch_size", 1) < 1:
-        raise CanError(f"--scorer-batch-size must be at least 1, got {options['batch_size']}")
-    if options.get("max_length") is not None and options["max_length"] < 1:
-        raise CanError(f"--scorer-max-length must be at least 1, got {options['max_length']}")
-
-
 def paired_interval(diff, level: float = 0.95) -> tuple[float, float, float]:
     """(mean, lower, upper): the mean of per-prompt paired differences and its Student-t interval with n − 1
     degrees of freedom (n prompts are few: the normal quantile would be too narrow). NaN bounds below 2 prompts."""
@@ -304,6 +296,8 @@ def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_siz
     π_aligned/π_ref (self-normalised, the weights the certificate's prediction uses for π_λ*), with log-probs
     computed the DPO way. Compared with the prediction, this separates "DPO did not learn the tilt" from "the
     tilt did not carry over to fresh samples and prompts"."""
+    import torch
+
     from bridge.tables import read_table
     from train import dist
     from train.logps import sequence_logps

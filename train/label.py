@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.scorers import scorer_field
+
 
 @dataclass
 class LabelConfig:
@@ -20,10 +22,10 @@ class LabelConfig:
     check_hash: bool = True  # refuse a certificate made for another table
     check_solution: bool = True  # refuse a λ that is not the dual's solution on the table (an edited certificate)
     scorer: list = field(default_factory=list)  # pairs: NAME=SPEC for scores the pairs lack
-    scorer_template: str = "auto"
-    scorer_dtype: str = "fp32"
-    scorer_max_length: int | None = None
-    scorer_batch_size: int = 16
+    scorer_template: str = scorer_field("template")
+    scorer_dtype: str = scorer_field("dtype")
+    scorer_max_length: int | None = scorer_field("max_length")
+    scorer_batch_size: int = scorer_field("batch_size")
 
 
 def run(cfg: LabelConfig):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,24 @@ def pecan_meta(aligned) -> dict:
     return {name: {"policy": path, "beta": beta} for name, path, beta in aligned}
 
 
-def add_aligned(table_path: str | os.PathLike, aligned: list[str], out: str | os.PathLike, policy: str = "smollm2",
-                max_length: int | None = None, batch_size: int = 16, dtype: str = "fp32") -> Path:  # fmt: skip
+@dataclass(frozen=True)
+class LogratiosConfig:
+    """PeCAN's columns for samples already drawn (`can logratios`): the pre-aligned models and how their log-probs
+    are computed."""
+
+    aligned: list  # NAME=DIR or NAME=DIR@BETA (`can prealign` outputs)
+    out: str = "pecan.parquet"
+    policy: str = "smollm2"  # the reference policy the samples came from
+    max_length: int | None = None  # token limit of prompt + response (as in DPO); None: uncut
+    batch_size: int = 16
+    dtype: str = "fp32"
+
+
+def add_aligned(cfg: LogratiosConfig, table_path: str | os.PathLike) -> Path:
     """PeCAN's columns for the responses of an existing table of π_ref samples (e.g. a MoCAN collection): no new
-    sampling, so MoCAN and PeCAN see the same responses. Writes `out` atomically and returns it."""
+    sampling, so MoCAN and PeCAN see the same responses. Writes cfg.out atomically and returns it."""
+    aligned, out, policy, max_length, batch_size, dtype = (cfg.aligned, cfg.out, cfg.policy, cfg.max_length,
+                                                           cfg.batch_size, cfg.dtype)  # fmt: skip
     from bridge.tables import read_table
 
     at_least_one(("--batch-size", batch_size))

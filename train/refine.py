@@ -130,7 +130,7 @@ def _insample(cfg, policy, folder: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
     gains = insample_gains(policy, cfg.scores, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,
-                           cfg.dpo.get("max_length"), cfg.dtype)  # fmt: skip
+                           cfg.dpo.max_length, cfg.dtype)  # fmt: skip
     if dist.state().is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(gains, indent=2) + "\n")
@@ -138,14 +138,21 @@ def _insample(cfg, policy, folder: Path) -> dict:
 
 
 def _round_certificate(cfg, parent, lam, n: int, folder: Path, achieved, half_width):
-    """Round n's certificate, written once (main process); a resumed run reads it back and checks its parent."""
+    """Round n's certificate, solved and written once by the main process and handed to the others; a resumed run
+    reads it back and checks its parent."""
     from bridge.certificate import Certificate
     from bridge.dual import round_certificate
     from train import dist
 
     path = folder / "certificate.json"
-    st = dist.state()
-    if st.is_main_process and not path.is_file():
+
+    def make():
+        if path.is_file():
+            cert = Certificate.read(path)
+            if cert.parent_sha256 != parent.sha256 or cert.round_index != n:
+                raise CanError(f"{path} is not round {n} of this chain (its parent is another certificate): use "
+                               "another --out")  # fmt: skip
+            return cert
         folder.mkdir(parents=True, exist_ok=True)
         names = parent.names
         record = {
@@ -154,22 +161,20 @@ def _round_certificate(cfg, parent, lam, n: int, folder: Path, achieved, half_wi
             "measured_gains": dict(zip(names, np.asarray(achieved, float).tolist(), strict=True)),
             "measured_half_width": dict(zip(names, np.asarray(half_width, float).tolist(), strict=True)),
         }
-        round_certificate(cfg.scores, parent, lam, n, **record).write(path)
-    st.wait_for_everyone()
-    cert = Certificate.read(path)
-    if cert.parent_sha256 != parent.sha256 or cert.round_index != n:
-        raise CanError(f"{path} is not round {n} of this chain (its parent is another certificate): use another "
-                       "--out")  # fmt: skip
-    return cert
+        cert = round_certificate(cfg.scores, parent, lam, n, **record)
+        cert.write(path)
+        return cert
+
+    return dist.shared(dist.state(), make)
 
 
 def _align(cfg, cert, previous: str, folder: Path, say) -> str:
     """Relabels the π_ref samples under round n's certificate and runs DPO (resuming its checkpoints)."""
     from train import dist
-    from train.dpo import TrainConfig
     from train.dpo import run as train
     from train.label import LabelConfig
     from train.label import run as run_label
+    from train.settings import TrainConfig
 
     st = dist.state()
     prefs = folder / "preferences.parquet"
@@ -184,8 +189,7 @@ def _align(cfg, cert, previous: str, folder: Path, say) -> str:
         return str(final)
     continuing = cfg.start == "previous"
     start = previous if continuing else cfg.reference
-    kw = dict(cfg.dpo)
-    return str(train(TrainConfig(preferences=str(prefs), policy=start, out=str(folder / "run"), resume=True,
-                                 overwrite=True, reference=cfg.reference if continuing else None, **kw)))
+    return str(train(TrainConfig(preferences=str(prefs), policy=start, out=str(folder / "run"), dpo=cfg.dpo,
+                                 resume=True, overwrite=True, reference=cfg.reference if continuing else None)))
 
 

@@ -68,6 +68,8 @@ def mocan_run(tiny_lm, tmp_path_factory):
     and a constraint `e` it can learn: (DemoConfig, its folder, the evaluation report). Shared by the chain's tests
     and the correction rounds' (tests/train/test_refine.py)."""
     pytest.importorskip("trl")
+    from dataclasses import replace
+
     from train.demo import DemoConfig, run_chain
 
     _, _, path = tiny_lm
@@ -75,6 +77,6 @@ def mocan_run(tiny_lm, tmp_path_factory):
     cfg = DemoConfig(policy=str(path), reward="brev",
                      scorers=["brev=tests.train.toy_scorers:brevity", "e=tests.train.toy_scorers:e_share"],
                      train_prompts=list(MOCAN_PROMPTS), eval_prompts=[f"what is thing {i}?" for i in range(96)], k=8,
-                     max_new_tokens=12, beta=0.1, margin_frac=0.8, mode="soft", pairs_per_prompt=8, epochs=3, lr=3e-3,
-                     batch_size=16, max_length=64)  # fmt: skip
+                     max_new_tokens=12, beta=0.1, margin_frac=0.8, mode="soft", pairs_per_prompt=8,
+                     dpo=replace(DemoConfig().dpo, epochs=3, lr=3e-3, batch_size=16), max_length=64)  # fmt: skip
     return cfg, out, run_chain(cfg, out, say=lambda *_: None)

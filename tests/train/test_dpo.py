@@ -105,12 +105,12 @@ def test_can_train_cli_runs_checkpoints_and_refuses_beta_mismatch(tiny_lm, cert,
 def test_lora_training_saves_a_standalone_merged_policy(tiny_lm, cert, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from train.dpo import TrainConfig, run
+    from train.dpo import DPOSettings, TrainConfig, run
 
     model, _, path = tiny_lm
     _write_prefs(tmp_path / "prefs.parquet", {k: v * 2 for k, v in DATA.items() if k != "p_chosen"}, "bt", cert)
     final = run(TrainConfig(preferences=str(tmp_path / "prefs.parquet"), policy=str(path), out=str(tmp_path / "run"),
-                            epochs=1, lr=1e-2, batch_size=2, max_length=48, lora=True))  # fmt: skip
+                            dpo=DPOSettings(epochs=1, lr=1e-2, batch_size=2, max_length=48, lora=True)))  # fmt: skip
     merged = AutoModelForCausalLM.from_pretrained(final)  # no adapter files needed
     changed = any(not torch.equal(a, b) for a, b in zip(merged.state_dict().values(), model.state_dict().values()))
     assert changed and (final / "config.json").exists()
@@ -120,16 +120,18 @@ def test_resume_continues_from_the_last_checkpoint_and_top_layer_training(tiny_l
     """An interrupted run (here: stopped after 2 epochs) resumed with more epochs continues from its checkpoint
     instead of starting over; and --train-top leaves the lower blocks and the embeddings untouched."""
     import json
+    from dataclasses import replace
 
     from transformers import AutoModelForCausalLM
 
-    from train.dpo import TrainConfig, run
+    from train.dpo import DPOSettings, TrainConfig, run
 
     model, _, path = tiny_lm
     _write_prefs(tmp_path / "p.parquet", {k: v * 2 for k, v in DATA.items()}, "soft", cert)
-    kw = dict(preferences=str(tmp_path / "p.parquet"), policy=str(path), out=str(tmp_path / "run"), lr=1e-3,
-              batch_size=2, max_length=48, train_top=1, dpo={"save_steps": 3})
-    run(TrainConfig(epochs=2, **kw))  # 6 pairs / 2 = 3 steps per epoch
+    kw = dict(preferences=str(tmp_path / "p.parquet"), policy=str(path), out=str(tmp_path / "run"),
+              extra_args=["--save_steps", "3"])
+    dpo = DPOSettings(lr=1e-3, batch_size=2, max_length=48, train_top=1)
+    run(TrainConfig(dpo=replace(dpo, epochs=2), **kw))  # 6 pairs / 2 = 3 steps per epoch
     ckpts = sorted((tmp_path / "run" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert ckpts[-1].name == "checkpoint-6"
     # Mark the checkpoint's history: a resumed run carries it forward, a run started over would not.
@@ -137,7 +139,7 @@ def test_resume_continues_from_the_last_checkpoint_and_top_layer_training(tiny_l
     state = json.loads(stamp.read_text())
     state["log_history"].append({"step": 6, "marker": 1})
     stamp.write_text(json.dumps(state))
-    final = run(TrainConfig(epochs=3, resume=True, **kw))
+    final = run(TrainConfig(dpo=replace(dpo, epochs=3), resume=True, **kw))
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-9" / "trainer_state.json").read_text())
     assert state["global_step"] == 9
     assert {"step": 6, "marker": 1} in state["log_history"]

@@ -215,3 +215,48 @@ def test_shipped_configs_load():
                      "fsdp": "FSDP"}  # fmt: skip
     for p in (ROOT / "examples" / "accelerate").glob("*.yaml"):
         assert p.stem == "ddp" or "UNTESTED" in p.read_text()
+
+
+SHARED = """
+import json
+from can_jax.errors import CanError
+from train import dist
+
+st = dist.state()
+calls = []
+
+
+def make():
+    calls.append(st.process_index)
+    return {"made_by": st.process_index, "value": [1.5, 2.5]}
+
+
+def fails():
+    raise CanError("the dual did not converge")
+
+
+got = dist.shared(st, make)
+try:
+    dist.shared(st, fails)
+    err = None
+except CanError as e:
+    err = str(e)
+print("RESULT " + json.dumps({"rank": st.process_index, "got": got, "calls": calls, "err": err}), flush=True)
+"""
+
+
+def test_a_shared_artifact_is_made_once_and_handed_to_every_process(tmp_path):
+    """`train.dist.shared` under 2 gloo processes: the main process makes the artifact, the other receives the same
+    object without making it, and a CanError raised while making it reaches both (neither waits forever)."""
+    script = tmp_path / "shared.py"
+    script.write_text(SHARED)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in res.stdout.splitlines() if "RESULT " in line),
+                  key=lambda r: r["rank"])  # fmt: skip
+    assert [r["rank"] for r in rows] == [0, 1]
+    assert rows[0]["got"] == rows[1]["got"] == {"made_by": 0, "value": [1.5, 2.5]}
+    assert rows[0]["calls"] == [0] and rows[1]["calls"] == []
+    assert rows[0]["err"] == rows[1]["err"] == "the dual did not converge"

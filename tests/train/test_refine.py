@@ -31,6 +31,8 @@ SCORERS = ["e=tests.train.toy_scorers:e_share", "brev=tests.train.toy_scorers:br
 @pytest.fixture(scope="module")
 def chain(tiny_lm, tmp_path_factory):
     """One-shot MoCAN on the tiny LM: reward e, constraint brev (margin half its reach), soft labels."""
+    from dataclasses import replace
+
     from train.demo import DemoConfig, run_chain
 
     _, _, path = tiny_lm
@@ -38,20 +40,21 @@ def chain(tiny_lm, tmp_path_factory):
     cfg = DemoConfig(policy=str(path), reward="e", scorers=list(SCORERS),
                      train_prompts=[f"tell me about item {i}." for i in range(24)],
                      eval_prompts=[f"what is thing {i}?" for i in range(16)], k=8, max_new_tokens=12, beta=0.1,
-                     margin_frac=0.5, mode="soft", pairs_per_prompt=8, epochs=3, lr=3e-3, batch_size=16,
-                     max_length=64)  # fmt: skip
+                     margin_frac=0.5, mode="soft", pairs_per_prompt=8,
+                     dpo=replace(DemoConfig().dpo, epochs=3, lr=3e-3, batch_size=16), max_length=64)  # fmt: skip
     return cfg, out, run_chain(cfg, out, say=lambda *_: None)
 
 
 def _config(chain, out, **kw):
     from train.chain import RefineConfig
+    from train.settings import DPOSettings
 
     cfg, folder, _ = chain
     base = dict(policy=str(folder / "run" / "policy"), scores=str(folder / "scores.parquet"),
                 prompts=list(CALIBRATION), scorers=list(SCORERS), out=str(out), reference=cfg.policy, rounds=1,
                 k=8, max_new_tokens=cfg.max_new_tokens, seed=5, mode=cfg.mode, pairs_per_prompt=cfg.pairs_per_prompt,
-                label_seed=0, dpo=dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                                       max_length=cfg.max_length, seed=0))  # fmt: skip
+                label_seed=0, dpo=DPOSettings(epochs=cfg.dpo.epochs, lr=cfg.dpo.lr, batch_size=cfg.dpo.batch_size,
+                                              max_length=cfg.max_length, seed=0))  # fmt: skip
     return RefineConfig(**{**base, **kw})
 
 
@@ -123,8 +126,8 @@ def _cli_args(chain, out, prompts_file):
     return ["refine", str(folder / "run" / "policy"), "--scores", str(folder / "scores.parquet"), "--prompts",
             str(prompts_file), *sum((["-s", s] for s in SCORERS), []), "--reference", cfg.policy, "--out", str(out),
             "--rounds", "1", "--k", "8", "--max-new-tokens", str(cfg.max_new_tokens), "--seed", "5", "--mode",
-            cfg.mode, "--pairs-per-prompt", str(cfg.pairs_per_prompt), "--epochs", str(cfg.epochs), "--lr",
-            str(cfg.lr), "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length), "--dpo-seed",
+            cfg.mode, "--pairs-per-prompt", str(cfg.pairs_per_prompt), "--epochs", str(cfg.dpo.epochs), "--lr",
+            str(cfg.dpo.lr), "--batch-size", str(cfg.dpo.batch_size), "--max-length", str(cfg.max_length), "--dpo-seed",
             "0", "--no-insample", "--start", "reference"]  # fmt: skip
 
 
@@ -301,13 +304,14 @@ def test_the_default_start_continues_except_with_lora():
     it restarts from π_ref, and an explicit --start previous with LoRA is refused in one line."""
     from can_jax.errors import CanError
     from train.chain import RefineConfig
+    from train.settings import DPOSettings
 
     base = dict(policy="p", scores="s.parquet", prompts=["a?", "b?"], scorers=["x=builtin:politeness"])
     assert RefineConfig(**base).start == "previous"
-    assert RefineConfig(**base, dpo={"lora": True}).start == "reference"
+    assert RefineConfig(**base, dpo=DPOSettings(lora=True)).start == "reference"
     assert RefineConfig(**base, start="reference").chain_settings()["start"] == "reference"
     with pytest.raises(CanError, match="LoRA"):
-        RefineConfig(**base, dpo={"lora": True}, start="previous").check()
+        RefineConfig(**base, dpo=DPOSettings(lora=True), start="previous").check()
 
 
 def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):

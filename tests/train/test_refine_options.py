@@ -30,13 +30,17 @@ def _cfg(**kw):
         ({"dpo": {"max_length": 0}}, "--max-length must be at least 1, got 0"),
         ({"dpo": {"train_top": 0}}, "--train-top must be at least 1, got 0"),
         ({"dpo": {"precision": "fp8"}}, "--precision 'fp8'"),
+        ({"test_k": 0}, "--test-k must be at least 1"),
+        ({"gen_batch_size": 0}, "--gen-batch-size must be at least 1"),
         ({"test_prompts": ["only one?"]}, "1 test prompt(s): give at least 2"),
     ],
 )
 def test_round_options_are_checked_before_round_0(kw, said):
+    from train.settings import DPOSettings
+
     _cfg().check()  # the defaults pass
-    with pytest.raises(CanError, match=None) as err:
-        _cfg(**kw).check()
+    with pytest.raises(CanError, match=None) as err:  # the DPO options are checked as they are made
+        _cfg(**{k: DPOSettings(**v) if k == "dpo" else v for k, v in kw.items()}).check()
     assert said in str(err.value)
 
 

@@ -9,6 +9,7 @@ never imports torch. User mistakes end as one `error: …` line on stderr and a 
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Annotated, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
+
+from can_jax.errors import Outcome
 
 
 class _CanGroup(TyperGroup):
@@ -43,8 +46,9 @@ class _CanGroup(TyperGroup):
         except Exception as err:
             # typer vendors click from 0.29 on: recognise its UsageError (and subclasses) by name.
             if "--json" in args and any(c.__name__ == "UsageError" for c in type(err).__mro__):
-                echo_json({"status": "usage_error", "message": one_line(err.format_message()), "converged": False})
-            raise
+                echo_json({"status": Outcome.USAGE_ERROR.value, "message": one_line(err.format_message()),
+                           "converged": False})  # fmt: skip
+            raise  # click prints the usage and exits with its own code, ExitCode.USAGE_ERROR
 
 
 COMMAND_LINE: list[str] = []  # this process's arguments after the program name, as the group parsed them
@@ -53,7 +57,7 @@ SEED_MAX = 2**32 - 1  # numpy's and torch's seeding both take 0 … 2³² − 1
 # Counts and limits that must be positive wherever a command takes them, and those that may be 0.
 POSITIVE = {"k", "max_new_tokens", "batch_size", "shard_size", "max_length", "scorer_max_length", "scorer_batch_size",
             "train_top", "epochs", "lr", "responses", "pairs_per_prompt", "max_iter", "chunk", "prompts",
-            "num_processes"}  # fmt: skip
+            "num_processes", "test_k", "gen_batch_size"}  # fmt: skip
 NON_NEGATIVE = {"rounds", "refine"}
 # Parameters that name what a command reads, and the folder outputs (a run folder rather than one file).
 INPUTS = ("prompts", "scores", "table", "preferences", "certificate", "certificate_or_prompts", "policy", "aligned",
@@ -147,8 +151,16 @@ app = _CanTyper(
     rich_markup_mode=None,
 )
 
-EXIT_USER_ERROR = 1
-EXIT_NOT_CONVERGED = 3
+
+class ExitCode(enum.IntEnum):
+    """Every exit status of `can`, in one table (README, Troubleshooting, lists the same)."""
+
+    OK = 0
+    USER_ERROR = 1  # the one `error: …` line: bad input, a refused option or output, infeasible margins, …
+    USAGE_ERROR = 2  # click's own code for an unknown option or a missing argument; named here, not set
+    NOT_CONVERGED = 3  # `can dual`: the solve stopped short of its tolerance (the certificate says why)
+    SIGNAL = 128  # the base: a launched process killed by signal N ends the launch with 128 + N, as a shell says
+
 
 # The libraries whose own output — deprecation warnings, progress bars of weight loading and of `datasets`
 # map/filter/save, loading reports, accelerate's and DDP's notices — is hidden unless --verbose (issue 24). Our own
@@ -294,25 +306,22 @@ def echo_json(obj: dict):
     typer.echo(json.dumps(obj, indent=2, allow_nan=False))
 
 
-def status_of(err) -> str:
-    """The `status` a --json consumer sees for an error."""
-    from can_jax.errors import InfeasibleMarginsError, InvalidArgumentError, OutputError, ScoresFormatError
-
-    for cls, name in [(InfeasibleMarginsError, "infeasible"), (InvalidArgumentError, "invalid"),
-                      (ScoresFormatError, "bad_input"), (OutputError, "output_error")]:  # fmt: skip
-        if isinstance(err, cls):
-            return name
-    return "error"
+def status_of(err) -> Outcome:
+    """The `status` a --json consumer sees for an error: its class's `outcome` (`CanError`)."""
+    return getattr(err, "outcome", Outcome.ERROR)
 
 
-def fail(message, code: int = EXIT_USER_ERROR, json_out: bool = False, status: str = "error"):
-    """One `error: …` line on stderr and exit `code`; with --json also {status, message} on stdout."""
+def fail(message, code: int = ExitCode.USER_ERROR, json_out: bool = False, status: Outcome | str = Outcome.ERROR):
+    """One `error: …` line on stderr and exit `code`; with --json also {status, message} on stdout. `status` is an
+    `Outcome` or its string: one outside the enumeration raises, so --json never prints a status scripts cannot
+    know."""
+    status = Outcome(status)
     message = one_line(message)
     if is_main_rank():
         if json_out:
-            echo_json({"status": status, "message": message, "converged": False})
+            echo_json({"status": status.value, "message": message, "converged": False})
         typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+    raise typer.Exit(int(code))
 
 
 def is_main_rank() -> bool:
@@ -343,7 +352,7 @@ def setup_jax(cache: bool = True):
 
 def check_beta(beta: float, json_out: bool = False):
     if not (math.isfinite(beta) and beta > 0):
-        fail(f"--beta must be a positive finite number, got {beta}", json_out=json_out, status="invalid")
+        fail(f"--beta must be a positive finite number, got {beta}", json_out=json_out, status=Outcome.INVALID)
 
 
 def load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out: bool, cost_at_most=(),

@@ -9,7 +9,17 @@ import typer
 
 from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process
 from train.cli.launch import launch_if_asked
-from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
+from train.cli.options import (
+    FROM_CONFIG,
+    ChatTemplateOpt,
+    ScorerBatchOpt,
+    ScorerDtypeOpt,
+    ScorerMaxLengthOpt,
+    ScorerTemplateOpt,
+    defaults_from,
+)
+from train.collect import CollectConfig
+from train.logratios import LogratiosConfig
 
 DtypeOpt = Annotated[
     str,
@@ -19,6 +29,7 @@ DtypeOpt = Annotated[
 
 
 @app.command("collect")
+@defaults_from(CollectConfig, rename={"scorer": "scorers"})
 def collect_cmd(
     prompts: Annotated[Path, typer.Argument(help="Prompts: one per line (.txt) or {'prompt': …} per line (.jsonl).")],
     scorer: Annotated[
@@ -29,7 +40,7 @@ def collect_cmd(
             help="NAME=SPEC, repeatable: builtin:NAME, module:function, or a "
             "Transformers score-model directory. Each becomes a column of the table.",
         ),
-    ] = None,  # fmt: skip
+    ] = None,  # fmt: skip  (no default scorer on the command line: a PeCAN collection may have none)
     aligned: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -40,26 +51,26 @@ def collect_cmd(
             "Adds column NAME = β·(log π_NAME − log π_ref), logp_NAME, kl_NAME (token-level KL(π_ref ‖ π_NAME) "
             "along the sample) and ref_NAME = −β·kl_NAME.",
         ),
-    ] = None,  # fmt: skip
+    ] = FROM_CONFIG,  # fmt: skip
     out: Annotated[Path, typer.Option("--out", "-o", help="Scores table to write (.parquet).")] = Path(
         "scores.parquet"
     ),
-    policy: Annotated[str, typer.Option(help="Reference policy π_ref: a Transformers directory or 'smollm2'.")] = (
-        "smollm2"
-    ),
-    k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
+    policy: Annotated[
+        str, typer.Option(help="Reference policy π_ref: a Transformers directory or 'smollm2'.")
+    ] = FROM_CONFIG,
+    k: Annotated[int, typer.Option("--k", help="Responses sampled per prompt.")] = FROM_CONFIG,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = FROM_CONFIG,
     batch_size: Annotated[
         int, typer.Option(help="Sequences (prompts × K) per sampling batch: larger is faster until memory runs out.")
-    ] = 64,
-    shard_size: Annotated[int, typer.Option(help="Prompts per shard (the unit of resumption).")] = 16,
-    seed: Annotated[int, typer.Option(help="Random seed (shard s uses seed + s).")] = 0,
-    chat_template: ChatTemplateOpt = True,
-    scorer_template: ScorerTemplateOpt = "auto",
-    scorer_dtype: ScorerDtypeOpt = "fp32",
-    scorer_max_length: ScorerMaxLengthOpt = None,
-    scorer_batch_size: ScorerBatchOpt = 16,
-    dtype: DtypeOpt = "fp32",
+    ] = FROM_CONFIG,
+    shard_size: Annotated[int, typer.Option(help="Prompts per shard (the unit of resumption).")] = FROM_CONFIG,
+    seed: Annotated[int, typer.Option(help="Random seed (shard s uses seed + s).")] = FROM_CONFIG,
+    chat_template: ChatTemplateOpt = FROM_CONFIG,
+    scorer_template: ScorerTemplateOpt = FROM_CONFIG,
+    scorer_dtype: ScorerDtypeOpt = FROM_CONFIG,
+    scorer_max_length: ScorerMaxLengthOpt = FROM_CONFIG,
+    scorer_batch_size: ScorerBatchOpt = FROM_CONFIG,
+    dtype: DtypeOpt = FROM_CONFIG,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
@@ -72,8 +83,7 @@ def collect_cmd(
     launch_if_asked(num_processes, accelerate_config)
     from rich.progress import Progress
 
-    from can_jax.errors import CanError
-    from train.collect import CollectConfig, collect
+    from train.collect import collect
 
     cfg = CollectConfig(
         prompts=str(prompts), policy=policy, scorers=list(scorer or []), aligned=list(aligned or []), k=k,
@@ -82,19 +92,16 @@ def collect_cmd(
         scorer_max_length=scorer_max_length, scorer_batch_size=scorer_batch_size, dtype=dtype,
     )  # fmt: skip
     reused, shards = [], [0]
-    try:
-        with Progress(transient=True, disable=not is_main_process()) as bar:
-            task = bar.add_task("sampling and scoring (shards)", total=None)
+    with Progress(transient=True, disable=not is_main_process()) as bar:
+        task = bar.add_task("sampling and scoring (shards)", total=None)
 
-            def step(s, n, skipped):
-                shards[0] = n
-                if skipped:
-                    reused.append(s)
-                bar.update(task, total=n, advance=1)
+        def step(s, n, skipped):
+            shards[0] = n
+            if skipped:
+                reused.append(s)
+            bar.update(task, total=n, advance=1)
 
-            path = collect(cfg, out, progress=step)
-    except CanError as err:
-        fail(str(err))
+        path = collect(cfg, out, progress=step)
     if not is_main_process():
         return
     from bridge.scores_table import collect_record
@@ -111,6 +118,7 @@ def collect_cmd(
 
 
 @app.command()
+@defaults_from(LogratiosConfig)
 def logratios(
     table: Annotated[
         Path,
@@ -119,13 +127,13 @@ def logratios(
     aligned: Annotated[
         list[str], typer.Option("--aligned", "--pecan", "-a", help="NAME=DIR or NAME=DIR@BETA, as for `can collect`.")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Table to write (.parquet).")] = Path("pecan.parquet"),
-    policy: Annotated[str, typer.Option(help="The reference policy the samples came from.")] = "smollm2",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Table to write (.parquet).")] = FROM_CONFIG,
+    policy: Annotated[str, typer.Option(help="The reference policy the samples came from.")] = FROM_CONFIG,
     max_length: Annotated[
         Optional[int], typer.Option(help="Token limit of prompt + response (as in DPO) [default: none, uncut].")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
-    dtype: DtypeOpt = "fp32",
+    ] = FROM_CONFIG,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = FROM_CONFIG,
+    dtype: DtypeOpt = FROM_CONFIG,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
@@ -133,12 +141,13 @@ def logratios(
     token-level KL (what `can collect --aligned` records), without sampling again — so MoCAN and PeCAN can be
     compared on the same responses."""
     launch_if_asked(num_processes, accelerate_config)
-    from can_jax.errors import CanError
     from train.logratios import add_aligned
 
+    cfg = LogratiosConfig(aligned=list(aligned), out=str(out), policy=policy, max_length=max_length,
+                          batch_size=batch_size, dtype=dtype)  # fmt: skip
     try:
-        path = add_aligned(table, list(aligned), out, policy, max_length, batch_size, dtype)
-    except (CanError, FileNotFoundError, KeyError) as err:
+        path = add_aligned(cfg, table)
+    except (FileNotFoundError, KeyError) as err:
         fail(str(err))
     if is_main_process():
         typer.echo(f"PeCAN table written to {path}")

@@ -8,12 +8,15 @@ from typing import Annotated
 
 import typer
 
+from train.chain import RefineConfig
 from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process, setup_jax
 from train.cli.launch import launch_if_asked
-from train.cli.options import EtaOpt, SecantOpt, StartOpt, StepOpt
+from train.cli.options import FROM_CONFIG, EtaOpt, SecantOpt, StartOpt, StepOpt, defaults_from
+from train.demo import DemoConfig
 
 
 @app.command()
+@defaults_from(DemoConfig, RefineConfig, rename={"out": None})
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("can-demo"),
     synthetic: Annotated[
@@ -21,7 +24,7 @@ def demo(
     ] = False,
     prompts: Annotated[int, typer.Option(help="--synthetic: number of synthetic prompts N.")] = 20_000,
     responses: Annotated[int, typer.Option(help="--synthetic: responses per prompt K (ragged: 2..K).")] = 16,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = FROM_CONFIG,
     pecan: Annotated[
         bool,
         typer.Option(
@@ -39,10 +42,10 @@ def demo(
             "OUT/refine/rounds.md.",
         ),
     ] = 0,
-    step: StepOpt = "newton",
-    eta: EtaOpt = 1.0,
-    secant: SecantOpt = True,
-    start: StartOpt = None,
+    step: StepOpt = FROM_CONFIG,
+    eta: EtaOpt = FROM_CONFIG,
+    secant: SecantOpt = FROM_CONFIG,
+    start: StartOpt = FROM_CONFIG,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
@@ -62,44 +65,36 @@ def demo(
     launch_if_asked(num_processes, accelerate_config)
     if not synthetic:
         setup_jax()
-        from can_jax.errors import CanError
         from train.cli.evaluate import print_evaluation
-        from train.demo import DemoConfig, run_chain
+        from train.demo import run_chain
 
         cfg = DemoConfig(seed=seed)
         if refine:  # the rounds' options, checked by the rounds' own config before the ~14-minute chain
-            from train.chain import RefineConfig
             from train.demo_prompts import CALIBRATION_PROMPTS
 
-            try:
-                RefineConfig(policy="", scores="", prompts=list(CALIBRATION_PROMPTS), scorers=[], step=step, eta=eta,
-                             start=start, mode=cfg.mode, pairs_per_prompt=cfg.pairs_per_prompt,
-                             dpo=cfg.dpo_settings()).check()  # fmt: skip
-            except CanError as err:
-                fail(str(err))
+            RefineConfig(policy="", scores="", prompts=list(CALIBRATION_PROMPTS), scorers=[], step=step, eta=eta,
+                         start=start, mode=cfg.mode, pairs_per_prompt=cfg.pairs_per_prompt,
+                         dpo=cfg.dpo_settings()).check()  # fmt: skip
         say = typer.echo if is_main_process() else (lambda *_: None)
         memo = {}  # the reference's samples on the test prompts, drawn once for the chain and the rounds
-        try:
-            if (pecan or refine) and (out / "evaluation" / "evaluation.json").exists():
-                say(f"reusing the finished MoCAN run in {out}")
-            else:
-                report = run_chain(cfg, out, say=say, reference_memo=memo)
-                if is_main_process():
-                    print_evaluation(report)
-            if refine:
-                from train.demo import run_refine
+        if (pecan or refine) and (out / "evaluation" / "evaluation.json").exists():
+            say(f"reusing the finished MoCAN run in {out}")
+        else:
+            report = run_chain(cfg, out, say=say, reference_memo=memo)
+            if is_main_process():
+                print_evaluation(report)
+        if refine:
+            from train.demo import run_refine
 
-                rounds = run_refine(cfg, out, refine, step, eta, say=say, reference_memo=memo, start=start,
-                                    secant=secant)
-                if is_main_process():
-                    typer.echo(Path(rounds.out).joinpath("rounds.md").read_text())
-            if pecan:
-                from train.demo_pecan import run_pecan
+            rounds = run_refine(cfg, out, refine, say=say, reference_memo=memo, step=step, eta=eta, start=start,
+                                secant=secant)
+            if is_main_process():
+                typer.echo(Path(rounds.out).joinpath("rounds.md").read_text())
+        if pecan:
+            from train.demo_pecan import run_pecan
 
-                run_pecan(cfg, out / "pecan", out, say=typer.echo)
-                typer.echo((out / "pecan" / "comparison.md").read_text())
-        except CanError as err:
-            fail(str(err))
+            run_pecan(cfg, out / "pecan", out, say=typer.echo)
+            typer.echo((out / "pecan" / "comparison.md").read_text())
         return
     setup_jax()
     import jax

@@ -8,14 +8,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from bridge.dual import DualConfig
+from can_jax.errors import Outcome
 from train.cli.app import (
-    EXIT_NOT_CONVERGED,
     AtLeastOpt,
     BetaOpt,
     ConstraintOpt,
     CostAtMostOpt,
     CostOpt,
     DropOpt,
+    ExitCode,
     Float32Opt,
     JsonOpt,
     PromptIdOpt,
@@ -32,26 +34,28 @@ from train.cli.app import (
     setup_jax,
     status_of,
 )
+from train.cli.options import FROM_CONFIG, defaults_from
 
 
 @app.command()
+@defaults_from(DualConfig, rename={"out": None, "cache": None})
 def dual(
     scores: ScoresArg,
     reward: RewardOpt,
     beta: BetaOpt,
-    constraint: ConstraintOpt = None,
-    cost: CostOpt = None,
-    prompt_id: PromptIdOpt = "prompt_id",
-    float32: Float32Opt = False,
+    constraint: ConstraintOpt = FROM_CONFIG,
+    cost: CostOpt = FROM_CONFIG,
+    prompt_id: PromptIdOpt = FROM_CONFIG,
+    float32: Float32Opt = FROM_CONFIG,
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Write the certificate JSON here (atomically).")
     ] = None,
     json_out: JsonOpt = False,
     tol: Annotated[
         Optional[float], typer.Option(help="KKT residual tolerance (default 1e-9 float64, 1e-5 float32).")
-    ] = None,
-    max_iter: Annotated[int, typer.Option(help="Newton iteration limit.")] = 100,
-    se: Annotated[bool, typer.Option("--se/--no-se", help="Sandwich standard errors of λ*.")] = True,
+    ] = FROM_CONFIG,
+    max_iter: Annotated[int, typer.Option(help="Newton iteration limit.")] = FROM_CONFIG,
+    se: Annotated[bool, typer.Option("--se/--no-se", help="Sandwich standard errors of λ*.")] = FROM_CONFIG,
     bias: Annotated[
         bool,
         typer.Option(
@@ -59,8 +63,8 @@ def dual(
             help="Finite-K bias of λ* and of the predicted gains and KL (within-prompt jackknife, DESIGN §5c): "
             "corrected estimates, standard errors and 95% intervals in the certificate's bias block.",
         ),
-    ] = True,
-    drop_bad_rows: DropOpt = False,
+    ] = FROM_CONFIG,
+    drop_bad_rows: DropOpt = FROM_CONFIG,
     pecan: Annotated[
         bool,
         typer.Option(
@@ -68,17 +72,17 @@ def dual(
             help="PeCAN (DESIGN §3): a table from `can collect --aligned`; the reward and constraints name "
             "pre-aligned models, margins are in their β·log-ratio units.",
         ),
-    ] = False,
+    ] = FROM_CONFIG,
     kl: Annotated[
         str,
         typer.Option(
             help="--pecan: E_ref[g̃ | x] from the token-level KL (token) or the sample mean of the log-ratios (sample)."
         ),
-    ] = "token",
+    ] = FROM_CONFIG,
     devices: Annotated[
         Optional[int],
         typer.Option(help="Local JAX devices to shard the prompts over [default: all]; recorded in the certificate."),
-    ] = None,
+    ] = FROM_CONFIG,
     cache: Annotated[
         bool,
         typer.Option("--cache/--no-cache", help="JAX's persistent compilation cache (~/.cache/can/jax, or "
@@ -86,8 +90,8 @@ def dual(
                      "traces and compiles nothing. CAN_NO_CACHE=1 turns it off for every command, CAN_EXPORT_CACHE=0 "
                      "the traced programs alone."),
     ] = True,
-    cost_at_most: CostAtMostOpt = None,
-    at_least: AtLeastOpt = None,
+    cost_at_most: CostAtMostOpt = FROM_CONFIG,
+    at_least: AtLeastOpt = FROM_CONFIG,
 ):
     """Solve the CAN dual once: λ* for the constraints, with its certificate (DESIGN §2).
 
@@ -96,7 +100,7 @@ def dual(
     PeCAN: can dual pecan.parquet --pecan --reward helpful --constraint harmless=0.05 --beta 0.1
     Safe-RLHF-style limit: can dual scores.parquet --reward reward --cost-at-most cost=0 --beta 0.1
     """
-    from bridge.dual import DualConfig, run
+    from bridge.dual import run
     from can_jax.errors import CanError
 
     cfg = DualConfig(scores=str(scores), reward=reward, beta=beta, constraint=list(constraint or []),
@@ -137,7 +141,7 @@ def dual(
         fail(write_error)
     if not cert.converged:
         typer.echo(f"error: not converged: {cert.message}", err=True)
-        raise typer.Exit(EXIT_NOT_CONVERGED)
+        raise typer.Exit(int(ExitCode.NOT_CONVERGED))
 
 
 MAX_SWEEP_POINTS = 1_000_000
@@ -148,7 +152,7 @@ def _parse_values(text: str, json_out: bool = False):
     import numpy as np
 
     def bad(why):
-        fail(f"--values {text!r}: {why}", json_out=json_out, status="invalid")
+        fail(f"--values {text!r}: {why}", json_out=json_out, status=Outcome.INVALID)
 
     try:
         if ":" in text:
@@ -171,20 +175,21 @@ def _parse_values(text: str, json_out: bool = False):
 
 
 @app.command()
+@defaults_from(DualConfig)
 def sweep(
     scores: ScoresArg,
     reward: RewardOpt,
     beta: BetaOpt,
-    constraint: ConstraintOpt = None,
-    cost: CostOpt = None,
+    constraint: ConstraintOpt = FROM_CONFIG,
+    cost: CostOpt = FROM_CONFIG,
     vary: Annotated[Optional[str], typer.Option(help="Constraint whose margin is swept (default: the first).")] = None,
     values: Annotated[str, typer.Option(help="Margins for it: START:STOP:NUM or a comma-separated list.")] = "0:1:21",
-    prompt_id: PromptIdOpt = "prompt_id",
-    float32: Float32Opt = False,
+    prompt_id: PromptIdOpt = FROM_CONFIG,
+    float32: Float32Opt = FROM_CONFIG,
     plot: Annotated[Path, typer.Option(help="Where to write the plot (PNG).")] = Path("sweep.png"),
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Do not write a plot.")] = False,
     json_out: JsonOpt = False,
-    drop_bad_rows: DropOpt = False,
+    drop_bad_rows: DropOpt = FROM_CONFIG,
     chunk: Annotated[int, typer.Option(help="Grid points solved at once (vmapped); bounds the memory.")] = 64,
 ):
     """λ*(b) along a grid of margins for one constraint (the others fixed), with predicted gains and a plot.
@@ -195,7 +200,7 @@ def sweep(
     check_beta(beta, json_out)
     grid_values = _parse_values(values, json_out)
     if chunk < 1:
-        fail(f"--chunk must be at least 1, got {chunk}", json_out=json_out, status="invalid")
+        fail(f"--chunk must be at least 1, got {chunk}", json_out=json_out, status=Outcome.INVALID)
     setup_jax()
     from can_jax.errors import CanError
     from can_jax.result import Status
@@ -204,7 +209,7 @@ def sweep(
     names = loaded.names
     name = vary or names[0]
     if name not in names:
-        fail(f"--vary {name!r} is not one of the constraints {names}", json_out=json_out, status="invalid")
+        fail(f"--vary {name!r} is not one of the constraints {names}", json_out=json_out, status=Outcome.INVALID)
     j = names.index(name)
     res = _sweep_chunks(loaded, j, grid_values, beta, chunk, show_progress=not json_out)
     status = res["status"]
@@ -220,7 +225,7 @@ def sweep(
         rows.append(
             {
                 "margin": float(b),
-                "status": Status(int(status[i])).name.lower(),
+                "status": Status(int(status[i])).label,
                 "lambda": {n: (num(lam[i, k]) if ok[i] else None) for k, n in enumerate(names)},
                 "predicted_gain": {n: (num(gains[i, k]) if ok[i] else None) for k, n in enumerate(names)},
                 "reward_gain": num(res["reward_gain"][i]) if ok[i] else None,
@@ -235,8 +240,8 @@ def sweep(
         except CanError as err:
             plot_error = one_line(err)
     if json_out:
-        payload = {"status": "ok", "message": f"{int(ok.sum())} of {len(rows)} points converged", "vary": name,
-                   "beta": beta, "points": rows}  # fmt: skip
+        payload = {"status": Outcome.OK.value, "message": f"{int(ok.sum())} of {len(rows)} points converged",
+                   "vary": name, "beta": beta, "points": rows}  # fmt: skip
         if plot_error:
             payload["output_error"] = plot_error
         echo_json(payload)

@@ -10,10 +10,22 @@ import typer
 from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, console, fail, is_main_process
 from train.cli.collect import DtypeOpt
 from train.cli.launch import launch_if_asked
-from train.cli.options import ChatTemplateOpt, ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
+from train.cli.options import (
+    FROM_CONFIG,
+    SCORER_OPTIONS,
+    ChatTemplateOpt,
+    ScorerBatchOpt,
+    ScorerDtypeOpt,
+    ScorerMaxLengthOpt,
+    ScorerTemplateOpt,
+    defaults_from,
+)
+from train.evaluate import EvaluateConfig
+from train.scorers import ScorerOptions
 
 
 @app.command("evaluate")
+@defaults_from(EvaluateConfig, rename={"scorer": "scorers", **SCORER_OPTIONS})
 def evaluate_cmd(
     aligned: Annotated[str, typer.Argument(help="Aligned policy directory (e.g. RUN/policy from `can train`).")],
     certificate_or_prompts: Annotated[
@@ -30,17 +42,18 @@ def evaluate_cmd(
     scorer: Annotated[
         Optional[list[str]], typer.Option("--scorer", "-s", help="NAME=SPEC, as for `can collect` (required).")
     ] = None,
-    reference: Annotated[str, typer.Option(help="Reference policy: a directory or 'smollm2'.")] = "smollm2",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for evaluation.md/.json/.png.")] = Path("can-eval"),
-    k: Annotated[int, typer.Option("--k", help="Samples per prompt and policy.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 1,
-    chat_template: ChatTemplateOpt = True,
-    scorer_template: ScorerTemplateOpt = "auto",
-    scorer_dtype: ScorerDtypeOpt = "fp32",
-    scorer_max_length: ScorerMaxLengthOpt = None,
-    scorer_batch_size: ScorerBatchOpt = 16,
-    dtype: DtypeOpt = "fp32",
+    reference: Annotated[str, typer.Option(help="Reference policy: a directory or 'smollm2'.")] = FROM_CONFIG,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for evaluation.md/.json/.png.")] = FROM_CONFIG,
+    k: Annotated[int, typer.Option("--k", help="Samples per prompt and policy.")] = FROM_CONFIG,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = FROM_CONFIG,
+    batch_size: Annotated[int, typer.Option(help="Sequences (prompts × K) per sampling batch.")] = FROM_CONFIG,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = FROM_CONFIG,
+    chat_template: ChatTemplateOpt = FROM_CONFIG,
+    scorer_template: ScorerTemplateOpt = FROM_CONFIG,
+    scorer_dtype: ScorerDtypeOpt = FROM_CONFIG,
+    scorer_max_length: ScorerMaxLengthOpt = FROM_CONFIG,
+    scorer_batch_size: ScorerBatchOpt = FROM_CONFIG,
+    dtype: DtypeOpt = FROM_CONFIG,
     train_scores: Annotated[
         Optional[Path],
         typer.Option(
@@ -61,46 +74,39 @@ def evaluate_cmd(
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
     launch_if_asked(num_processes, accelerate_config)
-    from can_jax.errors import CanError
     from train.evaluate import (
-        EvaluateConfig,
         check_held_out,
         check_policy_folder,
-        check_scorer_options,
         check_scorer_specs,
         check_scorers,
         insample_gains,
         run,
     )
     from train.prompts import check_sampling, read_prompts
-    from train.scorers import parse_scorer, scorer_options
+    from train.scorers import parse_scorer
 
     if not scorer:
         fail("give the scorers: -s NAME=SPEC for the reward and every constraint (as for `can collect`)")
-    try:
-        certificate, prompts = (None, certificate_or_prompts) if prompts is None else (certificate_or_prompts, prompts)
-        check_policy_folder(aligned)
-        cert = policy_certificate(aligned, certificate)
-        check_sampling(k, max_new_tokens, 64, "--k")
-        check_scorer_options(scorer_options(scorer_template, scorer_dtype, scorer_max_length, scorer_batch_size))
-        # Every input is checked before any model is loaded: the scorers against the certificate (the gains of
-        # another scorer under a constraint's name would compare another quantity with its prediction), the prompts
-        # against the training table.
-        check_scorers(cert, [parse_scorer(s)[0] for s in scorer])
-        check_scorer_specs(cert, [parse_scorer(s) for s in scorer])
-        held_out = read_prompts(prompts)
-        if train_scores is not None and not allow_training_prompts:
-            check_held_out(held_out, train_scores)
-        insample = None
-        if train_scores is not None:
-            insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
-        options = scorer_options(scorer_template, scorer_dtype, scorer_max_length, scorer_batch_size)
-        ecfg = EvaluateConfig(aligned=aligned, reference=reference, scorers=tuple(scorer), out=str(out), k=k,
-                              max_new_tokens=max_new_tokens, seed=seed, chat_template=chat_template,
-                              scorer_options=options, dtype=dtype)  # fmt: skip
-        report = run(ecfg, cert, held_out, insample)
-    except CanError as err:
-        fail(str(err))
+    certificate, prompts = (None, certificate_or_prompts) if prompts is None else (certificate_or_prompts, prompts)
+    check_policy_folder(aligned)
+    cert = policy_certificate(aligned, certificate)
+    check_sampling(k, max_new_tokens, batch_size, "--k")
+    ecfg = EvaluateConfig(aligned=aligned, reference=reference, scorers=tuple(scorer), out=str(out), k=k,
+                          max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, chat_template=chat_template,
+                          scorer_options=ScorerOptions(scorer_template, scorer_dtype, scorer_max_length,
+                                                       scorer_batch_size), dtype=dtype)  # fmt: skip
+    # Every input is checked before any model is loaded: the scorers against the certificate (the gains of another
+    # scorer under a constraint's name would compare another quantity with its prediction), the prompts against the
+    # training table.
+    check_scorers(cert, [parse_scorer(s)[0] for s in scorer])
+    check_scorer_specs(cert, [parse_scorer(s) for s in scorer])
+    held_out = read_prompts(prompts)
+    if train_scores is not None and not allow_training_prompts:
+        check_held_out(held_out, train_scores)
+    insample = None
+    if train_scores is not None:
+        insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
+    report = run(ecfg, cert, held_out, insample)
     if is_main_process():
         print_evaluation(report)
         typer.echo(f"report written to {out / 'evaluation.md'}")

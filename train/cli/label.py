@@ -7,11 +7,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from train.cli.app import ScoresArg, app, fail, setup_jax
-from train.cli.options import ScorerBatchOpt, ScorerDtypeOpt, ScorerMaxLengthOpt, ScorerTemplateOpt
+from train.cli.app import ScoresArg, app, setup_jax
+from train.cli.options import (
+    FROM_CONFIG,
+    ScorerBatchOpt,
+    ScorerDtypeOpt,
+    ScorerMaxLengthOpt,
+    ScorerTemplateOpt,
+    defaults_from,
+)
+from train.label import LabelConfig
 
 
 @app.command()
+@defaults_from(LabelConfig)
 def label(
     scores: ScoresArg,
     certificate: Annotated[Path, typer.Argument(help="Certificate JSON written by `can dual --out`.")],
@@ -22,24 +31,26 @@ def label(
             "-o",
             help="Preference dataset to write: .parquet, or a folder (a `datasets` directory with certificate.json).",
         ),
-    ] = Path("preferences.parquet"),
-    mode: Annotated[str, typer.Option(help="bt (sampled Bradley–Terry labels), soft (keep σ(Δs)) or hard.")] = "bt",
+    ] = FROM_CONFIG,
+    mode: Annotated[
+        str, typer.Option(help="bt (sampled Bradley–Terry labels), soft (keep σ(Δs)) or hard.")
+    ] = FROM_CONFIG,
     pairs_per_prompt: Annotated[
         int, typer.Option(help="Distinct random response pairs per prompt (at most K(K−1)/2; never repeated).")
-    ] = 1,
-    seed: Annotated[int, typer.Option(help="Seed for pair choice and bt labels.")] = 0,
-    prompt_col: Annotated[str, typer.Option("--prompt-col", help="Prompt text column.")] = "prompt",
-    response_col: Annotated[str, typer.Option("--response-col", help="Response text column.")] = "response",
+    ] = FROM_CONFIG,
+    seed: Annotated[int, typer.Option(help="Seed for pair choice and bt labels.")] = FROM_CONFIG,
+    prompt_col: Annotated[str, typer.Option("--prompt-col", help="Prompt text column.")] = FROM_CONFIG,
+    response_col: Annotated[str, typer.Option("--response-col", help="Response text column.")] = FROM_CONFIG,
     check_hash: Annotated[
         bool, typer.Option("--check-hash/--no-check-hash", help="Refuse a certificate made for another table.")
-    ] = True,
+    ] = FROM_CONFIG,
     check_solution: Annotated[
         bool,
         typer.Option(
             "--check-solution/--no-check-solution",
             help="Re-evaluate the dual on the table and refuse a λ that is not its solution (an edited certificate).",
         ),
-    ] = True,
+    ] = FROM_CONFIG,
     scorer: Annotated[
         Optional[list[str]],
         typer.Option(
@@ -48,11 +59,11 @@ def label(
             help="Pairs datasets: NAME=SPEC to compute scores the pairs lack (default: "
             "the scorers the certificate records).",
         ),
-    ] = None,  # fmt: skip
-    scorer_template: ScorerTemplateOpt = "auto",
-    scorer_dtype: ScorerDtypeOpt = "fp32",
-    scorer_max_length: ScorerMaxLengthOpt = None,
-    scorer_batch_size: ScorerBatchOpt = 16,
+    ] = FROM_CONFIG,  # fmt: skip
+    scorer_template: ScorerTemplateOpt = FROM_CONFIG,
+    scorer_dtype: ScorerDtypeOpt = FROM_CONFIG,
+    scorer_max_length: ScorerMaxLengthOpt = FROM_CONFIG,
+    scorer_batch_size: ScorerBatchOpt = FROM_CONFIG,
 ):
     """Pseudo-preference pairs from a scores table and its certificate (labels from r + λ*ᵀg), ready for DPO.
 
@@ -64,8 +75,7 @@ def label(
     relabelled from r + λ*ᵀg, with the scores taken from its NAME_0/NAME_1 (or NAME_chosen/NAME_rejected) columns
     or computed by the scorers (the certificate's, or -s NAME=SPEC).
     """
-    from can_jax.errors import CanError
-    from train.label import LabelConfig, run
+    from train.label import run
 
     setup_jax()  # the solution check re-evaluates the dual in float64, as `can dual` solved it
 
@@ -74,10 +84,7 @@ def label(
                       check_hash=check_hash, check_solution=check_solution, scorer=list(scorer or []),
                       scorer_template=scorer_template, scorer_dtype=scorer_dtype, scorer_max_length=scorer_max_length,
                       scorer_batch_size=scorer_batch_size)  # fmt: skip
-    try:
-        prefs, stats = run(cfg)
-    except CanError as err:
-        fail(str(err))
+    prefs, stats = run(cfg)
     if prefs.record.get("source") == "pairs":
         ties = f", {stats.ties_dropped} tied pairs dropped" if stats.ties_dropped else ""
         if stats.identical_dropped:

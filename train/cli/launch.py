@@ -39,7 +39,7 @@ def launch_if_asked(num_processes: int | None, accelerate_config: Path | None) -
     if accelerate_config is None and (num_processes is None or num_processes == 1):
         return
     code = _launch(num_processes, accelerate_config, _command_line())
-    raise typer.Exit(code)
+    raise typer.Exit(int(code))
 
 
 def _command_line() -> list[str]:
@@ -65,6 +65,8 @@ def _launch(num_processes: int | None, accelerate_config: Path | None, argv: lis
     import logging
     import subprocess
 
+    from train.cli.app import ExitCode
+
     try:
         from accelerate.commands.launch import launch_command, launch_command_parser
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -89,7 +91,7 @@ def _launch(num_processes: int | None, accelerate_config: Path | None, argv: lis
     except ChildFailedError as err:
         failures = err.failures
         if not failures:
-            return 1
+            return ExitCode.USER_ERROR
         if 0 not in failures:
             # Only the main process reports errors; when it did not fail, say which one did.
             rank = min(failures)
@@ -102,7 +104,7 @@ def _launch(num_processes: int | None, accelerate_config: Path | None, argv: lis
         fail(f"accelerate refused the launch: {err}")
     finally:
         os.environ.pop(LAUNCHED, None)
-    return 0
+    return ExitCode.OK
 
 
 def _main_exit_code(failures: dict) -> int:
@@ -117,4 +119,6 @@ def _main_exit_code(failures: dict) -> int:
 
 def _exit_code(code: int) -> int:
     """A child's exit status as this process's: a signal's as 128 + its number, as a shell reports it."""
-    return 128 - code if code < 0 else code
+    from train.cli.app import ExitCode
+
+    return ExitCode.SIGNAL - code if code < 0 else code

@@ -1,10 +1,91 @@
-"""Options shared by the language-model stages (collect, evaluate)."""
+"""Options shared by the language-model stages (collect, evaluate), and `defaults_from`: the options whose default
+lives in a stage's config dataclass, so that each default is written once."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import copy
+import dataclasses
+import inspect
+from typing import Annotated, Optional, get_args, get_type_hints
 
 import typer
+
+from train.scorers import ScorerOptions
+
+
+class _FromConfig:
+    def __repr__(self) -> str:
+        return "FROM_CONFIG"
+
+
+# The default of an option whose value is a config field's default (filled in by `defaults_from`).
+FROM_CONFIG = _FromConfig()
+
+
+def field_default(f: dataclasses.Field):
+    """A dataclass field's default (`dataclasses.MISSING` for a required field)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def config_field(configs, rename: dict, name: str) -> dataclasses.Field | None:
+    """The config field a command's parameter `name` stands for: `rename[name]` (a field name, or (config, field
+    name), or None: no field) or `name` itself, in the first of `configs` that has it; None if none has."""
+    target = rename.get(name, name)
+    if target is None:  # a parameter of the command's own that shares a field's name
+        return None
+    if isinstance(target, tuple):
+        configs, target = (target[0],), target[1]
+    for cfg in configs:
+        fields = {f.name: f for f in dataclasses.fields(cfg)}
+        if target in fields:
+            return fields[target]
+    return None
+
+
+def defaults_from(*configs, rename: dict | None = None):
+    """Decorator of a command: each parameter whose default is `FROM_CONFIG` takes the default of its config field
+    (`config_field`) and the field's `help` metadata where its option has no help of its own. Registers (configs,
+    rename, the parameters it filled) on the command for the test that holds every command's options against its
+    configs."""
+    rename = rename or {}
+
+    def field_of(name: str) -> dataclasses.Field:
+        f = config_field(configs, rename, name)
+        if f is None:
+            raise TypeError(f"option {name!r}: no field {rename.get(name, name)!r} in {[c.__name__ for c in configs]}")
+        return f
+
+    def wrap(fn):
+        sig = inspect.signature(fn)
+        hints = get_type_hints(fn, include_extras=True)
+        params, filled = [], set()
+        for p in sig.parameters.values():
+            # typer reads the signature as given: its annotations evaluated (they are strings in a module with
+            # postponed evaluation).
+            p = p.replace(annotation=hints.get(p.name, p.annotation))
+            if p.default is FROM_CONFIG:
+                f = field_of(p.name)
+                filled.add(p.name)
+                default = field_default(f)
+                if default is dataclasses.MISSING:
+                    raise TypeError(f"option {p.name!r}: field {f.name!r} has no default")
+                # A repeatable option's "none given" is typer's None.
+                p = p.replace(default=None if default == [] else default)
+                help_text = f.metadata.get("help")
+                base, *infos = get_args(hints[p.name]) or (hints[p.name],)
+                if help_text and infos and infos[0].help is None:
+                    info = copy.copy(infos[0])  # an alias's option is shared by other commands
+                    info.help = help_text
+                    p = p.replace(annotation=Annotated[base, info])
+                    fn.__annotations__[p.name] = p.annotation
+            params.append(p)
+        fn.__signature__ = sig.replace(parameters=params)
+        fn.can_configs = (configs, rename, filled)
+        return fn
+
+    return wrap
 
 ChatTemplateOpt = Annotated[
     bool,
@@ -14,19 +95,13 @@ ChatTemplateOpt = Annotated[
         "once, as token ids). Conversational prompts (.jsonl, TRL's format) always use it.",
     ),
 ]
-ScorerTemplateOpt = Annotated[
-    str,
-    typer.Option(
-        help="How score models read (prompt, response): auto (Safe-RLHF's conversation format for Safe-RLHF "
-        "models, else the scorer's chat template if it has one), safe-rlhf, chat, or a format with {prompt} and "
-        "{response}.",
-    ),
-]
-ScorerDtypeOpt = Annotated[str, typer.Option(help="Score-model dtype: fp32, bf16 or fp16.")]
-ScorerMaxLengthOpt = Annotated[
-    Optional[int], typer.Option(help="Score-model token limit; longer texts keep their end (the response's end).")
-]
-ScorerBatchOpt = Annotated[int, typer.Option(help="Texts per score-model batch.")]
+# The score models' options (`train.scorers.ScorerOptions` holds their defaults and help).
+ScorerTemplateOpt = Annotated[str, typer.Option()]
+ScorerDtypeOpt = Annotated[str, typer.Option()]
+ScorerMaxLengthOpt = Annotated[Optional[int], typer.Option()]
+ScorerBatchOpt = Annotated[int, typer.Option()]
+# Where a config holds them as one `ScorerOptions` (evaluate, refine).
+SCORER_OPTIONS = {f"scorer_{name}": (ScorerOptions, name) for name in ("template", "dtype", "max_length", "batch_size")}
 
 # The correction round's step and start (`can refine`, `can demo --refine`).
 StepOpt = Annotated[

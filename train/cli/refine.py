@@ -7,10 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from train.chain import RefineConfig
 from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process, setup_jax
 from train.cli.collect import DtypeOpt
 from train.cli.launch import launch_if_asked
 from train.cli.options import (
+    FROM_CONFIG,
+    SCORER_OPTIONS,
     ChatTemplateOpt,
     EtaOpt,
     ScorerBatchOpt,
@@ -20,11 +23,16 @@ from train.cli.options import (
     SecantOpt,
     StartOpt,
     StepOpt,
+    defaults_from,
 )
-from train.cli.train import BatchOpt, EpochsOpt, LrOpt, MaxLengthOpt
+from train.cli.train import BatchOpt, EpochsOpt, LoraOpt, LrOpt, MaxLengthOpt, PrecisionOpt, TrainTopOpt
+from train.scorers import ScorerOptions
+from train.settings import DPOSettings
 
 
 @app.command("refine")
+@defaults_from(RefineConfig, DPOSettings,
+               rename={"scorer": "scorers", "dpo_seed": (DPOSettings, "seed"), **SCORER_OPTIONS})  # fmt: skip
 def refine_cmd(
     policy: Annotated[str, typer.Argument(help="Round 0's aligned policy (RUN/policy from `can train`).")],
     scores: Annotated[
@@ -41,53 +49,56 @@ def refine_cmd(
     scorer: Annotated[
         Optional[list[str]], typer.Option("--scorer", "-s", help="NAME=SPEC, as for `can collect` (required).")
     ] = None,
-    reference: Annotated[str, typer.Option(help="Reference policy π_ref: a directory or 'smollm2'.")] = "smollm2",
+    reference: Annotated[str, typer.Option(help="Reference policy π_ref: a directory or 'smollm2'.")] = FROM_CONFIG,
     certificate: Annotated[
         Optional[Path], typer.Option(help="Round 0's certificate [default: the one the policy folder carries].")
-    ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the rounds (round-N/, rounds.md).")] = Path(
-        "can-refine"
-    ),
-    rounds: Annotated[int, typer.Option(help="Correction rounds at most (a rerun with more continues).")] = 2,
-    step: StepOpt = "newton",
-    eta: EtaOpt = 1.0,
-    secant: SecantOpt = True,
-    start: StartOpt = None,
+    ] = FROM_CONFIG,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the rounds (round-N/, rounds.md).")] = FROM_CONFIG,
+    rounds: Annotated[int, typer.Option(help="Correction rounds at most (a rerun with more continues).")] = FROM_CONFIG,
+    step: StepOpt = FROM_CONFIG,
+    eta: EtaOpt = FROM_CONFIG,
+    secant: SecantOpt = FROM_CONFIG,
+    start: StartOpt = FROM_CONFIG,
     test_prompts: Annotated[
         Optional[Path],
         typer.Option(help="Held-out prompts measured every round for the table (never used to steer or stop)."),
-    ] = None,
-    k: Annotated[int, typer.Option("--k", help="Samples per calibration (and test) prompt and policy.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = 48,
-    seed: Annotated[int, typer.Option(help="Sampling seed of the calibration measurements.")] = 1,
-    floor: Annotated[float, typer.Option(help="The stopping rule's smallest tolerance around a margin.")] = 0.02,
+    ] = FROM_CONFIG,
+    k: Annotated[int, typer.Option("--k", help="Samples per calibration prompt and policy.")] = FROM_CONFIG,
+    test_k: Annotated[
+        Optional[int], typer.Option("--test-k", help="Samples per test prompt and policy [default: as --k].")
+    ] = FROM_CONFIG,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit of each response.")] = FROM_CONFIG,
+    gen_batch_size: Annotated[int, typer.Option(help="Sequences (prompts × K) per sampling batch.")] = FROM_CONFIG,
+    seed: Annotated[int, typer.Option(help="Sampling seed of the calibration measurements.")] = FROM_CONFIG,
+    test_seed: Annotated[int, typer.Option(help="Sampling seed of the test measurements.")] = FROM_CONFIG,
+    floor: Annotated[float, typer.Option(help="The stopping rule's smallest tolerance around a margin.")] = FROM_CONFIG,
     level: Annotated[
         float, typer.Option(help="Joint confidence level of the m intervals the rule judges with.")
-    ] = 0.95,
-    mode: Annotated[str, typer.Option(help="Label mode of the relabelled samples, as `can label`.")] = "bt",
-    pairs_per_prompt: Annotated[int, typer.Option(help="Pairs per prompt, as `can label`.")] = 1,
-    label_seed: Annotated[int, typer.Option(help="Seed for pair choice and bt labels.")] = 0,
-    epochs: EpochsOpt = None,
-    lr: LrOpt = None,
-    batch_size: BatchOpt = None,
-    max_length: MaxLengthOpt = None,
-    train_top: Annotated[Optional[int], typer.Option(help="Train only the top N transformer blocks.")] = None,
-    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (peft) instead of all weights.")] = False,
-    precision: Annotated[str, typer.Option(help="DPO precision: auto, bf16 or fp32.")] = "auto",
-    dpo_seed: Annotated[Optional[int], typer.Option(help="DPO seed [default: 0].")] = None,
-    chat_template: ChatTemplateOpt = True,
-    scorer_template: ScorerTemplateOpt = "auto",
-    scorer_dtype: ScorerDtypeOpt = "fp32",
-    scorer_max_length: ScorerMaxLengthOpt = None,
-    scorer_batch_size: ScorerBatchOpt = 16,
-    dtype: DtypeOpt = "fp32",
+    ] = FROM_CONFIG,
+    mode: Annotated[str, typer.Option(help="Label mode of the relabelled samples, as `can label`.")] = FROM_CONFIG,
+    pairs_per_prompt: Annotated[int, typer.Option(help="Pairs per prompt, as `can label`.")] = FROM_CONFIG,
+    label_seed: Annotated[int, typer.Option(help="Seed for pair choice and bt labels.")] = FROM_CONFIG,
+    epochs: EpochsOpt = FROM_CONFIG,
+    lr: LrOpt = FROM_CONFIG,
+    batch_size: BatchOpt = FROM_CONFIG,
+    max_length: MaxLengthOpt = FROM_CONFIG,
+    train_top: TrainTopOpt = FROM_CONFIG,
+    lora: LoraOpt = FROM_CONFIG,
+    precision: PrecisionOpt = FROM_CONFIG,
+    dpo_seed: Annotated[Optional[int], typer.Option()] = FROM_CONFIG,
+    chat_template: ChatTemplateOpt = FROM_CONFIG,
+    scorer_template: ScorerTemplateOpt = FROM_CONFIG,
+    scorer_dtype: ScorerDtypeOpt = FROM_CONFIG,
+    scorer_max_length: ScorerMaxLengthOpt = FROM_CONFIG,
+    scorer_batch_size: ScorerBatchOpt = FROM_CONFIG,
+    dtype: DtypeOpt = FROM_CONFIG,
     insample: Annotated[
         bool,
         typer.Option(
             "--insample/--no-insample",
             help="Also each round's gains on the training samples (reweighted by π/π_ref: a log-prob pass).",
         ),
-    ] = True,
+    ] = FROM_CONFIG,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
@@ -105,31 +116,22 @@ def refine_cmd(
     if not scorer:
         fail("give the scorers: -s NAME=SPEC for the reward and every constraint (as for `can collect`)")
     setup_jax()
-    from can_jax.errors import CanError
-    from train.chain import RefineConfig
-    from train.prompts import check_sampling, read_prompts
+    from train.prompts import read_prompts
     from train.refine import refine
-    from train.scorers import scorer_options
 
-    dpo = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length, "train_top": train_top,
-           "lora": lora, "precision": precision, "seed": dpo_seed}  # fmt: skip
-    try:
-        check_sampling(k, max_new_tokens, 64, "--k")
-        cfg = RefineConfig(policy=policy, scores=str(scores), prompts=read_prompts(prompts), scorers=list(scorer),
-                           out=str(out), reference=reference, certificate=None if certificate is None else
-                           str(certificate), rounds=rounds, step=step, eta=eta, secant=secant, start=start,
-                           floor=floor,
-                           level=level, k=k, max_new_tokens=max_new_tokens, seed=seed,
-                           test_prompts=None if test_prompts is None else read_prompts(test_prompts), test_k=k,
-                           mode=mode, pairs_per_prompt=pairs_per_prompt, label_seed=label_seed,
-                           dpo={key: v for key, v in dpo.items() if v is not None and v is not False},
-                           chat_template=chat_template, dtype=dtype, insample=insample,
-                           scorer_options=scorer_options(scorer_template, scorer_dtype, scorer_max_length,
-                                                         scorer_batch_size))  # fmt: skip
-        say = typer.echo if is_main_process() else (lambda *_: None)
-        report = refine(cfg, say=say)
-    except CanError as err:
-        fail(str(err))
+    dpo = DPOSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, lora=lora,
+                      train_top=train_top, precision=precision, seed=dpo_seed)  # fmt: skip
+    cfg = RefineConfig(policy=policy, scores=str(scores), prompts=read_prompts(prompts), scorers=list(scorer),
+                       out=str(out), reference=reference, certificate=None if certificate is None else str(certificate),
+                       rounds=rounds, step=step, eta=eta, secant=secant, start=start, floor=floor, level=level, k=k,
+                       max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, seed=seed,
+                       test_prompts=None if test_prompts is None else read_prompts(test_prompts), test_k=test_k,
+                       test_seed=test_seed, mode=mode, pairs_per_prompt=pairs_per_prompt, label_seed=label_seed,
+                       dpo=dpo, chat_template=chat_template, dtype=dtype, insample=insample,
+                       scorer_options=ScorerOptions(scorer_template, scorer_dtype, scorer_max_length,
+                                                    scorer_batch_size))  # fmt: skip
+    say = typer.echo if is_main_process() else (lambda *_: None)
+    report = refine(cfg, say=say)
     if is_main_process():
         verdict = "on target" if report.stopped else f"not on target after {len(report.rounds) - 1} round(s)"
         typer.echo(f"{verdict}; the rounds table is in {out / 'rounds.md'}")

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from bridge.dual import DualConfig
+from can_jax.errors import Outcome
 from train.cli.app import (
     AtLeastOpt,
     BetaOpt,
@@ -30,6 +32,7 @@ from train.cli.app import (
     load_or_fail,
     setup_jax,
 )
+from train.cli.options import FROM_CONFIG, defaults_from
 
 
 def print_bias(block: dict):
@@ -124,15 +127,16 @@ def verdict(rows: list[dict], names: list[str]) -> tuple[bool, str]:
 
 
 @app.command()
+@defaults_from(DualConfig)
 def stability(
     scores: ScoresArg,
     reward: RewardOpt,
     beta: BetaOpt,
-    constraint: ConstraintOpt = None,
-    cost: CostOpt = None,
-    prompt_id: PromptIdOpt = "prompt_id",
-    float32: Float32Opt = False,
-    drop_bad_rows: DropOpt = False,
+    constraint: ConstraintOpt = FROM_CONFIG,
+    cost: CostOpt = FROM_CONFIG,
+    prompt_id: PromptIdOpt = FROM_CONFIG,
+    float32: Float32Opt = FROM_CONFIG,
+    drop_bad_rows: DropOpt = FROM_CONFIG,
     plot: Annotated[Path, typer.Option(help="Where to write the plot (PNG).")] = Path("stability.png"),
     no_plot: Annotated[bool, typer.Option("--no-plot", help="Do not write a plot.")] = False,
     fractions: Annotated[
@@ -140,8 +144,8 @@ def stability(
     ] = "0.25,0.5,1",
     seed: Annotated[int, typer.Option(help="Seed of the subsampling.")] = 0,
     json_out: JsonOpt = False,
-    cost_at_most: CostAtMostOpt = None,
-    at_least: AtLeastOpt = None,
+    cost_at_most: CostAtMostOpt = FROM_CONFIG,
+    at_least: AtLeastOpt = FROM_CONFIG,
 ):
     """Is K enough? λ* and the predicted outcome as prompts and responses per prompt are subsampled, plain and
     jackknife-corrected (DESIGN §5c), with a plot and a verdict.
@@ -153,9 +157,11 @@ def stability(
     try:
         fracs = sorted({float(f) for f in fractions.split(",")})
     except ValueError:
-        fail(f"--fractions {fractions!r}: use comma-separated numbers in (0, 1]", json_out=json_out, status="invalid")
+        fail(f"--fractions {fractions!r}: use comma-separated numbers in (0, 1]", json_out=json_out,
+             status=Outcome.INVALID)
     if not fracs or not all(0 < f <= 1 for f in fracs):
-        fail(f"--fractions {fractions!r}: every fraction must be in (0, 1]", json_out=json_out, status="invalid")
+        fail(f"--fractions {fractions!r}: every fraction must be in (0, 1]", json_out=json_out,
+             status=Outcome.INVALID)
     setup_jax()
     import jax.numpy as jnp
     import numpy as np
@@ -177,12 +183,12 @@ def stability(
     n_prompts = int(np.asarray(sc.mask).any(axis=1).sum())
     if n_prompts < 2:
         fail(f"{n_prompts} prompt in {scores}: stability needs at least 2 prompts (its standard errors are over "
-             "prompts)", json_out=json_out, status="bad_input")  # fmt: skip
+             "prompts)", json_out=json_out, status=Outcome.BAD_INPUT)  # fmt: skip
     rows = []
     for k, f, mask, weight in subsample_masks(np.asarray(sc.mask), ks, fracs, seed):
         sub = sc._replace(mask=jnp.asarray(mask), weight=jnp.asarray(weight, sc.reward.dtype) * sc.weight)
         res = solve_dual_jit(sub, margins, beta)
-        row = {"k": k, "fraction": f, "status": Status(int(res.status)).name.lower()}
+        row = {"k": k, "fraction": f, "status": Status(int(res.status)).label}
         real = (weight > 0) & mask.any(axis=1)
         row["prompts"] = int(real.sum())
         row["k_mean"] = float(mask.sum(axis=1)[real].mean()) if real.any() else 0.0

@@ -9,6 +9,8 @@ import typer
 
 from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, fail, is_main_process
 from train.cli.launch import launch_if_asked
+from train.cli.options import FROM_CONFIG, defaults_from
+from train.settings import DPOSettings, TrainConfig
 
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
 TemplateOpt = Annotated[
@@ -20,16 +22,15 @@ TemplateOpt = Annotated[
         "`can label` on a collected table) are trained on those ids.",
     ),
 ]
-# The DPO options both commands take; unset ones come from --config, `--name value` or the defaults.
-EpochsOpt = Annotated[Optional[float], typer.Option(help="Epochs over the pairs [default: 1].")]
-LrOpt = Annotated[
-    Optional[float],
-    typer.Option(help="Learning rate [default: 5e-6; 5e-5 with --lora, whose adapter needs a larger step]."),
-]
-BatchOpt = Annotated[Optional[int], typer.Option(help="Pairs per device step [default: 8].")]
-MaxLengthOpt = Annotated[
-    Optional[int], typer.Option(help="Token limit of prompt + response (TRL truncation) [default: 512].")
-]
+# The DPO options both commands take (`train.dpo_config.DPOSettings` holds their defaults and help); unset ones come
+# from --config, `--name value` or the defaults.
+EpochsOpt = Annotated[Optional[float], typer.Option()]
+LrOpt = Annotated[Optional[float], typer.Option()]
+BatchOpt = Annotated[Optional[int], typer.Option()]
+MaxLengthOpt = Annotated[Optional[int], typer.Option()]
+LoraOpt = Annotated[bool, typer.Option("--lora")]
+TrainTopOpt = Annotated[Optional[int], typer.Option()]
+PrecisionOpt = Annotated[str, typer.Option()]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -42,34 +43,26 @@ ConfigOpt = Annotated[
 
 
 @app.command("train", context_settings=EXTRA)
+@defaults_from(TrainConfig, DPOSettings, rename={"config": "config_file"})
 def train_cmd(
     ctx: typer.Context,
     preferences: Annotated[Path, typer.Argument(help="Preference dataset written by `can label`.")],
-    policy: Annotated[str, typer.Option(help="Policy to align: a Transformers directory, or 'smollm2'.")] = "smollm2",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints/, policy/).")] = Path("can-run"),
-    epochs: EpochsOpt = None,
-    lr: LrOpt = None,
-    batch_size: BatchOpt = None,
-    max_length: MaxLengthOpt = None,
-    config: ConfigOpt = None,
-    chat_template: TemplateOpt = None,
-    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (peft) instead of all weights.")] = False,
-    train_top: Annotated[
-        Optional[int], typer.Option(help="Train only the top N transformer blocks (faster on CPU; not with --lora).")
-    ] = None,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 autocast where the GPU or CPU has native bf16), bf16 or fp32.")
-    ] = "auto",
-    resume: Annotated[
-        bool,
-        typer.Option("--resume", help="Continue from the last checkpoint in OUT (same preferences, policy, settings)."),
-    ] = False,
-    overwrite: OverwriteOpt = False,
-    beta: Annotated[
-        Optional[float], typer.Option(help="Override β (must equal the certificate's unless --allow-beta-mismatch).")
-    ] = None,
+    policy: Annotated[str, typer.Option()] = FROM_CONFIG,
+    out: Annotated[Path, typer.Option("--out", "-o")] = FROM_CONFIG,
+    epochs: EpochsOpt = FROM_CONFIG,
+    lr: LrOpt = FROM_CONFIG,
+    batch_size: BatchOpt = FROM_CONFIG,
+    max_length: MaxLengthOpt = FROM_CONFIG,
+    config: ConfigOpt = FROM_CONFIG,
+    chat_template: TemplateOpt = FROM_CONFIG,
+    lora: LoraOpt = FROM_CONFIG,
+    train_top: TrainTopOpt = FROM_CONFIG,
+    precision: PrecisionOpt = FROM_CONFIG,
+    resume: Annotated[bool, typer.Option("--resume")] = FROM_CONFIG,
+    overwrite: OverwriteOpt = FROM_CONFIG,
+    beta: Annotated[Optional[float], typer.Option()] = FROM_CONFIG,
     allow_beta_mismatch: Annotated[bool, typer.Option("--allow-beta-mismatch")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed [default: 0, or the DPO config's].")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = FROM_CONFIG,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
@@ -85,47 +78,48 @@ def train_cmd(
     the certificate's) are refused with the reason.
     """
     launch_if_asked(num_processes, accelerate_config)
-    from can_jax.errors import CanError
+    from train.dpo import load_preferences, run
 
+    dpo = DPOSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, lora=lora,
+                      train_top=train_top, precision=precision, seed=seed)  # fmt: skip
+    if beta is not None and allow_beta_mismatch:
+        _, prefs = load_preferences(preferences, beta)
+        typer.echo(f"warning: β = {beta} instead of the certificate's {prefs.beta}", err=True)
     try:
-        from train.dpo import TrainConfig, load_preferences, run
-
-        if beta is not None and allow_beta_mismatch:
-            _, prefs = load_preferences(preferences, beta)
-            typer.echo(f"warning: β = {beta} instead of the certificate's {prefs.beta}", err=True)
         final = run(TrainConfig(
-            preferences=str(preferences), policy=policy, out=str(out), beta=None if allow_beta_mismatch else beta,
-            epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, lora=lora, train_top=train_top,
-            precision=precision, resume=resume, seed=seed, config_file=None if config is None else str(config),
-            extra_args=list(ctx.args), chat_template=chat_template, overwrite=overwrite,
-            beta_override=beta if allow_beta_mismatch else None,
+            preferences=str(preferences), policy=policy, out=str(out), dpo=dpo,
+            beta=None if allow_beta_mismatch else beta, beta_override=beta if allow_beta_mismatch else None,
+            chat_template=chat_template, resume=resume, config_file=None if config is None else str(config),
+            extra_args=list(ctx.args), overwrite=overwrite,
         ))  # fmt: skip
-    except (CanError, FileNotFoundError) as err:
+    except FileNotFoundError as err:  # a file a config or model names (the command's own inputs are checked)
         fail(str(err))
     if is_main_process():
         typer.echo(f"aligned policy written to {final}")
 
 
 @app.command(context_settings=EXTRA)
+@defaults_from(TrainConfig, DPOSettings, rename={"config": "config_file"})
 def prealign(
     ctx: typer.Context,
     preferences: Annotated[
         Path, typer.Argument(help="Preference pairs: prompt, chosen, rejected (.parquet, .jsonl or .csv).")
     ],
     beta: Annotated[float, typer.Option("--beta", "-b", help="DPO KL weight β of this pre-alignment (recorded).")],
-    policy: Annotated[str, typer.Option(help="Reference policy π_ref: a directory, or 'smollm2'.")] = "smollm2",
+    policy: Annotated[str, typer.Option(help="Reference policy π_ref: a directory, or 'smollm2'.")] = FROM_CONFIG,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (checkpoints/, policy/).")] = Path("prealigned"),
-    epochs: EpochsOpt = None,
-    lr: LrOpt = None,
-    batch_size: BatchOpt = None,
-    max_length: MaxLengthOpt = None,
-    config: ConfigOpt = None,
-    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (merged on save).")] = False,
-    train_top: Annotated[Optional[int], typer.Option(help="Train only the top N transformer blocks.")] = None,
-    chat_template: TemplateOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = False,
-    overwrite: OverwriteOpt = False,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    epochs: EpochsOpt = FROM_CONFIG,
+    lr: LrOpt = FROM_CONFIG,
+    batch_size: BatchOpt = FROM_CONFIG,
+    max_length: MaxLengthOpt = FROM_CONFIG,
+    config: ConfigOpt = FROM_CONFIG,
+    lora: Annotated[bool, typer.Option("--lora", help="Train a LoRA adapter (merged on save).")] = FROM_CONFIG,
+    train_top: TrainTopOpt = FROM_CONFIG,
+    precision: PrecisionOpt = FROM_CONFIG,
+    chat_template: TemplateOpt = FROM_CONFIG,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in OUT.")] = FROM_CONFIG,
+    overwrite: OverwriteOpt = FROM_CONFIG,
+    seed: Annotated[Optional[int], typer.Option()] = FROM_CONFIG,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
@@ -135,19 +129,17 @@ def prealign(
     options: --config FILE and/or `--name value` after the options, as for `can train` (β is this command's).
     """
     launch_if_asked(num_processes, accelerate_config)
-    from can_jax.errors import CanError
+    from train.dpo import prealign as run
 
+    dpo = DPOSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, lora=lora,
+                      train_top=train_top, precision=precision, seed=seed)  # fmt: skip
     try:
-        from train.dpo import TrainConfig
-        from train.dpo import prealign as run
-
         final = run(TrainConfig(
-            preferences=str(preferences), policy=policy, out=str(out), beta_override=beta, epochs=epochs, lr=lr,
-            batch_size=batch_size, max_length=max_length, lora=lora, train_top=train_top, chat_template=chat_template,
-            resume=resume, seed=seed, config_file=None if config is None else str(config), extra_args=list(ctx.args),
-            overwrite=overwrite,
+            preferences=str(preferences), policy=policy, out=str(out), dpo=dpo, beta_override=beta,
+            chat_template=chat_template, resume=resume, config_file=None if config is None else str(config),
+            extra_args=list(ctx.args), overwrite=overwrite,
         ))  # fmt: skip
-    except (CanError, FileNotFoundError) as err:
+    except FileNotFoundError as err:
         fail(str(err))
     if is_main_process():
         typer.echo(f"pre-aligned policy (β = {beta:g}) written to {final}")

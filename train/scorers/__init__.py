@@ -49,6 +49,7 @@ __all__ = [
     "ClassifierScore",
     "ModelScore",
     "Scorer",
+    "ScorerOptions",
     "as_messages",
     "harmlessness",
     "helpfulness",
@@ -58,6 +59,7 @@ __all__ = [
     "politeness",
     "render_prompt",
     "render_safe_rlhf",
+    "scorer_field",
     "scorer_options",
 ]
 
@@ -184,10 +186,41 @@ def _user_module(module: str):
     return mod
 
 
+@dataclass(frozen=True)
+class ScorerOptions:
+    """How score models are run (built-in and Python scorers ignore them); checked here, once."""
+
+    template: str = field(default="auto", metadata={
+        "help": "How score models read (prompt, response): auto (Safe-RLHF's conversation format for Safe-RLHF "
+        "models, else the scorer's chat template if it has one), safe-rlhf, chat, or a format with {prompt} and "
+        "{response}."})  # fmt: skip
+    dtype: str = field(default="fp32", metadata={"help": "Score-model dtype: fp32, bf16 or fp16."})
+    max_length: int | None = field(default=None, metadata={
+        "help": "Score-model token limit; longer texts keep their end (the response's end)."})  # fmt: skip
+    batch_size: int = field(default=16, metadata={"help": "Texts per score-model batch."})
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise CanError(f"--scorer-batch-size must be at least 1, got {self.batch_size}")
+        if self.max_length is not None and self.max_length < 1:
+            raise CanError(f"--scorer-max-length must be at least 1, got {self.max_length}")
+
+    def kwargs(self) -> dict:
+        """`make_scorer`'s keyword options (the template left out when "auto": then the scorer's own rule, or the
+        template a certificate recorded, applies)."""
+        return scorer_options(self.template, self.dtype, self.max_length, self.batch_size)
+
+
+def scorer_field(name: str):
+    """A config's flat `scorer_NAME` field with `ScorerOptions`' default and help (collect and label record theirs
+    flat)."""
+    f = ScorerOptions.__dataclass_fields__[name]
+    return field(default=f.default, metadata=f.metadata)
+
+
 def scorer_options(template: str = "auto", dtype: str = "fp32", max_length: int | None = None,
                    batch_size: int = 16) -> dict:  # fmt: skip
-    """`make_scorer`'s keyword options from the CLI's --scorer-template/-dtype/-max-length/-batch-size (the template
-    left out when "auto": then the scorer's own rule, or the template a certificate recorded, applies)."""
+    """`make_scorer`'s keyword options from --scorer-template/-dtype/-max-length/-batch-size."""
     opts = {"dtype": dtype, "max_length": max_length, "batch_size": batch_size}
     if template != "auto":
         opts["template"] = template
