@@ -1,4 +1,4 @@
-"""What makes the demo's DPO carry the certificate's gains to fresh prompts (issue 20).
+"""What makes the demo's DPO carry the certificate's gains to fresh prompts.
 
 Runs configurations of the embedded chain (SmolLM2-135M-Instruct, lexical scorers, CPU) and writes one row each to
 benchmarks/results/demo_study/{selection,test}.{md,json}: predicted gains, gains on the training samples, held-out
@@ -29,13 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bridge.reports import EvaluationReport, GainRow  # noqa: E402
 
-# The demo's settings before issue 20; each configuration changes some of them. "n_train": that many templated
+# The demo's settings before the study; each configuration changes some of them. "n_train": that many templated
 # training prompts (train.demo_prompts) instead of the 32 fixed ones. "demo" is `can demo`'s default as it is now.
 BASE = {"n_train": None, "k": 8, "max_new_tokens": 40, "mode": "soft", "pairs_per_prompt": 8, "epochs": 3.0,
         "lr": 1e-4, "lora": False, "train_top": 8, "margin_frac": 0.5}  # fmt: skip
 P128 = {"n_train": 128, "pairs_per_prompt": 2}
 CONFIGS = {
-    "baseline": ("the demo before issue 20: 32 fixed prompts, 8 pairs each, 3 epochs", {}),
+    "baseline": ("the demo before the study: 32 fixed prompts, 8 pairs each, 3 epochs", {}),
     "prompts128": ("128 templated prompts, 2 pairs each (same 768 pair-epochs)", P128),
     "prompts128-1ep": ("128 prompts, 6 pairs each, 1 epoch (768 pair-epochs, no pair seen twice)",
                        {**P128, "pairs_per_prompt": 6, "epochs": 1.0}),

@@ -1,4 +1,4 @@
-"""Benchmark of the dual solve (issue #2): our projected Newton vs scipy L-BFGS-B, CVXPY+Clarabel and PyTorch
+"""Benchmark of the dual solve: our projected Newton vs scipy L-BFGS-B, CVXPY+Clarabel and PyTorch
 L-BFGS on the same synthetic problems, in one process; the fused pass against the memory-read roofline; and
 `can dual` end to end.
 

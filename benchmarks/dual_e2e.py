@@ -1,4 +1,4 @@
-"""`can dual` end to end against the scipy script a user would write instead (issue 22), whole processes.
+"""`can dual` end to end against the scipy script a user would write instead, whole processes.
 
     python benchmarks/dual_e2e.py                  # N = 100,000 × K = 64 × m = 4, the issue's table
     python benchmarks/dual_e2e.py --n 20000        # smaller

@@ -1,4 +1,4 @@
-"""Issue 22's in-process dual benchmarks: solve and finite-K bias against scipy L-BFGS-B, passes against the
+"""In-process dual benchmarks: solve and finite-K bias against scipy L-BFGS-B, passes against the
 memory-read roofline, a scaling table in N, and many small problems vmapped against a scipy loop.
 
     python benchmarks/dual_scale_bench.py                       # everything (about 15 min on 2 cores)
@@ -187,7 +187,7 @@ def batch(problems=1000, n=1000, k=16, scipy_problems=100, reps=3):
 
 
 def targets(payload: dict) -> list[str]:
-    """Issue 22's in-process targets against this run's numbers: met or by how much not, and the measured reason."""
+    """The in-process targets against this run's numbers: met or by how much not, and the measured reason."""
     if not {"inproc", "roofline", "batch"} <= payload.keys():
         return []
     r, p, b = payload["inproc"], payload["roofline"], payload["batch"]
@@ -210,7 +210,7 @@ def targets(payload: dict) -> list[str]:
     solve_v = verdict(solve_ms <= 150, f"{solve_ms / 150:.1f}× over")
     bias_v = verdict(bias_ms <= solve_ms, f"{bias_ms - solve_ms:.0f} ms over")
     batch_v = verdict(b["speedup"] >= 50, f"{50 / b['speedup']:.0f}× short")
-    lines = ["## Issue 22's targets against this run", "",
+    lines = ["## The targets against this run", "",
              "| target | measured | verdict | why (measured above) |", "|---|---|---|---|",
              f"| compiled solve ≤ 150 ms | {solve_ms:.0f} ms | {solve_v} | {n} passes: the first (with units and "
              f"reach) {first:.0f} ms + {n - 1} × {step:.0f} ms, and {other:.0f} ms not in those passes (the predicted "
@@ -231,7 +231,7 @@ def targets(payload: dict) -> list[str]:
 def write(out_dir: Path, tag: str, payload: dict):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"dual_scale_{tag}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    lines = [f"# Dual at scale (issue 22) — {tag}", "", f"Machine: {payload['machine']}", "",
+    lines = [f"# Dual at scale — {tag}", "", f"Machine: {payload['machine']}", "",
              "β = 1, margins (0.3, 0.25, 0.2, −1), synthetic scores (can_jax.sim.synthetic), float64. Medians after a "
              "warm-up; compile separate; peers measured in the same run.", ""]  # fmt: skip
     if "inproc" in payload:

@@ -1,4 +1,4 @@
-"""Throughput of the language-model stages (issue 12): sampling, the collect stage, DPO — each against its peer
+"""Throughput of the language-model stages: sampling, the collect stage, DPO — each against its peer
 measured in the same run, on this machine.
 
     python benchmarks/lm_throughput.py                       # SmolLM2-135M (embedded), K = 8, 48 new tokens
@@ -7,7 +7,7 @@ measured in the same run, on this machine.
     python benchmarks/lm_throughput.py --part chain [--random-init --config-dir DIR]   # the whole chain, timed
 
 Collect stage = sampling + log π_ref of every sample + scoring, per sample. The baseline is the collect path before
-issue 9/12 (commit cd315cf), reproduced here as `old_collect`: `generate()` on K copies of each rendered prompt
+the exact sampler (commit cd315cf), reproduced here as `old_collect`: `generate()` on K copies of each rendered prompt
 (every copy recomputes the prompt's prefill), then a log-prob pass over the text pairs with the full [B, T, V]
 logits. The new path is `train.collect.shard_columns`, what `can collect` runs per shard: our exact loop (one
 prefill per prompt shared by its K samples, one uniform number per draw, log π_ref of each sample read off the
@@ -301,7 +301,7 @@ def bench_dpo(args, res, workdir: Path):
 
 
 def bench_chain(args):
-    """The whole MoCAN chain at realistic sizes, each stage timed (the H100 run of issue 4: `--random-init` with
+    """The whole MoCAN chain at realistic sizes, each stage timed (the H100 run: `--random-init` with
     `--config-dir` builds the architecture with random weights where the model file cannot be sent)."""
     import jax
     import torch
@@ -344,7 +344,7 @@ def bench_chain(args):
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [
-        "# Language-model throughput (issue 12)",
+        "# Language-model throughput",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
         f"{'GPU ' + m['gpu'] if m.get('gpu') else 'no GPU'}. Load average at start "

@@ -1,4 +1,4 @@
-"""MoCAN vs PeCAN on the same problem (issue #5), in an exact synthetic world.
+"""MoCAN vs PeCAN on the same problem, in an exact synthetic world.
 
 Both see the same K offline samples of π_ref per prompt. MoCAN reads their true scores r, g. PeCAN never sees a
 score: it gets preference pairs per aspect (responses drawn from π_ref, Bradley–Terry labels from that aspect's

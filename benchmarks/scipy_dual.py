@@ -1,4 +1,4 @@
-"""The peer of `can dual` (issue 22), what a user would write instead: scipy L-BFGS-B on the dual of a Parquet table.
+"""The peer of `can dual`, what a user would write instead: scipy L-BFGS-B on the dual of a Parquet table.
 usage: python benchmarks/scipy_dual.py TABLE REWARD BETA COL=MARGIN [COL=MARGIN ...]"""
 
 import sys

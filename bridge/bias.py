@@ -1,4 +1,4 @@
-"""The certificate's `bias` block (format 2, DESIGN §5c): `can_jax.bias.BiasReport` as JSON, and its warnings."""
+"""The certificate's `bias` block (format 2, DESIGN §7): `can_jax.bias.BiasReport` as JSON, and its warnings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-METHOD = "within-prompt jackknife of the dual's estimating equation (DESIGN §5c)"
+METHOD = "within-prompt jackknife of the dual's estimating equation (DESIGN §7)"
 SMALL = 0.5  # |bias| above this many standard errors is "not small": a 95% interval then covers less than ~92%
 
 

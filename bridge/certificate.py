@@ -520,7 +520,7 @@ def failed_path(path: str | os.PathLike) -> Path:
 
 
 def _validate(cert, where: str = "certificate") -> dict:
-    """Checks what `label` relies on (issue #13): β > 0 and finite; each constraint named once, of a known kind,
+    """Checks what `label` relies on: β > 0 and finite; each constraint named once, of a known kind,
     with a finite margin and a finite λ ≥ 0; the top-level λ and margin maps equal the constraints' own; the data
     block names the reward and prompt-id columns. One line per problem, naming the field."""
     if not isinstance(cert, dict):

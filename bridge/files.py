@@ -1,4 +1,4 @@
-"""Atomic writes and content hashes: a crash never leaves a half-written file behind (STYLE point 11).
+"""Atomic writes and content hashes: a crash never leaves a half-written file behind.
 
 A write that fails (a directory in the way, a file as a parent, a read-only disk, no space) raises `OutputError`
 with one line naming the path; new files get the permissions the umask gives, as `open()` would.

@@ -1,4 +1,4 @@
-"""Pseudo-preference datasets from a scores table and its dual certificate (DESIGN §4, §6; `can label`).
+"""Pseudo-preference datasets from a scores table and its dual certificate (DESIGN §4, §8; `can label`).
 
 Each prompt's sampled responses are paired at random (distinct pairs: never the same pair twice); the pair is
 labelled from s = r + λ*ᵀg by the one rule in `can_jax.labels` (bt, soft or hard). The output is a TRL-ready

@@ -1,8 +1,8 @@
-"""Absolute limits (issue 10): Safe-RLHF users state "expected cost ≤ d", not an improvement over the reference.
+"""Absolute limits: Safe-RLHF users state "expected cost ≤ d", not an improvement over the reference.
 
 The dual's constraints are relative, E_π[g] − E_ref[g] ≥ b (DESIGN §1). A limit becomes the margin it implies,
 measured on the same samples of π_ref the dual reads: for a cost c (utility g = −c), E_π[c] ≤ d ⇔ b = E_ref[c] − d
-(DESIGN §5b); for a utility, E_π[g] ≥ τ ⇔ b = τ − E_ref[g]. E_ref is the mean over prompts of each prompt's
+(DESIGN §6); for a utility, E_π[g] ≥ τ ⇔ b = τ − E_ref[g]. E_ref is the mean over prompts of each prompt's
 sample mean (`can_jax.dual.reference_utility`, the one the dual uses). The certificate records the limit, E_ref and
 the implied margin. Under PeCAN the utilities are log-ratios without absolute units: limits are refused there.
 """

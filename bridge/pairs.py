@@ -1,4 +1,4 @@
-"""Existing pairwise datasets relabelled with λ* (DESIGN §4; issue 10): the authors' MoCAN relabels PKU-SafeRLHF's
+"""Existing pairwise datasets relabelled with λ* (DESIGN §4): the authors' MoCAN relabels PKU-SafeRLHF's
 (prompt, response_0, response_1) pairs, scored by the reward and cost models, with λ* solved on samples of π_ref.
 
 A pairs dataset is PKU-style (`prompt`, `response_0`, `response_1`) or TRL-style (`prompt`, `chosen`,

@@ -1,4 +1,4 @@
-"""The reports the model stages write, each owned here like the certificate and the preference set (DESIGN §6): the
+"""The reports the model stages write, each owned here like the certificate and the preference set (DESIGN §8): the
 evaluation report (`OUT/evaluation.json`, `EvaluationReport`), the refine record (`OUT/refine.json`,
 `RefineRecord`) and the rounds table (`OUT/rounds.json`, `RoundsReport`).
 

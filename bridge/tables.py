@@ -1,4 +1,4 @@
-"""Reading and validating scores tables (DESIGN §6): long format, one row per response.
+"""Reading and validating scores tables (DESIGN §8): long format, one row per response.
 
 Parquet (recognised by its magic bytes, whatever the suffix), JSON Lines or CSV (by suffix) are read with
 pyarrow; the user names the reward column and the constraint columns (utilities, or costs that are negated on the

@@ -1,4 +1,4 @@
-"""JAX ↔ torch in one process through DLPack: no copy where both sit on the same device (DESIGN §5, STYLE 6)."""
+"""JAX ↔ torch in one process through DLPack: no copy where both sit on the same device (DESIGN §5)."""
 
 from __future__ import annotations
 

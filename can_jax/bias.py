@@ -1,4 +1,4 @@
-"""Finite-K bias of the plug-in dual and bias-corrected intervals (DESIGN §5c, issue #14).
+"""Finite-K bias of the plug-in dual and bias-corrected intervals (DESIGN §7).
 
 With K_i responses per prompt the per-prompt terms of D̂ are self-normalised (ratio) estimates: the log of a K-sample
 mean of exp is biased low, and the π_λ weights' means are biased by O(1/K_i). So λ̂ is biased (too large, where
@@ -59,7 +59,7 @@ class Corrected(NamedTuple):
 
 
 class BiasReport(NamedTuple):
-    """Finite-K bias of the dual's estimates (DESIGN §5c).
+    """Finite-K bias of the dual's estimates (DESIGN §7).
 
     lam [m]: λ̂ and the jackknife-corrected λ. utility_gain [m], reward_gain, kl: the predicted outcome of π_λ̂
     (E_π[g] − E_ref[g], E_π[r] − E_ref[r], KL(π ‖ π_ref)). prompts_corrected: prompts with K_i ≥ 2 (a prompt with

@@ -1,4 +1,4 @@
-"""The error hierarchy: every user-facing failure is a `CanError` with one readable line (STYLE point 5), and the
+"""The error hierarchy: every user-facing failure is a `CanError` with one readable line, and the
 `Outcome` a `--json` consumer reads in `status` when a command ends without a solver status."""
 
 import enum

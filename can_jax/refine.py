@@ -1,4 +1,4 @@
-"""The correction round of DESIGN §5c (issue #15): step λ from measured gains, with the dual's own sensitivity.
+"""The correction round of DESIGN §7: step λ from measured gains, with the dual's own sensitivity.
 
 The aligned policy achieves gains a(λ) that differ from the predicted p(λ) = ∇D̂(λ) + b. The dual knows how the
 predicted gains move with λ, ∂p/∂λ = ∇²D̂(λ) = H, so a round replaces the predicted gradient by the measured one and
@@ -147,7 +147,7 @@ def next_lambda(lams, gains, margins, hess0, step: str = "newton", eta: float = 
 
 
 def on_target(gain: jnp.ndarray, margins: jnp.ndarray, active: jnp.ndarray, interval=0.0, floor: float = 0.02):
-    """The benchmark's stopping rule (issue #15): every active constraint within max(floor, interval) of its
+    """The benchmark's stopping rule: every active constraint within max(floor, interval) of its
     margin, every slack one at least at its margin less that tolerance. gain, margins, active [m]; -> bool."""
     tol = jnp.maximum(floor, interval)
     close = jnp.abs(gain - margins) <= tol
@@ -175,7 +175,7 @@ def simultaneous_level(m: int, level: float = 0.95) -> float:
 
 
 def stop_rule(gain, half_width, margins, active, floor: float = 0.02):
-    """The stopping rule of `can refine` (issue 21), on measured gains. Stop when every active constraint's measured
+    """The stopping rule of `can refine`, on measured gains. Stop when every active constraint's measured
     gain is within tol_j = max(floor, h_j) of b_j and every slack one is at least b_j − tol_j, where h_j is the
     half-width of its *simultaneous* interval (`simultaneous_level`). Returns (stop, tol) as numpy values.
 

@@ -1,4 +1,4 @@
-"""The solver's result: scipy's OptimizeResult names plus the dual certificate (STYLE points 2 and 4).
+"""The solver's result: scipy's OptimizeResult names plus the dual certificate.
 
 A NamedTuple of arrays, so `solve_dual` can be jitted and vmapped (`sweep`); `message` and `ok` read the
 status outside jit.

@@ -76,7 +76,7 @@ def from_padded(reward, utility, mask=None, weight=None, dtype=None, log_prior=N
 
 
 def from_long(prompt_index, reward, utility, dtype=None, max_responses: int | None = None) -> Scores:
-    """Builds `Scores` from long format, one row per response (DESIGN §6).
+    """Builds `Scores` from long format, one row per response (DESIGN §8).
 
     Args:
       prompt_index: [R] integer prompt ids 0..N-1 (e.g. from `np.unique(..., return_inverse=True)`).

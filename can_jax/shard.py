@@ -1,4 +1,4 @@
-"""Prompts sharded over the local JAX devices (issue 22): the dual and its bias are sums over prompts, so each
+"""Prompts sharded over the local JAX devices: the dual and its bias are sums over prompts, so each
 device scans its own share of the prompt blocks and the sums meet in one all-reduce per pass.
 
 Blocked scores are [C, B, ...] on one device and [D, C/D, B, ...] over D devices, the leading axis laid out over a

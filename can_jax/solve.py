@@ -13,7 +13,7 @@ samples can make in that constraint alone); margins at or beyond it are infeasib
 infeasible margins show as λ growing without bound (or an iteration limit reached while it grows); the recession
 slope along λ/|λ| then certifies it.
 
-Scale (issue #13): λ* is invariant when r, g, b and β are scaled together (DESIGN §2), and so is every decision
+Scale: λ* is invariant when r, g, b and β are scaled together (DESIGN §2), and so is every decision
 here. The solve runs on per-prompt centred scores (a per-prompt constant does not move λ*, and centring keeps the
 low bits of data with large offsets); the KKT residual measures each ∇_j D̂ in units of g_j's within-prompt spread;
 every rounding allowance is relative to the magnitudes that were summed. The tolerance reached for is the larger of

@@ -61,7 +61,7 @@ def problems_per_step(n: int, k: int, m: int, backend: str | None = None) -> int
 def solve_many(
     scores: Scores, margins, beta, tol=None, max_iter: int = 100, block=None, batch: int | str | None = "auto"
 ) -> DualResult:
-    """Solves P independent problems in one compiled call (issue 22: many small solves at once).
+    """Solves P independent problems in one compiled call (many small solves at once).
 
     Args:
       scores: a `Scores` whose every array has a leading problem axis P ([P, N, K], [P, N, K, m], ...; build it by

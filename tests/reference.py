@@ -55,7 +55,7 @@ def ref_solve_lbfgsb(groups, margins, beta, tol=1e-14):
 
 
 def ref_solve_cvxpy(groups, margins, beta):
-    """CVXPY + Clarabel at tight tolerances (DESIGN §5b: defaults agree only to ~1e-6)."""
+    """CVXPY + Clarabel at tight tolerances (DESIGN §6: defaults agree only to ~1e-6)."""
     import cvxpy as cp
 
     m = groups[0][1].shape[1]

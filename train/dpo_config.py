@@ -14,10 +14,8 @@ from can_jax.errors import CanError
 
 
 def bf16_available() -> bool:
-    """bf16 autocast pays here: a CUDA GPU with bf16, or a CPU with native bf16 (AVX512-BF16/AMX via oneDNN).
-
-    Measured on a 2-core EPYC (SmolLM2-135M, 16 × 90 tokens): forward+backward 11.4 s fp32 → 5.5 s bf16 autocast.
-    """
+    """bf16 autocast pays here: a CUDA GPU with bf16, or a CPU with native bf16 (AVX512-BF16/AMX via oneDNN), where
+    it about halves a DPO step (docs/RESULTS.md, "bf16 on CPU")."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     try:
@@ -46,8 +44,8 @@ class CanDPOConfig(DPOConfig):
 
     # TRL names it gradient_checkpointing (default True); transformers 5 renamed it activation_checkpointing and warns
     # on the old name whenever the new one is unset. Unset here means: on under CUDA, off on a CPU, where it would
-    # re-run the forward pass in backward for a memory saving the run does not need (measured: ~1.8× the step time,
-    # 9.1 → 5.0 s per 8 SmolLM2 pairs). Either name given by the user is honoured, without the warning.
+    # re-run the forward pass in backward for a memory saving the run does not need (docs/RESULTS.md, "Gradient
+    # checkpointing on CPU"). Either name given by the user is honoured, without the warning.
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Alias of activation_checkpointing (TRL's name) [default: on under CUDA]."}
     )
@@ -138,7 +136,7 @@ def make_config(out_dir: str | Path, beta: float, precision: str = "auto", confi
 
 
 def check_config(args) -> None:
-    """Refuses DPO settings that would crash inside torch/TRL or train nothing (issue 23)."""
+    """Refuses DPO settings that would crash inside torch/TRL or train nothing."""
     import math
 
     lr = args.learning_rate

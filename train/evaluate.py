@@ -86,7 +86,7 @@ def sample_logps(spec, ids: list, batch_size: int, dtype: str = "fp32") -> tuple
 
 def text_health(aligned: str, reference: str, samples_a, samples_r, ids_a, ids_r, batch_size, dtype, logp_a=None,
                 logp_r=None) -> dict:
-    """The degeneration check (issue 20): distinct-2 of each policy's samples and their mean log π_ref per token
+    """The degeneration check: distinct-2 of each policy's samples and their mean log π_ref per token
     (a policy that games lexical scorers with broken text shows lower values than the reference's own samples),
     and the KL(π_aligned ‖ π_ref) estimate E_aligned[log π_aligned − log π_ref] per response, in nats."""
     # The sampler's own log-probs (`logp_a`, `logp_r`: log π of each sample's ids from the logits it was drawn

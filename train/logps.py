@@ -1,4 +1,4 @@
-"""The one sequence log-probability of the project, computed exactly as TRL's DPO computes it (DESIGN §3, §5b).
+"""The one sequence log-probability of the project, computed exactly as TRL's DPO computes it (DESIGN §3, §6).
 
 log π(y|x) = Σ over completion tokens of log p(token | prefix), where the completion starts where the tokenized
 prompt and the tokenized prompt+completion diverge (TRL's rule: BOS, chat templates and merges across the boundary
@@ -8,7 +8,7 @@ truncated to `max_length` like TRL's collator. Pairs of sampled ids (`train.toke
 what `can train` trains on. PeCAN's log-ratios, collection's log π_ref and evaluation all go through
 `logps_and_kl`.
 
-Memory (issue 12): no `[batch, length, vocab]` tensor is made. The model runs up to its final hidden states, only
+Memory: no `[batch, length, vocab]` tensor is made. The model runs up to its final hidden states, only
 the positions that predict a completion token are kept, and the LM head (in float32), log-softmax and gather run
 over blocks of those positions whose `[rows, V]` float32 logits fit `CHUNK_BYTES`: the full-vocabulary working set
 is a few such blocks whatever the vocabulary size.
@@ -201,7 +201,7 @@ def logps_and_kl(
         ref_tok = torch.empty(len(target), device=device)
         tok_lp = torch.empty(len(models), len(target), device=device)
         per_pos = torch.empty(len(models), len(target), device=device)
-        for lo in range(0, len(target), rows):  # one [rows, V] block of each policy at a time (issue 12)
+        for lo in range(0, len(target), rows):  # one [rows, V] block of each policy at a time
             c = slice(lo, lo + rows)
             ref_lp = torch.log_softmax(ref_logits(c), dim=-1)  # [rows, V]
             ref_tok[c] = ref_lp.gather(-1, target[c, None])[:, 0]

@@ -1,4 +1,4 @@
-"""`can refine` (issue 21): correction rounds on a real model until the achieved gains reach the margins.
+"""`can refine`: correction rounds on a real model until the achieved gains reach the margins.
 
 One-shot CAN aligns at λ*, but DPO realises π_λ* only in part: on fresh prompts the achieved gains a(λ) fall short
 of the certificate's predicted p(λ*) = b. A round, starting from the aligned policy of round n − 1:

@@ -1,4 +1,4 @@
-"""`can label --pairs`: an existing pairwise dataset relabelled with λ* (issue 10; `bridge.pairs`), its missing
+"""`can label --pairs`: an existing pairwise dataset relabelled with λ* (`bridge.pairs`), its missing
 scores computed by the scorers — those the certificate records (`scorers`: spec, template, sign), or those given
 with `-s NAME=SPEC`, which must then match the certificate's names and recorded specs and templates."""
 

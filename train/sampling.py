@@ -1,4 +1,4 @@
-"""Samples of π_ref, exactly (DESIGN §5b): temperature 1 and nothing else, whatever the model ships.
+"""Samples of π_ref, exactly (DESIGN §6): temperature 1 and nothing else, whatever the model ships.
 
 `generate()` applies the model's `generation_config` — temperature, top-k/top-p, repetition penalty — and with
 transformers 5 merges its non-default values even into a config passed explicitly, so the samples would come

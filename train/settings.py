@@ -9,9 +9,7 @@ from can_jax.errors import CanError
 
 # The learning rate a run gets when none is given (--lr, --config or `--learning_rate`). A LoRA adapter starts at zero
 # and moves the weights through a rank-16 product, so it needs a larger step than full fine-tuning to move the policy
-# at all (issue 24: a LoRA run at 5e-6 left every sample unchanged): 10× the full rate, the convention of TRL's DPO
-# and PEFT examples. Measured on the tiny test model (12 pairs, 6 steps of 2): the DPO reward margin logged over the
-# run was 3.3e-5 full at 5e-6, 1.3e-5 LoRA at 5e-6, 1.3e-4 LoRA at 5e-5 (2.6e-4 at 1e-4).
+# at all: 10× the full rate, the convention of TRL's DPO and PEFT examples (docs/RESULTS.md, "LoRA's learning rate").
 LEARNING_RATE = 5e-6
 LORA_LEARNING_RATE = 5e-5
 

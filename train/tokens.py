@@ -1,4 +1,4 @@
-"""The one tokenisation path of every stage (DESIGN §5b; issue 9).
+"""The one tokenisation path of every stage (DESIGN §6).
 
 Prompts are plain text or conversations (TRL's conversational format: a list of {"role", "content"} messages).
 A prompt becomes ids exactly as TRL's DPO preprocessing makes them — a conversation through the tokenizer's chat

@@ -1,4 +1,4 @@
-"""`CanDPOTrainer`: TRL's DPOTrainer extended through its hooks (DESIGN §4, §5b) — soft labels, the sampled ids,
+"""`CanDPOTrainer`: TRL's DPOTrainer extended through its hooks (DESIGN §4, §6) — soft labels, the sampled ids,
 the log π_ref recorded at collection, and the compact fused LM head.
 
 bt and hard labels are ordinary preference pairs: TRL's sigmoid loss as is. Soft labels keep a per-pair target

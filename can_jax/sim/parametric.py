@@ -1,5 +1,5 @@
 """Parametric worlds: a family of prompts that share one scoring rule, so a policy of (prompt, response) features
-trained on some prompts generalises to fresh ones (issue #15, DESIGN §5c).
+trained on some prompts generalises to fresh ones (DESIGN §7).
 
 A `Family` fixes the scoring rule once; `draw_world` draws any number of prompts from it as an ordinary `World`
 (exact sums over its Y responses per prompt), so training prompts, calibration prompts and evaluation prompts are

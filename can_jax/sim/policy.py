@@ -1,10 +1,10 @@
 """Policies over a world's finite response sets and their training: DPO on pseudo-preferences (DESIGN §4) and,
-as a reference, direct maximisation of the Lagrangian (issue #3).
+as a reference, direct maximisation of the Lagrangian.
 
 A policy is a residual on the reference: log π_θ(y|x) = log π_ref(y|x) + h_θ(x, y) − log Z_θ(x), with h_θ either
 a free table [P, Y] ("tabular"), a small flax MLP of the prompt and response features ("mlp"), or log-linear in
 the features φ(x, y) = [e, x ⊗ e] ("linear", h_θ = φᵀθ: generalises across prompts, and the DPO loss is convex in
-θ; issue #15). DPO's implicit reward is then exactly β·h_θ, and π* has h* = (r + λ*ᵀg)/β up to a per-prompt
+θ). DPO's implicit reward is then exactly β·h_θ, and π* has h* = (r + λ*ᵀg)/β up to a per-prompt
 constant — which the "mlp" and "linear" kinds can represent only approximately.
 """
 

@@ -1,11 +1,11 @@
-"""Iterative primal-dual baselines on the same policy class as one-shot CAN (issue #3).
+"""Iterative primal-dual baselines on the same policy class as one-shot CAN.
 
 (a) `gda`: gradient descent-ascent on the Lagrangian, Safe-RLHF style — policy steps on E_π[r + λᵀg] − β KL,
     and every `delay` steps a projected λ step from the measured constraint slack, λ ← max(0, λ − η(gain − b)).
 (b) `cdpo`: C-DPO style outer dual ascent — for each λ iterate, re-align with DPO on labels from r + λᵀg, then
     step λ on the aligned policy's constraint slack.
 Both measure constraints exactly in the world (a generous baseline: a real run pays sampling and scoring).
-For parametric worlds (issue #15) both take `measure_world`, fresh prompts on which the λ step measures the gains,
+For parametric worlds both take `measure_world`, fresh prompts on which the λ step measures the gains,
 and `eval_world`, fresh prompts on which the trace is recorded (log_opt then refers to eval_world); by default
 both are the training world.
 """

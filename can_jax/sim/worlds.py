@@ -1,4 +1,4 @@
-"""Synthetic constrained-alignment worlds with exact ground truth (issue #3).
+"""Synthetic constrained-alignment worlds with exact ground truth.
 
 A world has P prompts, each with a finite set of Y responses, a known reference policy π_ref(·|x) = softmax of
 logits, a reward and m utilities per response, prompt features and response features. Because everything is

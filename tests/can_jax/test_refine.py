@@ -1,4 +1,4 @@
-"""Issue #15 / DESIGN §5c: the correction round. References: scipy's NNLS for the box-constrained step, affine
+"""Issue #15 / DESIGN §7: the correction round. References: scipy's NNLS for the box-constrained step, affine
 "achieved" maps whose root is known in closed form, and NumPy brute-force sums over a finite world."""
 
 import jax

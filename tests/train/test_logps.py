@@ -5,7 +5,7 @@ pytest.importorskip("trl")
 
 
 def test_sequence_logps_equal_trl_dpo_reference_logps(tiny_lm, tmp_path):
-    """Our log-probs must be exactly what TRL's DPO computes for the same pairs (DESIGN §5b)."""
+    """Our log-probs must be exactly what TRL's DPO computes for the same pairs (DESIGN §6)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 

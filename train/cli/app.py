@@ -22,7 +22,7 @@ from can_jax.errors import Outcome
 
 
 class _CanGroup(TyperGroup):
-    """Every command's `CanError` ends as one `error: …` line and exit 1, never a traceback (STYLE point 5); with
+    """Every command's `CanError` ends as one `error: …` line and exit 1, never a traceback; with
     --json a usage mistake still prints a JSON object with `status` and `message` on stdout. `--verbose` is taken
     anywhere on the line (`can collect … --verbose` as well as `can --verbose collect …`)."""
 
@@ -163,7 +163,7 @@ class ExitCode(enum.IntEnum):
 
 
 # The libraries whose own output — deprecation warnings, progress bars of weight loading and of `datasets`
-# map/filter/save, loading reports, accelerate's and DDP's notices — is hidden unless --verbose (issue 24). Our own
+# map/filter/save, loading reports, accelerate's and DDP's notices — is hidden unless --verbose. Our own
 # lines, the progress bars of sampling/scoring and of DPO's steps, and the metric lines stay.
 LIBRARIES = ("transformers", "trl", "peft", "accelerate", "datasets", "huggingface_hub", "torch", "jax", "jaxlib",
              "tokenizers", "pyarrow", "absl")  # fmt: skip

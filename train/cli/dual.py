@@ -60,7 +60,7 @@ def dual(
         bool,
         typer.Option(
             "--bias/--no-bias",
-            help="Finite-K bias of λ* and of the predicted gains and KL (within-prompt jackknife, DESIGN §5c): "
+            help="Finite-K bias of λ* and of the predicted gains and KL (within-prompt jackknife, DESIGN §7): "
             "corrected estimates, standard errors and 95% intervals in the certificate's bias block.",
         ),
     ] = FROM_CONFIG,

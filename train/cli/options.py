@@ -115,8 +115,7 @@ EtaOpt = Annotated[
     float,
     typer.Option(
         help="--step caid: the step size η, in λ per unit of gain shortfall: λ moves by η × (b − a), so gains short "
-        "by a few hundredths move λ by η × 0.0x (on the demo η = 2 moved it by ≤ 0.08; the Newton step's first "
-        "move there matched η ≈ 26 and ≈ 88 for its two constraints)."
+        "by a few hundredths move λ by η × 0.0x (the scale on the demo: docs/RESULTS.md, \"CAID's step size\")."
     ),
 ]
 SecantOpt = Annotated[

@@ -1,4 +1,4 @@
-"""`can refine` ⑥: correction rounds until the achieved gains reach the margins (issue 21)."""
+"""`can refine` ⑥: correction rounds until the achieved gains reach the margins."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`can stability` (DESIGN §5c, issue #14): λ̂ and the predicted outcome as prompts and responses per prompt are
+"""`can stability` (DESIGN §7): λ̂ and the predicted outcome as prompts and responses per prompt are
 subsampled (the paper's response-count study, built in), with the finite-K jackknife beside the plain estimate, a
 plot, and an "is K enough" verdict with its reason. Also the bias table `can dual --bias` prints."""
 
@@ -148,7 +148,7 @@ def stability(
     at_least: AtLeastOpt = FROM_CONFIG,
 ):
     """Is K enough? λ* and the predicted outcome as prompts and responses per prompt are subsampled, plain and
-    jackknife-corrected (DESIGN §5c), with a plot and a verdict.
+    jackknife-corrected (DESIGN §7), with a plot and a verdict.
 
     Example: can stability scores.parquet --reward helpful --cost harm=0.5 --beta 0.1
     Safe-RLHF-style limit: can stability scores.parquet --reward reward --cost-at-most cost=0 --beta 0.1
