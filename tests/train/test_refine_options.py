@@ -95,3 +95,27 @@ def test_demo_refuses_bad_round_options_and_a_file_as_out_at_once(tmp_path, args
     assert res.exit_code == 1, res.output
     assert said in res.output and "Traceback" not in res.output
     assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_a_record_from_before_test_k_and_the_demos_dpo_dict_still_resumes(tmp_path):
+    """A refine.json written before test_k/test_seed were recorded (then K = k and seed 2), with the DPO options as the
+    demo wrote them (lora False and precision unset recorded or not), resumes; a changed test K is refused."""
+    from types import SimpleNamespace
+
+    from bridge.reports import RefineRecord
+    from train.chain import RECORD, check_record
+    from train.settings import DPOSettings
+
+    cert = SimpleNamespace(sha256="c" * 64, scores_sha256="s" * 64)
+    cfg = _cfg(k=4, dpo=DPOSettings(epochs=1.0, lr=1e-4, train_top=8, batch_size=8, max_length=192, seed=0))
+    check_record(tmp_path, cfg, cert)  # writes the record as today's code does
+    old = json.loads((tmp_path / RECORD).read_text())
+    for key in ("test_k", "test_seed"):
+        del old["settings"][key]
+    old["settings"]["dpo"] = {"epochs": 1.0, "lr": 1e-4, "batch_size": 8, "max_length": 192, "lora": False,
+                              "train_top": 8, "seed": 0}  # fmt: skip
+    (tmp_path / RECORD).write_text(json.dumps(old))
+    RefineRecord.read(tmp_path / RECORD)
+    check_record(tmp_path, cfg, cert)  # resumes
+    with pytest.raises(CanError, match="test_k 8 here, 4 there"):
+        check_record(tmp_path, _cfg(k=4, test_k=8, dpo=cfg.dpo), cert)
