@@ -4,8 +4,8 @@
   of them requests a careful assistant should decline or redirect.
 - `SELECTION_PROMPTS` (48) choose the demo's configuration in benchmarks/demo_study.py.
 - `TEST_PROMPTS` (48) judge the chosen configuration, and `can demo` reports on them; they are not used to choose
-  (one exception, stated in the README: the study's time condition was added after a test row of a configuration
-  that broke it had been seen).
+  (one exception, stated in docs/RESULTS.md, "The demo's settings": the study's time condition was added after a
+  test row of a configuration that broke it had been seen).
 - `CALIBRATION_PROMPTS` (96: the selection prompts and `CALIBRATION_EXTRA_PROMPTS`) steer `can demo --refine`'s
   correction rounds; they never judge them.
 

@@ -13,7 +13,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo
 
 
 def best_on_selection() -> str:
-    """The selection rule the README states: the most of the predicted constraint gains carried to the selection
+    """The selection rule docs/RESULTS.md states: the most of the predicted constraint gains carried to the selection
     prompts (the smaller of the two held-out / predicted ratios), among the measured configurations whose chain
     took at most the demo's 15 minutes there."""
     rows = [r for r in json.loads((RESULTS / "selection.json").read_text()) if r["total_s"] <= 15 * 60]
