@@ -50,3 +50,12 @@ def test_every_cited_design_section_exists():
                     if cited not in sections:
                         missing.append(f"{path.relative_to(ROOT)}:{n}: DESIGN §{cited}")
     assert not missing, "\n".join(missing)
+
+
+def test_the_readme_stays_a_users_page():
+    """At most 250 lines and 2,500 words, and no numbers that change with every commit (a test count, a suite time):
+    the measurements live in docs/RESULTS.md."""
+    text = (ROOT / "README.md").read_text()
+    assert text.count("\n") <= 250 and len(text.split()) <= 2500
+    assert not re.search(r"\d+ (passed|tests)\b|suite (takes|ran|runs in)", text)
+    assert "docs/RESULTS.md" in text
