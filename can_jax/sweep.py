@@ -71,7 +71,7 @@ def solve_many(
       batch: problems vmapped together per step of a scan over the problems (static). "auto"
         (`problems_per_step`): on CPU chunks of ~3 MB of scores, which stay in cache and stop iterating as soon as
         their own problems have converged (a vmap over all P runs every problem until the slowest one ends, over
-        arrays far larger than the cache: measured 2x slower in benchmarks/dual_scale_bench.py); on GPU all P at
+        arrays far larger than the cache: slower in benchmarks/dual_scale_bench.py); on GPU all P at
         once. None: all P at once.
     Returns:
       A `DualResult` whose every field has a leading axis P.
