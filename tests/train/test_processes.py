@@ -219,6 +219,8 @@ def test_shipped_configs_load():
 
 SHARED = """
 import json
+import sys
+
 from can_jax.errors import CanError
 from train import dist
 
@@ -241,7 +243,9 @@ try:
     err = None
 except CanError as e:
     err = str(e)
-print("RESULT " + json.dumps({"rank": st.process_index, "got": got, "calls": calls, "err": err}), flush=True)
+out = sys.argv[1] + f"/rank{st.process_index}.json"  # one file per rank: their stdout lines may interleave
+with open(out, "w") as f:
+    json.dump({"rank": st.process_index, "got": got, "calls": calls, "err": err}, f)
 """
 
 
@@ -251,11 +255,10 @@ def test_a_shared_artifact_is_made_once_and_handed_to_every_process(tmp_path):
     script = tmp_path / "shared.py"
     script.write_text(SHARED)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]  # fmt: skip
     res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in res.stdout.splitlines() if "RESULT " in line),
-                  key=lambda r: r["rank"])  # fmt: skip
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in rows] == [0, 1]
     assert rows[0]["got"] == rows[1]["got"] == {"made_by": 0, "value": [1.5, 2.5]}
     assert rows[0]["calls"] == [0] and rows[1]["calls"] == []
