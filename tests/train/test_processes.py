@@ -246,6 +246,8 @@ except CanError as e:
 out = sys.argv[1] + f"/rank{st.process_index}.json"  # one file per rank: their stdout lines may interleave
 with open(out, "w") as f:
     json.dump({"rank": st.process_index, "got": got, "calls": calls, "err": err}, f)
+st.wait_for_everyone()
+st.destroy_process_group()  # a gloo group left to the interpreter's exit may abort one rank
 """
 
 

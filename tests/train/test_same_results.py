@@ -23,7 +23,7 @@ BEFORE = Path(__file__).resolve().parents[1] / "data" / "before_restructuring"
 # Fields that differ by design: when and where a certificate was made, how long it took, the table's bytes.
 VOLATILE = {"created", "timing", "path", "sha256", "can_version"}
 # Text that cites docs/DESIGN.md by section, renumbered after the recordings (5b → 6, 5c → 7, 6 → 8).
-RENUMBERED = {"DESIGN §5c": "DESIGN §7", "DESIGN §5b": "DESIGN §6"}
+RENUMBERED = {"§5c)": "§7)", "§5b)": "§6)"}
 
 
 def _run(args):
