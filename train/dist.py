@@ -92,3 +92,27 @@ def shared(st, make):
     if kind == "error":
         raise value
     return value
+
+
+def keep_freed_memory() -> bool:
+    """Sets glibc's allocator to serve every allocation from its heap and keep freed memory there. By default glibc
+    hands blocks above its mmap threshold (at most 32 MB) to the kernel as fresh mappings and unmaps them on free; a
+    DPO step or a sampling batch allocates and frees hundreds of MB of activations, logits and caches, so every step
+    faulted its memory in again page by page and the kernel's share of the demo's CPU time reached a fifth
+    (docs/RESULTS.md, "Memory the kernel hands out again"). The process then holds its peak, which it reaches anyway.
+    Called by the `can` command at start; a script that runs the stages itself may call it first. A C library other
+    than glibc (musl, macOS) is left as it is: returns whether the settings were made."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 — glibc's own symbol: the option numbers below are glibc's
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4
+    return all(mallopt(option, value) == 1 for option, value in
+               ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 << 20)))  # fmt: skip

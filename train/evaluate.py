@@ -137,6 +137,104 @@ class EvaluateConfig:
     chat_template: bool = True
     scorer_options: ScorerOptions = field(default_factory=ScorerOptions)
     dtype: str = "fp32"
+    # π_ref's samples and scores on these prompts, kept on disk under the hash of everything that makes them and
+    # reused by a later run (a demo rerun, every refine round); CAN_NO_CACHE=1 turns it off too.
+    reuse_reference: bool = True
+
+
+# What a reference-sample file holds; another value is never read (the samples are made again).
+REFERENCE_FORMAT = 1
+# The code the samples depend on: an edit of it invalidates every kept file.
+_SAMPLING_CODE = ("sampling.py", "tokens.py", "prompts.py")
+
+
+def reference_key(cfg: EvaluateConfig, prompts: list, scorers: list, device: str | None) -> str:
+    """SHA-256 of what π_ref's samples and scores on `prompts` depend on: the reference model's files (by content up
+    to 16 MB, by size and modification time above: weights rewritten by another run are another model), the prompts,
+    each scorer's fingerprint, the sampling settings, the device, the torch and transformers versions and the
+    sampling code."""
+    import hashlib
+    import json
+
+    import torch
+    import transformers
+
+    from bridge.files import sha256_file
+    from train.models import resolve_policy
+
+    folder = Path(resolve_policy(cfg.reference))
+    files = {}
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        st = f.stat()
+        files[str(f.relative_to(folder))] = sha256_file(f) if st.st_size <= 16 << 20 else [st.st_size, st.st_mtime_ns]
+    here = Path(__file__).parent
+    parts = {"format": REFERENCE_FORMAT, "model": files, "prompts": [str(p) for p in prompts],
+             "scorers": {sc.name: sc.fingerprint() for sc in scorers}, "k": cfg.k,
+             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "seed": cfg.seed,
+             "chat_template": cfg.chat_template, "dtype": cfg.dtype, "unit": PROMPTS_PER_UNIT,
+             "device": device or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
+             "code": [sha256_file(here / name) for name in _SAMPLING_CODE]}  # fmt: skip
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _read_reference(path: Path):
+    """(per-prompt scores, samples, ids, log-probs) from a reference-sample file, or None (absent, unreadable, another
+    format: the samples are made again)."""
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+        if d.get("format") != REFERENCE_FORMAT:
+            return None
+        base = {name: np.asarray(v, float) for name, v in d["scores"].items()}
+        ids = [(list(p), list(r)) for p, r in d["ids"]]
+        return base, d["samples"], ids, None if d["logp"] is None else np.asarray(d["logp"], float)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_reference(path: Path, got) -> None:
+    import json
+    import warnings
+
+    from bridge.files import atomic_write_text
+
+    base, samples, ids, logp = got
+    body = {"format": REFERENCE_FORMAT, "scores": {k: v.tolist() for k, v in base.items()}, "samples": samples,
+            "ids": [[list(p), list(r)] for p, r in ids], "logp": None if logp is None else logp.tolist()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(body))
+    except OSError as err:  # a cache that cannot be written costs the next run its reuse, not this run its result
+        warnings.warn(f"could not keep the reference samples in {path.parent} ({err})", stacklevel=2)
+
+
+def reference_scores(cfg: EvaluateConfig, prompts: list, scorers: list, memo: dict | None = None):
+    """π_ref's (per-prompt scores, samples, ids, log-probs) on `prompts`: from `memo` (this process's earlier calls),
+    else from the file an earlier run kept for the same inputs (`reference_key`), else sampled and kept."""
+    import os
+    import sys
+
+    from train import dist
+    from train.models import cache_dir
+
+    st = dist.state()
+    key = reference_key(cfg, prompts, scorers, dist.device(st))
+    if memo is not None and key in memo:
+        return memo[key]
+    path = cache_dir() / "reference-samples" / f"{key}.json"
+    keep = cfg.reuse_reference and os.environ.get("CAN_NO_CACHE", "") in ("", "0")
+    got = dist.shared(st, lambda: _read_reference(path)) if keep else None
+    if got is not None and st.is_main_process:
+        print(f"reference samples and scores reused from {path} (same reference, prompts, sampling and scorers)",
+              file=sys.stderr)  # fmt: skip
+    if got is None:
+        got = _policy_scores(cfg.reference, prompts, scorers, cfg)
+        if keep and st.is_main_process:
+            _write_reference(path, got)
+    if memo is not None:
+        memo[key] = got
+    return got
 
 
 def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
@@ -150,7 +248,7 @@ def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
     from train.prompts import check_sampling
     from train.scorers import make_scorer, parse_scorer
 
-    k, seed, aligned, reference, scorer_specs = cfg.k, cfg.seed, cfg.aligned, cfg.reference, list(cfg.scorers)
+    k, aligned, reference, scorer_specs = cfg.k, cfg.aligned, cfg.reference, list(cfg.scorers)
     check_sampling(k, cfg.max_new_tokens, cfg.batch_size)
     if len(prompts) < 2:
         raise CanError(f"{len(prompts)} held-out prompt: give at least 2 (the interval of the gains is over prompts)")
@@ -162,14 +260,7 @@ def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
     scorers = [make_scorer(*parse_scorer(s), **cfg.scorer_options.kwargs(), device=dist.device(st))
                for s in scorer_specs]  # fmt: skip
     ours, samples_a, ids_a, logp_a = _policy_scores(aligned, prompts, scorers, cfg)
-    key = (reference, tuple(map(str, prompts)), tuple(scorer_specs), k, cfg.max_new_tokens, seed, cfg.chat_template,
-           cfg.dtype)  # fmt: skip
-    if reference_memo is not None and key in reference_memo:
-        base, samples_r, ids_r, logp_r = reference_memo[key]
-    else:
-        base, samples_r, ids_r, logp_r = _policy_scores(reference, prompts, scorers, cfg)
-        if reference_memo is not None:
-            reference_memo[key] = (base, samples_r, ids_r, logp_r)
+    base, samples_r, ids_r, logp_r = reference_scores(cfg, prompts, scorers, reference_memo)
     health = text_health(aligned, reference, samples_a, samples_r, ids_a, ids_r, cfg.batch_size, cfg.dtype, logp_a,
                          logp_r)  # fmt: skip
     same = [a == r for a, r in zip(ids_a, ids_r, strict=True)]

@@ -5,12 +5,14 @@ bt and hard labels are ordinary preference pairs: TRL's sigmoid loss as is. Soft
 p = P(chosen ≻ rejected), and the loss is −[p logσ(βΔ) + (1−p) logσ(−βΔ)] = −logσ(βΔ) + (1−p)·βΔ, i.e. TRL's own
 sigmoid loss plus a term linear in the margin Δ of log-ratios. `CanDPOTrainer` adds that term through hook points
 only: a collator that carries p, the signature columns that keep it, and a forward hook that captures the
-per-token log-probs of TRL's single policy forward pass (reference log-probs are precomputed by TRL).
+per-token log-probs of TRL's single policy forward pass (reference log-probs are precomputed: recorded at
+collection, or TRL's reference forward once per distinct response).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -126,14 +128,61 @@ class CanDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         # Private hook (pinned by trl<2, tested in tests/train/test_dpo_refs.py): with pairs of sampled ids whose
         # log π_ref `can collect` recorded, TRL's reference pass over the whole dataset (a third of the demo's DPO
-        # stage) is replaced by those values, once a reference forward on a first batch reproduces them.
+        # stage) is replaced by those values, once a reference forward on a first batch reproduces them. Otherwise
+        # the reference forward runs once per distinct response, not per pair side.
         stored = set(STORED_REFS) <= set(dataset.column_names)
         if stored and self._stored_refs_hold(dataset, batch_size):
             return dataset.rename_columns(dict(zip(STORED_REFS, ("ref_chosen_logps", "ref_rejected_logps"),
                                                    strict=True)))  # fmt: skip
         if stored:
             dataset = dataset.remove_columns(list(STORED_REFS))
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        return self._distinct_ref_logps(dataset, name, batch_size)
+
+    def _distinct_ref_logps(self, dataset, name, batch_size):
+        """TRL's reference forward (`compute_ref_log_probs`: this trainer's precision, autocast and adapters) once per
+        distinct (prompt ids, response ids), mapped to the pairs. Pairs built from K samples of a prompt repeat each
+        response several times (the demo: 12 pairs from 8 samples, each response ~3 times). The forward takes
+        pairs that share a prompt, so the distinct responses of each prompt go two by two (an odd one twice)."""
+        from datasets import Dataset, IterableDataset
+
+        if (isinstance(dataset, IterableDataset) or not set(IDS) <= set(dataset.column_names)
+                or self.is_deepspeed_enabled or len(dataset) == 0):  # fmt: skip
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        import numpy as np
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        cols = dataset.select_columns(list(IDS)).to_dict()
+        seen: dict[tuple, int] = {}  # (prompt ids, response ids) -> its slot
+        sides = np.empty((len(dataset), 2), np.int64)
+        for i, (prompt, *responses) in enumerate(zip(*(cols[c] for c in IDS), strict=True)):
+            key = tuple(prompt)
+            for side, response in enumerate(responses):
+                sides[i, side] = seen.setdefault((key, tuple(response)), len(seen))
+        by_prompt: dict[tuple, list] = {}
+        for (key, response), slot in seen.items():
+            by_prompt.setdefault(key, []).append((list(response), slot))
+        rows, slots = [], []
+        for key, items in by_prompt.items():
+            items.sort(key=lambda item: len(item[0]))
+            items = items + items[-1:] if len(items) % 2 else items
+            for (a, sa), (b, sb) in zip(items[::2], items[1::2], strict=True):
+                rows.append({"prompt_ids": list(key), "chosen_ids": a, "rejected_ids": b})
+                slots.append((sa, sb))
+        order = sorted(range(len(rows)), key=lambda j: len(rows[j]["prompt_ids"]) + max(
+            len(rows[j]["chosen_ids"]), len(rows[j]["rejected_ids"])))  # like lengths batched: less padding
+        loader = self.accelerator.prepare(DataLoader(Dataset.from_list([rows[j] for j in order]),
+                                                     batch_size=batch_size, collate_fn=self.data_collator))
+        model = self.ref_model or self.model
+        got = []
+        for batch in tqdm(loader, desc=f"Reference log-probs of {len(seen)} distinct responses ({name})",
+                          disable=bool(os.environ.get("TQDM_DISABLE", "")) or not self.accelerator.is_main_process):
+            chosen, rejected = self.compute_ref_log_probs(model, batch)
+            got.append(torch.stack(self.accelerator.gather_for_metrics((chosen, rejected)), 1).double().cpu())
+        value = np.empty(len(seen))
+        value[np.asarray(slots)[order]] = torch.cat(got).numpy()
+        return dataset.add_column("ref_chosen_logps", value[sides[:, 0]].tolist()).add_column(
+            "ref_rejected_logps", value[sides[:, 1]].tolist())
 
     def _stored_refs_hold(self, dataset, batch_size) -> bool:
         """Whether the stored reference log-probs are what TRL's reference forward computes for this trainer: the

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from can_jax.numerics import masked_log_softmax
+from can_jax.dual import masked_log_softmax
 
 
 def test_matches_scipy_on_masked_rows_with_huge_logits():

@@ -26,8 +26,8 @@ def prefs(tiny_lm, tmp_path_factory):
     scores = collect(cfg, tmp / "scores.parquet")
     runner = CliRunner()
     for args in (["dual", scores, "--reward", "len", "--constraint", "safe=0", "--beta", "1.0", "--out",
-                  tmp / "cert.json"], ["label", scores, tmp / "cert.json", "--mode", "soft", "-o",
-                                       tmp / "prefs.parquet"]):  # fmt: skip
+                  tmp / "cert.json"], ["label", scores, tmp / "cert.json", "--mode", "soft",
+                                       "--pairs-per-prompt", "4", "-o", tmp / "prefs.parquet"]):  # fmt: skip
         res = runner.invoke(app, [str(a) for a in args])
         assert res.exit_code == 0, res.output
     return tmp / "prefs.parquet", scores
@@ -42,14 +42,41 @@ def _trainer(path, tok, data, meta, tmp_path, name, **kw):
                                                               max_length=args.max_length))  # fmt: skip
 
 
-def _refs(trainer):
-    ds = trainer.train_dataset
+def _refs(trainer_or_data):
+    ds = getattr(trainer_or_data, "train_dataset", trainer_or_data)
     return torch.tensor([ds["ref_chosen_logps"], ds["ref_rejected_logps"]], dtype=torch.float64)
 
 
-def test_stored_reference_log_probs_replace_trls_pass(prefs, tiny_lm, tmp_path, monkeypatch):
+def _trls_pass(trainer):
+    """TRL's own reference pass (one forward per pair side) over the trainer's prepared pairs."""
     from trl import DPOTrainer
 
+    ds = trainer.train_dataset.remove_columns(["ref_chosen_logps", "ref_rejected_logps"])
+    return _refs(DPOTrainer._precompute_ref_logps(trainer, ds, "check", 4))
+
+
+def _distinct_rows(data) -> int:
+    """Sequences one forward per distinct (prompt, response) takes: the distinct ones, plus one for each prompt with
+    an odd number of them (the forward takes them two by two)."""
+    from collections import Counter
+
+    from train.dpo import IDS
+
+    seqs = {(tuple(p), tuple(x)) for p, c, r in zip(*(data[c] for c in IDS), strict=True) for x in (c, r)}
+    return len(seqs) + sum(n % 2 for n in Counter(p for p, _ in seqs).values())
+
+
+def _count_rows(monkeypatch):
+    from trl import DPOTrainer
+
+    rows = []
+    real = DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs",
+                        lambda self, model, batch: rows.append(batch["input_ids"].shape[0]) or real(self, model, batch))
+    return rows
+
+
+def test_stored_reference_log_probs_replace_trls_pass(prefs, tiny_lm, tmp_path, monkeypatch):
     from train.dpo import STORED_REFS, load_preferences
 
     _, tok, path = tiny_lm
@@ -57,12 +84,12 @@ def test_stored_reference_log_probs_replace_trls_pass(prefs, tiny_lm, tmp_path, 
     assert set(STORED_REFS) <= set(pairs.column_names)
     data, meta = load_preferences(prefs[0])  # meta: the PreferenceSet
     assert len(data) > 4  # more than one batch: TRL's pass would take several forwards
-    calls = []
-    real = DPOTrainer.compute_ref_log_probs
-    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_rows(monkeypatch)
 
-    trl_pass = _refs(_trainer(path, tok, data.remove_columns(list(STORED_REFS)), meta, tmp_path, "trl"))
-    assert len(calls) == -(-len(data) // 4)
+    recomputed = _trainer(path, tok, data.remove_columns(list(STORED_REFS)), meta, tmp_path, "trl")
+    assert sum(calls) == _distinct_rows(data) < 2 * len(data)  # each distinct response once, not each pair side
+    trl_pass = _trls_pass(recomputed)
+    assert torch.allclose(_refs(recomputed), trl_pass, atol=1e-5)
     calls.clear()
     stored = _trainer(path, tok, data, meta, tmp_path, "stored")
     assert len(calls) == 1  # the check on the first batch, nothing more
@@ -75,13 +102,11 @@ def test_stored_reference_log_probs_replace_trls_pass(prefs, tiny_lm, tmp_path, 
     calls.clear()
     with pytest.warns(UserWarning, match="running TRL's reference pass"):
         fallback = _trainer(path, tok, bad, meta, tmp_path, "bad")
-    assert torch.allclose(_refs(fallback), trl_pass, atol=1e-6)
-    assert len(calls) == 1 + -(-len(data) // 4)
+    assert torch.allclose(_refs(fallback), trl_pass, atol=1e-5)
+    assert calls[0] == 2 * min(4, len(data)) and sum(calls[1:]) == _distinct_rows(data)  # the check, then the pass
 
 
 def test_pairs_cut_by_max_length_get_trls_pass(prefs, tiny_lm, tmp_path, monkeypatch):
-    from trl import DPOTrainer
-
     from train.dpo import IDS, load_preferences
 
     _, tok, path = tiny_lm
@@ -89,12 +114,10 @@ def test_pairs_cut_by_max_length_get_trls_pass(prefs, tiny_lm, tmp_path, monkeyp
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(*(data[c] for c in IDS), strict=True))
     shortest_prompt = min(len(p) for p in data["prompt_ids"])
     assert longest - 1 > shortest_prompt
-    calls = []
-    real = DPOTrainer.compute_ref_log_probs
-    monkeypatch.setattr(DPOTrainer, "compute_ref_log_probs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_rows(monkeypatch)
     cut = _trainer(path, tok, data, meta, tmp_path, "cut", max_length=longest - 1)
-    n = len(cut.train_dataset)
-    assert len(calls) == -(-n // 4)  # no check: straight to TRL's pass over the (cut) pairs
+    assert sum(calls) == _distinct_rows(data)  # no check: straight to the reference pass over the (cut) pairs
+    assert torch.allclose(_refs(cut), _trls_pass(cut), atol=1e-5)
     ds = cut.train_dataset
     assert len(ds) == len(data)  # no prompt fills max_length: the rows line up
     cut_sides = [(got, want) for side in ("chosen", "rejected")
@@ -204,3 +227,31 @@ def test_nan_logits_stop_sampling_with_one_line(tiny_lm):
         model.lm_head.weight[3, 0] = float("nan")
     with pytest.raises(CanError, match="NaN or inf"):
         sample_ids(model, [tok("hello")["input_ids"]], 2, 3, [tok.eos_token_id], tok.pad_token_id)
+
+
+def test_bf16_reference_pass_runs_once_per_distinct_response_and_starts_at_log_2(prefs, tiny_lm, tmp_path,
+                                                                                  monkeypatch):
+    """Under bf16 autocast the recorded log π_ref are not this trainer's (refused by the check): the reference forward
+    runs in the trainer's own precision, once per distinct response, and at step 0 (policy = reference) the DPO loss
+    of every batch is log 2, as it is with TRL's per-pair pass."""
+    import math
+
+    from train.dpo import CanDPOTrainer, SoftPreferenceCollator, load_preferences, make_config
+
+    _, tok, path = tiny_lm
+    data, meta = load_preferences(prefs[0])
+    calls = _count_rows(monkeypatch)
+    args = make_config(tmp_path / "bf16", meta.beta, "bf16", per_device_train_batch_size=4)
+    assert args.bf16
+    trainer = CanDPOTrainer(model=str(path), ref_model=None, args=args, train_dataset=data, processing_class=tok,
+                            data_collator=SoftPreferenceCollator(pad_token_id=tok.pad_token_id,
+                                                                 max_length=args.max_length))  # fmt: skip
+    assert sum(calls) == _distinct_rows(data) < 2 * len(data)  # no check under bf16: straight to the pass
+    model = trainer.model.eval()
+    losses = []
+    for batch in trainer.get_train_dataloader():
+        with torch.no_grad(), trainer.accelerator.autocast():
+            losses.append(float(trainer.compute_loss(model, batch)))
+    assert len(losses) == -(-len(data) // 4)
+    # 1e-5, well inside the 1e-3 asked: a float32 reference under this bf16 policy is already ~1e-4 off here.
+    assert max(abs(x - math.log(2)) for x in losses) < 1e-5, losses

@@ -102,3 +102,51 @@ def test_evaluate_says_so_when_training_moved_nothing(tiny_lm, tmp_path):
     assert rep.identical_samples == 1.0 and "did not move" in rep.note
     assert rep.rows[0].achieved_gain == 0.0
     assert "did not move" in (tmp_path / "e" / "evaluation.md").read_text()
+
+
+def test_reference_samples_are_reused_from_disk_for_the_same_inputs_only(tiny_lm, other_lm, tmp_path, monkeypatch):
+    """π_ref's samples and scores on the held-out prompts come back from the file an earlier run kept, giving the
+    report a fresh sampling gives; another seed, scorer or reference file, or a damaged file, samples again."""
+    from dataclasses import replace
+
+    import train.evaluate as ev
+
+    monkeypatch.delenv("CAN_NO_CACHE", raising=False)  # the suite's switch for every cache: this test checks one
+    monkeypatch.setenv("CAN_CACHE_DIR", str(tmp_path / "cache"))
+    _, _, path = tiny_lm
+    aligned = str(other_lm[1])
+    drawn = []
+    real = ev._policy_scores
+    monkeypatch.setattr(ev, "_policy_scores", lambda spec, *a: drawn.append(spec) or real(spec, *a))
+
+    class Cert:
+        reward, names, kinds, beta, lam, margins = "len", [], [], 0.5, {}, {}
+        predicted_gains, predicted_reward_gain = {}, 0.1
+
+    prompts = ["hello", "tell me a joke.", "what is paris?"]
+    cfg = ev.EvaluateConfig(aligned=aligned, reference=str(path), scorers=("len=tests.train.toy_scorers:length",),
+                            out=str(tmp_path / "e"), k=3, max_new_tokens=5)  # fmt: skip
+
+    def measured(c, expect_reference_sampled: bool):
+        drawn.clear()
+        report = ev.run(c, Cert(), prompts)
+        assert drawn == [aligned, str(path)] if expect_reference_sampled else drawn == [aligned]
+        return report
+
+    first = measured(cfg, True)
+    kept = list((tmp_path / "cache" / "reference-samples").glob("*.json"))
+    assert len(kept) == 1
+    again = measured(cfg, False)
+    fresh = measured(replace(cfg, reuse_reference=False), True)
+    for a, b in ((again, first), (fresh, first)):
+        assert a.rows == b.rows and a.text == b.text and a.examples == b.examples
+    measured(replace(cfg, seed=cfg.seed + 1), True)
+    measured(replace(cfg, scorers=("len=tests.train.toy_scorers:e_share",)), True)
+    (path / "notes.txt").write_text("another file in the reference's folder")
+    try:
+        measured(cfg, True)
+    finally:
+        (path / "notes.txt").unlink()
+    measured(cfg, False)
+    kept[0].write_text("{not json")
+    assert measured(cfg, True).rows == first.rows

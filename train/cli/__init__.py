@@ -8,4 +8,7 @@ __all__ = ["app", "main"]
 
 
 def main():
+    from train.dist import keep_freed_memory
+
+    keep_freed_memory()
     app()
