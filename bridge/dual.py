@@ -101,7 +101,7 @@ def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: fl
     from can_jax.result import Status
 
     t1 = time.perf_counter()
-    from can_jax.shard import device_count
+    from can_jax.dual import device_count
 
     devices = device_count(cfg.devices)
     result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se, devices, limit_block)

@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "can_jax.bias": ["BiasReport", "Corrected", "finite_k_bias", "finite_k_bias_jit"],
     "can_jax.certify": ["kkt_residual", "predicted_outcome", "recession_slope", "reduced_eigs"],
-    "can_jax.dual": ["DualEval", "dual_grad", "dual_hessian", "dual_pass", "dual_value", "prompt_terms"],
+    "can_jax.dual": [
+        "DualEval", "device_count", "dual_grad", "dual_hessian", "dual_pass", "dual_value", "prompt_terms",
+    ],  # fmt: skip
     "can_jax.errors": [
         "CanError",
         "DegenerateDataError",
@@ -27,7 +29,6 @@ _EXPORTS = {
     "can_jax.inference": ["Bootstrap", "bootstrap", "sandwich_covariance", "standard_error_notes", "standard_errors"],
     "can_jax.result": ["DualResult", "Predicted", "Status"],
     "can_jax.scores": ["Scores", "from_grouped", "from_long", "from_padded"],
-    "can_jax.shard": ["device_count"],
     "can_jax.solve": ["solve_dual", "solve_dual_jit"],
     "can_jax.sweep": ["margin_grid", "solve_many", "solve_many_jit", "sweep", "sweep_jit"],
     "can_jax.sim.synthetic": ["synthetic_scores"],

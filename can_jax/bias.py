@@ -35,10 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from can_jax.dual import cast, masked, one_block, prompt_terms, scan_blocks, to_blocks
+from can_jax.dual import cast, device_count, masked, one_block, prompt_terms, scan_blocks, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.scores import Scores
-from can_jax.shard import device_count
 
 Z95 = 1.959963984540054
 

@@ -20,8 +20,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from can_jax.scores import Scores, pad_prompts
+from can_jax.errors import InvalidArgumentError
+from can_jax.scores import Scores
 
 
 # The one masked log-sum-exp of the project (DESIGN §2 numerics: max shift per prompt).
@@ -147,7 +149,7 @@ def prompt_terms(lam: jnp.ndarray, scores: Scores, margins: jnp.ndarray, beta, o
 
 
 def sharded(blocks: Scores) -> bool:
-    """Whether blocked scores carry a leading device axis ([D, C/D, B, K, ...], see `can_jax.shard`)."""
+    """Whether blocked scores carry a leading device axis ([D, C/D, B, K, ...], see `device_count` and `place`)."""
     return blocks.reward.ndim == 4
 
 
@@ -377,23 +379,52 @@ def auto_block(n: int, k: int, m: int, backend: str | None = None) -> int:
     return target
 
 
+# Prompts sharded over the local JAX devices: the dual and its bias are sums over prompts, so each device scans its
+# own share of the prompt blocks and the sums meet in one all-reduce per pass. Blocked scores are [C, B, ...] on one
+# device and [D, C/D, B, ...] over D devices, the leading axis laid out over a one-axis mesh ("prompts") with
+# `jax.sharding.NamedSharding`; `scan_blocks` vmaps its scan over that axis and XLA's SPMD partitioner gives each
+# device its slice. Multi-host runs go through `jax.distributed.initialize()` before any JAX call (its documented
+# set-up): `jax.local_devices()` is then this host's share, and nothing here is home-made about it.
+AXIS = "prompts"
+
+
+def device_count(devices: int | None = 1) -> int:
+    """The number of local devices a solve with `devices` uses: None means all of them. The figure to record (the
+    certificate's device count)."""
+    available = jax.local_device_count()
+    if devices is None:
+        return available
+    devices = int(devices)
+    if not 1 <= devices <= available:
+        raise InvalidArgumentError(f"devices must be between 1 and the {available} local JAX devices, got {devices}")
+    return devices
+
+
+def place(blocks, devices: int):
+    """Lays [D, C/D, B, ...] blocks out with their leading axis over `devices` devices (inside jit: a sharding
+    constraint the partitioner follows; outside: a transfer)."""
+    if devices <= 1:
+        return blocks
+    sharding = NamedSharding(Mesh(jax.local_devices()[:devices], (AXIS,)), PartitionSpec(AXIS))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), blocks)
+
+
 def to_blocks(scores: Scores, block: int | None | str = "auto", devices: int = 1) -> Scores:
     """Reshapes N prompts into [C, B, ...] blocks, padding N with zero-weight prompts.
 
     block: prompts per block; "auto" picks ~3 MB blocks on CPU and one big block on GPU; None is one block.
     devices: over D > 1 devices the blocks are [D, C/D, B, ...], laid out with the device axis sharded
-    (`can_jax.shard`); N is padded to a multiple of D·B.
+    (`place`); N is padded to a multiple of D·B.
     """
     n, k, m = scores.utility.shape
     per = -(-n // devices)
     if block == "auto":
         block = auto_block(per, k, m)
     b = per if block is None else min(int(block), per)
-    padded = pad_prompts(scores, b * devices)
+    extra = (-n) % (b * devices)  # zero-weight, all-masked prompts (static shapes)
+    padded = jax.tree.map(lambda x: jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)), scores) if extra else scores
     if devices <= 1:
         return jax.tree.map(lambda x: x.reshape((-1, b) + x.shape[1:]), padded)
-    from can_jax.shard import place
-
     return place(jax.tree.map(lambda x: x.reshape((devices, -1, b) + x.shape[1:]), padded), devices)
 
 

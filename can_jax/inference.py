@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from can_jax.dual import block_sum, cast, prompt_terms, to_blocks
+from can_jax.dual import block_sum, cast, device_count, prompt_terms, to_blocks
 from can_jax.result import Status
 from can_jax.scores import Scores
-from can_jax.shard import device_count
 from can_jax.solve import solve_dual
 
 # The active Hessian counts as singular below this fraction of its largest eigenvalue: λ is then not identified

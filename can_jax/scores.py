@@ -121,19 +121,6 @@ def from_long(prompt_index, reward, utility, dtype=None, max_responses: int | No
     )
 
 
-def pad_prompts(scores: Scores, block: int) -> Scores:
-    """Pads N up to a multiple of `block` with zero-weight, all-masked prompts (jit-friendly, static shapes)."""
-    n = scores.reward.shape[0]
-    extra = (-n) % block
-    if extra == 0:
-        return scores
-
-    def pad(x):
-        return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1))
-
-    return jax.tree.map(pad, scores)
-
-
 def from_grouped(
     prompt_index, reward, utility, max_responses: int | None = None, ref_utility=None, counts=None
 ) -> Scores:

@@ -31,11 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.certify import recession_slope, reduced_eigs
-from can_jax.dual import DualEval, Units, every, n_blocks, pass_units, to_blocks
+from can_jax.dual import DualEval, Units, device_count, every, n_blocks, pass_units, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.result import DualResult, Predicted, Status
 from can_jax.scores import Scores
-from can_jax.shard import device_count
 
 ARMIJO = 1e-4
 MAX_TRIES = 80  # damping increases per iteration (4^80: any step is short enough by then)
@@ -244,7 +243,7 @@ def solve_dual(
       dtype: the precision to solve in (static); default the scores' own. float32 scores (half the memory, as
         `scores.from_grouped` keeps them) solve in float64 with dtype=jnp.float64, upcast block by block.
       devices: shard the prompts over this many local JAX devices (static; None: all of them). See
-        `can_jax.shard`; the result's `devices` says how many were used.
+        `can_jax.dual.place`; the result's `devices` says how many were used.
     Returns:
       `DualResult`. Infeasible margins give status INFEASIBLE (never a silently huge λ). Concrete bad arguments
       (β ≤ 0 or not finite, NaN margins) raise `InvalidArgumentError`; traced ones (under jit/vmap) give INVALID.

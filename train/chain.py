@@ -16,7 +16,7 @@ from bridge.owned import same_location, spelled
 from bridge.reports import RefineRecord
 from bridge.tables import open_scores
 from can_jax.errors import CanError
-from train.prompts import prompt_key, shown_prompt, training_prompts
+from train.prompts import check_prompts_apart
 from train.scorers import ScorerOptions
 from train.settings import DPOSettings
 
@@ -89,17 +89,16 @@ class RefineConfig:
         if len(self.prompts) < 2:
             raise CanError(f"{len(self.prompts)} calibration prompt(s): give at least 2 (the intervals are over "
                            "prompts)")  # fmt: skip
-        from bridge.labels import check_label_options
-        from train.prompts import at_least_one
-
-        at_least_one(("--k", self.k), ("--test-k", self.test_k), ("--max-new-tokens", self.max_new_tokens),
-                     ("--gen-batch-size", self.gen_batch_size))  # fmt: skip
-
-        check_label_options(self.mode, self.pairs_per_prompt)  # the rounds' labelling, before round 0
+        for name in ("k", "test_k", "max_new_tokens", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise CanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.test_prompts is not None and len(self.test_prompts) < 2:
             raise CanError(f"{len(self.test_prompts)} test prompt(s): give at least 2 (the intervals are over prompts)")
         if self.start == "previous" and self.dpo.lora:
             raise CanError("--start previous with LoRA is not supported: a LoRA run's reference is its base model")
+        from bridge.labels import check_label_options
+
+        check_label_options(self.mode, self.pairs_per_prompt)  # the rounds' labelling, before round 0
 
     def chain_settings(self) -> dict:
         settings = {k: copy.deepcopy(getattr(self, k)) for k in CHAIN_SETTINGS}
@@ -115,10 +114,10 @@ def default_start(lora: bool) -> str:
 
 
 def chain_start(cfg: RefineConfig):
-    """(round-0 certificate, policy path): the policy's carried certificate, checked against --certificate, the
-    scores table and the reference. Refuses a policy or certificate from another chain, in one line."""
+    """(round-0 certificate, policy path, the scores table opened): the policy's carried certificate, checked against
+    --certificate, the scores table and the reference. Refuses a policy or certificate from another chain, in one
+    line."""
     from bridge.certificate import Certificate, read_beside
-    from bridge.tables import scores_sha256
 
     policy = Path(cfg.policy)
     if not policy.is_dir():
@@ -136,7 +135,8 @@ def chain_start(cfg: RefineConfig):
                        "and the same --out to continue a refine run")  # fmt: skip
     if not Path(cfg.scores).is_file():
         raise CanError(f"scores table not found: {cfg.scores}")
-    if scores_sha256(cfg.scores) != cert.scores_sha256:
+    scores = open_scores(cfg.scores)  # read once: hashed as it is read, every round takes it from memory
+    if scores.sha256 != cert.scores_sha256:
         raise CanError(f"{cfg.scores} is not the scores table the certificate of {policy} was solved on "
                        f"(sha256 {str(cert.scores_sha256)[:12]}…): give that table")  # fmt: skip
     from train.run_record import recorded_policy
@@ -145,39 +145,7 @@ def chain_start(cfg: RefineConfig):
     if base is not None and not same_location(base, cfg.reference):
         raise CanError(f"{policy} was aligned from {base!r}, not from the reference {cfg.reference!r}: give "
                        f"--reference {base}")  # fmt: skip
-    return cert, str(policy)
-
-
-def check_prompts_apart(cfg: RefineConfig) -> None:
-    """Calibration prompts steer λ and test prompts judge the rounds: neither may repeat, share a prompt with the
-    other, or be a training prompt of the scores table (gains there read higher than on fresh prompts). Refused in
-    one line, before any model work."""
-
-    def clash(a, b, what):
-        shared = sorted((set(a) & set(b)) - {None})
-        if shared:
-            raise CanError(f"{len(shared)} {what} (e.g. {shown_prompt(shared[0])}): {_APART}")
-
-    cal = [prompt_key(p) for p in cfg.prompts]
-    test = [prompt_key(p) for p in cfg.test_prompts or []]
-    for keys, name in ((cal, "calibration"), (test, "test")):
-        seen, repeats = set(), []
-        for k in keys:
-            if k is not None and k in seen:
-                repeats.append(k)
-            seen.add(k)
-        if repeats:
-            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. "
-                           f"{shown_prompt(repeats[0])}): the intervals are over distinct prompts; remove the "
-                           "repeats")  # fmt: skip
-    clash(cal, test, "calibration prompt(s) are also test prompts")
-    train = {prompt_key(p) for p in training_prompts(cfg.scores)}
-    clash(cal, train, "calibration prompt(s) are training prompts of the scores table")
-    clash(test, train, "test prompt(s) are training prompts of the scores table")
-
-
-_APART = ("calibration prompts steer the rounds and test prompts judge them, so both must be fresh to the policy and "
-          "apart from each other; use prompts the policy was not trained on, in one file each")
+    return cert, str(policy), scores
 
 
 def prompts_sha256(prompts: list) -> str:
@@ -252,11 +220,9 @@ def open_chain(cfg: RefineConfig):
     from train.scorers import parse_scorer
 
     cfg.check()
-    if not Path(cfg.scores).is_file():
-        raise CanError(f"scores table not found: {cfg.scores}")
-    cfg = replace(cfg, scores=open_scores(cfg.scores))
-    cert0, policy0 = chain_start(cfg)
-    check_prompts_apart(cfg)
+    cert0, policy0, scores = chain_start(cfg)
+    cfg = replace(cfg, scores=scores)
+    check_prompts_apart(cfg.prompts, cfg.test_prompts, cfg.scores)
     check_scorers(cert0, [parse_scorer(s)[0] for s in cfg.scorers])
     check_scorer_specs(cert0, [parse_scorer(s) for s in cfg.scorers])
     st = dist.state()

@@ -144,22 +144,23 @@ class EvaluateConfig:
 
 # What a reference-sample file holds; another value is never read (the samples are made again).
 REFERENCE_FORMAT = 1
-# The code the samples depend on: an edit of it invalidates every kept file.
-_SAMPLING_CODE = ("sampling.py", "tokens.py", "prompts.py")
 
 
 def reference_key(cfg: EvaluateConfig, prompts: list, scorers: list, device: str | None) -> str:
     """SHA-256 of what π_ref's samples and scores on `prompts` depend on: the reference model's files (by content up
     to 16 MB, by size and modification time above: weights rewritten by another run are another model), the prompts,
     each scorer's fingerprint, the sampling settings, the device, the torch and transformers versions and the
-    sampling code."""
+    sampling code (its functions' source: an edit of it invalidates every kept file)."""
     import hashlib
+    import inspect
     import json
 
     import torch
     import transformers
 
     from bridge.files import sha256_file
+    from train import prompts as tp
+    from train import sampling, tokens
     from train.models import resolve_policy
 
     folder = Path(resolve_policy(cfg.reference))
@@ -167,13 +168,13 @@ def reference_key(cfg: EvaluateConfig, prompts: list, scorers: list, device: str
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
         st = f.stat()
         files[str(f.relative_to(folder))] = sha256_file(f) if st.st_size <= 16 << 20 else [st.st_size, st.st_mtime_ns]
-    here = Path(__file__).parent
+    code = [inspect.getsource(x) for x in (sampling, tokens, tp.sample, tp.check_context, _policy_scores)]
     parts = {"format": REFERENCE_FORMAT, "model": files, "prompts": [str(p) for p in prompts],
              "scorers": {sc.name: sc.fingerprint() for sc in scorers}, "k": cfg.k,
              "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size, "seed": cfg.seed,
              "chat_template": cfg.chat_template, "dtype": cfg.dtype, "unit": PROMPTS_PER_UNIT,
              "device": device or "cpu", "torch": torch.__version__, "transformers": transformers.__version__,
-             "code": [sha256_file(here / name) for name in _SAMPLING_CODE]}  # fmt: skip
+             "code": hashlib.sha256("\0".join(code).encode()).hexdigest()}  # fmt: skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

@@ -182,3 +182,35 @@ def training_prompts(scores: str) -> list:
     table = read_table(scores, columns=["instruction", "prompt"])
     col = next((c for c in ("instruction", "prompt") if c in table.column_names), None)
     return [] if col is None else table.column(col).to_pylist()
+
+
+def check_prompts_apart(calibration: list, test: list | None, scores) -> None:
+    """Calibration prompts steer λ and test prompts judge the rounds: neither may repeat, share a prompt with the
+    other, or be a training prompt of the scores table (gains there read higher than on fresh prompts). Refused in
+    one line, before any model work."""
+
+    def clash(a, b, what):
+        shared = sorted((set(a) & set(b)) - {None})
+        if shared:
+            raise CanError(f"{len(shared)} {what} (e.g. {shown_prompt(shared[0])}): {_APART}")
+
+    cal = [prompt_key(p) for p in calibration]
+    test = [prompt_key(p) for p in test or []]
+    for keys, name in ((cal, "calibration"), (test, "test")):
+        seen, repeats = set(), []
+        for k in keys:
+            if k is not None and k in seen:
+                repeats.append(k)
+            seen.add(k)
+        if repeats:
+            raise CanError(f"{len(repeats)} {name} prompt(s) repeat an earlier one (e.g. "
+                           f"{shown_prompt(repeats[0])}): the intervals are over distinct prompts; remove the "
+                           "repeats")  # fmt: skip
+    clash(cal, test, "calibration prompt(s) are also test prompts")
+    train = {prompt_key(p) for p in training_prompts(scores)}
+    clash(cal, train, "calibration prompt(s) are training prompts of the scores table")
+    clash(test, train, "test prompt(s) are training prompts of the scores table")
+
+
+_APART = ("calibration prompts steer the rounds and test prompts judge them, so both must be fresh to the policy and "
+          "apart from each other; use prompts the policy was not trained on, in one file each")

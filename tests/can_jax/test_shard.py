@@ -20,7 +20,7 @@ import jax
 jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 from can_jax.bias import finite_k_bias_jit
-from can_jax.shard import device_count
+from can_jax.dual import device_count
 from can_jax.sim.synthetic import synthetic_scores
 from can_jax.solve import solve_dual_jit
 
@@ -54,7 +54,7 @@ def test_two_devices_give_the_one_device_lambda_and_bias():
 def test_device_count_checks_its_argument():
     import jax
 
-    from can_jax.shard import device_count
+    from can_jax.dual import device_count
 
     assert device_count(None) == jax.local_device_count()
     assert device_count(1) == 1

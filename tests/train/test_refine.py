@@ -321,7 +321,7 @@ def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):
     import pyarrow.parquet as pq
 
     from can_jax.errors import CanError
-    from train.chain import RefineConfig, check_prompts_apart
+    from train.prompts import check_prompts_apart
 
     scores = tmp_path / "scores.parquet"
     train = ["Bake bread.", "Fix a tyre.", "Plant tomatoes."]
@@ -330,19 +330,17 @@ def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):
     fresh, test = ["Explain tides.", "Name a goldfish."], ["Unclog a sink.", "Pick avocados."]
 
     def refused(prompts, test_prompts=None):
-        cfg = RefineConfig(policy="", scores=str(scores), prompts=prompts, scorers=[], test_prompts=test_prompts)
         with pytest.raises(CanError) as err:
-            check_prompts_apart(cfg)
+            check_prompts_apart(prompts, test_prompts, str(scores))
         return str(err.value)
 
-    check_prompts_apart(RefineConfig(policy="", scores=str(scores), prompts=fresh, scorers=[], test_prompts=test))
+    check_prompts_apart(fresh, test, str(scores))
     assert "1 calibration prompt(s) repeat" in refused([*fresh, "Explain  tides. "], test)
     assert "2 calibration prompt(s) are also test prompts" in refused([*fresh, *test], test)
     conv = [{"role": "user", "content": "Fix a  tyre."}]  # text is a one-turn user conversation
     assert "1 calibration prompt(s) are training prompts" in refused([*fresh, conv], test)
     system = [{"role": "system", "content": "Be brief."}, *conv]  # another system prompt: another prompt
-    check_prompts_apart(RefineConfig(policy="", scores=str(scores), prompts=[*fresh, system, conv[0:1] * 2],
-                                     scorers=[], test_prompts=test))  # fmt: skip
+    check_prompts_apart([*fresh, system, conv[0:1] * 2], test, str(scores))
     # A table whose prompts are conversations (an `instruction` column of messages) and one with only `prompt`.
     chat = [[{"role": "user", "content": t}] for t in train]
     pq.write_table(pa.table({"prompt_id": np.arange(3), "instruction": chat}), scores)
