@@ -28,13 +28,16 @@ def _env():
     return env
 
 
-def _can(*args, procs: int | None = None, timeout=600, check=True):
+def _can(*args, procs: int | None = None, timeout=600, check=True, env: dict | None = None):
     """`python -m train.cli ARGS`, with `--num-processes PROCS` when given (on this CPU machine: PROCS processes
-    over gloo, launched by the command itself through accelerate's launcher)."""
+    over gloo, launched by the command itself through accelerate's launcher); `env`: variables to set (None: unset)."""
     cmd = [sys.executable, "-m", "train.cli", *map(str, args)]
     if procs is not None:
         cmd += ["--num-processes", str(procs)]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    full = _env()
+    for k, v in (env or {}).items():
+        full.pop(k, None) if v is None else full.update({k: v})
+    res = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -157,25 +160,32 @@ def test_two_processes_collect_train_evaluate_like_one(tiny_lm, tmp_path):
     cert, prefs = tmp_path / "cert.json", tmp_path / "prefs.parquet"
     _can("dual", one, "--reward", "len", "--constraint", "e=0", "--beta", 0.5, "--out", cert)
     _can("label", one, cert, "--mode", "soft", "--pairs-per-prompt", 2, "-o", prefs)
-    runs = {}
-    for procs, batch in ((1, 4), (2, 2)):
-        run = tmp_path / f"run{procs}"
-        # Plain SGD: Adam turns a gradient that is 0 in one run and 1e-12 of rounding in the other into a full
-        # step (measured with AdamW at lr 1e-3: losses 6e-4 apart after 3 steps); SGD keeps rounding as rounding
-        # (weights 1e-6 apart relative).
-        _can("train", prefs, "--policy", path, "--out", run, "--batch-size", batch, "--lr", 0.5, "--optim", "sgd",
-             "--precision", "fp32", "--seed", 0, "--max_steps", 4, "--logging_steps", 1, "--save_steps", 4,
-             procs=procs)  # fmt: skip
-        runs[procs] = run
+    # The same pairs without the recorded log π_ref: the reference forward runs, once per distinct response, its
+    # batches split over the processes and gathered back in order.
+    bare = tmp_path / "bare.parquet"
+    table = pq.read_table(prefs)
+    pq.write_table(table.drop_columns(["logp_ref_chosen", "logp_ref_rejected"]).replace_schema_metadata(
+        table.schema.metadata), bare)  # fmt: skip
     from transformers import AutoModelForCausalLM
 
-    w1 = AutoModelForCausalLM.from_pretrained(runs[1] / "policy").state_dict()
-    w2 = AutoModelForCausalLM.from_pretrained(runs[2] / "policy").state_dict()
     base = AutoModelForCausalLM.from_pretrained(path).state_dict()
-    moved = max(float((w1[k] - base[k]).abs().max()) for k in w1)
-    assert moved > 1e-3  # the 4 steps did train
-    for k in w1:
-        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-4 * float(w1[k].abs().max())), k
+    for pairs in (prefs, bare):
+        runs = {}
+        for procs, batch in ((1, 4), (2, 2)):
+            run = tmp_path / f"run{procs}-{pairs.stem}"
+            # Plain SGD: Adam turns a gradient that is 0 in one run and 1e-12 of rounding in the other into a full
+            # step (measured with AdamW at lr 1e-3: losses 6e-4 apart after 3 steps); SGD keeps rounding as rounding
+            # (weights 1e-6 apart relative).
+            _can("train", pairs, "--policy", path, "--out", run, "--batch-size", batch, "--lr", 0.5, "--optim",
+                 "sgd", "--precision", "fp32", "--seed", 0, "--max_steps", 4, "--logging_steps", 1, "--save_steps",
+                 4, procs=procs)  # fmt: skip
+            runs[procs] = run
+        w1 = AutoModelForCausalLM.from_pretrained(runs[1] / "policy").state_dict()
+        w2 = AutoModelForCausalLM.from_pretrained(runs[2] / "policy").state_dict()
+        moved = max(float((w1[k] - base[k]).abs().max()) for k in w1)
+        assert moved > 1e-3  # the 4 steps did train
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-4 * float(w1[k].abs().max())), k
     losses = {}
     for procs, run in runs.items():
         state = json.loads((run / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
@@ -188,12 +198,14 @@ def test_two_processes_collect_train_evaluate_like_one(tiny_lm, tmp_path):
     )
     assert not list(runs[2].rglob("*.tmp*"))
 
-    # ⑤ evaluate: the report of two processes is the one of one process.
-    for procs in (None, 2):
-        _can("evaluate", runs[1] / "policy", cert, prompts, *scorers, "--reference", path, "--k", 3,
-             "--max-new-tokens", 5, "--out", tmp_path / f"eval{procs}", procs=procs)  # fmt: skip
-    r1 = json.loads((tmp_path / "evalNone" / "evaluation.json").read_text())
-    r2 = json.loads((tmp_path / "eval2" / "evaluation.json").read_text())
+    # ⑤ evaluate: the report of two processes (sampling the aligned policy, reading the reference's samples the
+    # one-process run kept: the main process reads, every process receives) is the one of one process.
+    cache = {"CAN_NO_CACHE": None, "CAN_CACHE_DIR": str(tmp_path / "cache")}
+    for name, procs in (("one", None), ("two", 2)):
+        res = _can("evaluate", runs[1] / "policy", cert, prompts, *scorers, "--reference", path, "--k", 3,
+                   "--max-new-tokens", 5, "--out", tmp_path / f"eval-{name}", procs=procs, env=cache)  # fmt: skip
+        assert ("reused from" in res.stderr) == (name == "two")
+    r1, r2 = (json.loads((tmp_path / f"eval-{name}" / "evaluation.json").read_text()) for name in ("one", "two"))
     assert r1["rows"] == r2["rows"] and r1["examples"] == r2["examples"]
     assert np.isfinite([r["achieved_gain"] for r in r1["rows"]]).all()
 

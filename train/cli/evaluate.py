@@ -54,6 +54,15 @@ def evaluate_cmd(
     scorer_max_length: ScorerMaxLengthOpt = FROM_CONFIG,
     scorer_batch_size: ScorerBatchOpt = FROM_CONFIG,
     dtype: DtypeOpt = FROM_CONFIG,
+    reuse_reference: Annotated[
+        bool,
+        typer.Option(
+            "--reuse-reference/--no-reuse-reference",
+            help="Keep π_ref's samples and scores on these prompts in $CAN_CACHE_DIR/reference-samples, under the hash "
+            "of the reference's files, the prompts, the sampling settings, the scorers and the code, and read them "
+            "back when a later run has the same (CAN_NO_CACHE=1 turns it off too).",
+        ),
+    ] = FROM_CONFIG,
     train_scores: Annotated[
         Optional[Path],
         typer.Option(
@@ -94,7 +103,8 @@ def evaluate_cmd(
     ecfg = EvaluateConfig(aligned=aligned, reference=reference, scorers=tuple(scorer), out=str(out), k=k,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, chat_template=chat_template,
                           scorer_options=ScorerOptions(scorer_template, scorer_dtype, scorer_max_length,
-                                                       scorer_batch_size), dtype=dtype)  # fmt: skip
+                                                       scorer_batch_size), dtype=dtype,
+                          reuse_reference=reuse_reference)  # fmt: skip
     # Every input is checked before any model is loaded: the scorers against the certificate (the gains of another
     # scorer under a constraint's name would compare another quantity with its prediction), the prompts against the
     # training table.
