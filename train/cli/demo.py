@@ -55,7 +55,7 @@ def demo(
     harmlessness and politeness) → dual (β = 0.5, margins at 50% of each constraint's reach) → ~1,500 hard labels
     (12 per prompt) → one DPO epoch (top 8 blocks) → evaluation: predicted gains beside the aligned model's gains on the
     training samples and on 48 test prompts never used to choose these settings, with a text check (distinct-2,
-    log π_ref per token) and the KL, in OUT/evaluation/evaluation.md (11.5–13 min on a 2-core Intel Xeon).
+    log π_ref per token) and the KL, in OUT/evaluation/evaluation.md (10–13 min on a 2-core Intel Xeon).
     With --refine N: then up to N correction rounds (see `can refine`), with the rounds table in OUT/refine/rounds.md.
     With --synthetic: a synthetic 3-constraint problem, solved, certified and swept (no language model).
     """
