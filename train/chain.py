@@ -89,9 +89,10 @@ class RefineConfig:
         if len(self.prompts) < 2:
             raise CanError(f"{len(self.prompts)} calibration prompt(s): give at least 2 (the intervals are over "
                            "prompts)")  # fmt: skip
-        for name in ("k", "test_k", "max_new_tokens", "gen_batch_size"):
-            if getattr(self, name) < 1:
-                raise CanError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        from train.prompts import at_least_one
+
+        at_least_one(("--k", self.k), ("--test-k", self.test_k), ("--max-new-tokens", self.max_new_tokens),
+                     ("--gen-batch-size", self.gen_batch_size))  # fmt: skip
         if self.test_prompts is not None and len(self.test_prompts) < 2:
             raise CanError(f"{len(self.test_prompts)} test prompt(s): give at least 2 (the intervals are over prompts)")
         if self.start == "previous" and self.dpo.lora:

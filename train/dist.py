@@ -97,9 +97,9 @@ def shared(st, make):
 def keep_freed_memory() -> bool:
     """Sets glibc's allocator to serve every allocation from its heap and keep freed memory there. By default glibc
     hands blocks above its mmap threshold (at most 32 MB) to the kernel as fresh mappings and unmaps them on free; a
-    DPO step or a sampling batch allocates and frees hundreds of MB of activations, logits and caches, so every step
-    faulted its memory in again page by page and the kernel's share of the demo's CPU time reached a fifth
-    (docs/RESULTS.md, "Memory the kernel hands out again"). The process then holds its peak, which it reaches anyway.
+    DPO step allocates and frees hundreds of MB of activations and logit tiles, so every step had the kernel fault
+    that memory in and zero it again (docs/RESULTS.md, "The demo's time and the kernel's share"). The process then
+    holds its peak, which it reaches anyway.
     Called by the `can` command at start; a script that runs the stages itself may call it first. A C library other
     than glibc (musl, macOS) is left as it is: returns whether the settings were made."""
     import ctypes
