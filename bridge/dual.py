@@ -9,13 +9,14 @@ correction rounds call this same function, so their certificates cannot diverge.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from bridge.certificate import Certificate
-from bridge.tables import ConstraintSpec, load_scores, parse_constraint
+from bridge.tables import ConstraintSpec, load_for, load_scores, parse_constraint
 from can_jax.errors import CanError, InvalidArgumentError
 
 
@@ -97,18 +98,26 @@ def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: fl
     certificate on its parent's table, at margins given as numbers)."""
     import jax.numpy as jnp
 
+    from bridge.bias import bias_block
     from bridge.scores_table import collect_record
+    from can_jax import aot
+    from can_jax.bias import finite_k_bias_jit
+    from can_jax.dual import device_count
     from can_jax.result import Status
 
-    t1 = time.perf_counter()
-    from can_jax.dual import device_count
-
+    data = data_summary(loaded, cfg.reward, cfg.prompt_id)
+    scorers = collect_record(cfg.scores).scorer_block(cfg.reward, loaded.names, loaded.kinds)
     devices = device_count(cfg.devices)
+    placed = devices_block(devices)
+    t1 = time.perf_counter()
     result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se, devices, limit_block)
     t2 = time.perf_counter()
     bias = None
-    if cfg.bias and int(result.status) == Status.CONVERGED:
-        bias = certificate_bias(result, loaded, cfg.beta, devices)
+    if cfg.bias and int(result.status) == Status.CONVERGED:  # the finite-K bias block (`can dual --bias`)
+        dtype = jnp.dtype(loaded.dtype)
+        report = aot.call("finite_k_bias", finite_k_bias_jit, result.x, loaded.scores,
+                          jnp.asarray(loaded.margins, dtype), cfg.beta, static={"dtype": dtype, "devices": devices})
+        bias = bias_block(report, loaded.names)
     t3 = time.perf_counter()
     pecan = None
     if cfg.pecan:
@@ -119,11 +128,9 @@ def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: fl
     if bias is not None:
         timing["bias_s"] = round(t3 - t2, 4)
     return Certificate.build(
-        result, loaded.names, loaded.kinds, loaded.margins, cfg.beta, data_summary(loaded, cfg.reward, cfg.prompt_id),
-        standard_errors=errs, tol=tol, dtype=str(jnp.dtype(loaded.dtype)), standard_error_notes=notes,
-        bias=bias, limits=limit_block,
-        scorers=collect_record(cfg.scores).scorer_block(cfg.reward, loaded.names, loaded.kinds), pecan=pecan,
-        timing=timing, devices=devices_block(devices),
+        result, loaded.names, loaded.kinds, loaded.margins, cfg.beta, data, standard_errors=errs, tol=tol,
+        dtype=str(jnp.dtype(loaded.dtype)), standard_error_notes=notes, bias=bias, limits=limit_block,
+        scorers=scorers, pecan=pecan, timing=timing, devices=placed,
     )  # fmt: skip
 
 
@@ -149,35 +156,6 @@ def margins_at_reach(scores, reward: str, names: list[str], beta: float, fractio
     return [f"{n}={round(float(fraction * r), 4)}" for n, r in zip(names, reach, strict=True)]
 
 
-def certificate_bias(result, loaded, beta: float, devices: int | None = 1) -> dict:
-    """The certificate's `bias` block for a converged solve of a loaded table (`can dual --bias`)."""
-    import jax.numpy as jnp
-
-    from bridge.bias import bias_block
-    from can_jax.bias import finite_k_bias_jit
-
-    dtype = jnp.dtype(loaded.dtype)
-    margins = jnp.asarray(loaded.margins, dtype)
-    from can_jax import aot
-
-    report = aot.call("finite_k_bias", finite_k_bias_jit, result.x, loaded.scores, margins, beta,
-                      static={"dtype": dtype, "devices": devices})  # fmt: skip
-    return bias_block(report, loaded.names)
-
-
-def loaded_for(scores_path, cert: Certificate, dtype=None, keep_float32: bool = False):
-    """The scores table read exactly as `can dual` read it for this certificate (same columns, kinds, margins,
-    reference columns and bad-row rule)."""
-    specs = [ConstraintSpec(n, m, k) for (n, m), k in zip(cert.margins.items(), cert.kinds, strict=True)]
-    refs = cert.reference_columns
-    if dtype is None and keep_float32:
-        import jax.numpy as jnp
-
-        dtype = jnp.float32 if cert.dtype == "float32" else jnp.float64
-    return load_scores(scores_path, cert.reward, specs, cert.prompt_id, drop_bad_rows=cert.drops_bad_rows, dtype=dtype,
-                       ref_columns=refs or None, keep_float32=keep_float32)  # fmt: skip
-
-
 def check_solution(scores_path, cert: Certificate) -> float:
     """Re-evaluates the dual at the certificate's λ and β on the table and refuses a λ that is not its solution
     (a hand-edited β or λ): the scaled KKT residual must be within 100× the tolerance the solve reached.
@@ -186,7 +164,7 @@ def check_solution(scores_path, cert: Certificate) -> float:
 
     from can_jax.solve import kkt_at
 
-    loaded = loaded_for(scores_path, cert)
+    loaded = load_for(scores_path, cert)
     dtype = loaded.scores.reward.dtype
     lam = jnp.asarray(list(cert.lam.values()), dtype)
     res, floor = kkt_at(loaded.scores, jnp.asarray(loaded.margins, dtype), cert.beta, lam, dtype=jnp.float64)
@@ -295,21 +273,22 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     return result, errs, notes, tol
 
 
-def sensitivity_at(scores_path, cert: Certificate) -> np.ndarray:
-    """The dual's Hessian ∇²D̂(λ) at the certificate's λ on its table, in float64: the derivative ∂p/∂λ of the
-    predicted gains, the first sensitivity of `can refine`'s Newton step."""
+def sensitivity_at(loaded, cert: Certificate) -> np.ndarray:
+    """The dual's Hessian ∇²D̂(λ) at the certificate's λ on its table (`bridge.tables.load_for`), in float64: the
+    derivative ∂p/∂λ of the predicted gains, the first sensitivity of `can refine`'s Newton step."""
     import jax.numpy as jnp
 
-    from can_jax.refine import sensitivity
+    from can_jax.dual import sensitivity
 
-    loaded = loaded_for(scores_path, cert, dtype=jnp.float64)
     lam = jnp.asarray([cert.lam[n] for n in cert.names], jnp.float64)
     return np.asarray(sensitivity(lam, loaded.scores, cert.beta)[1], float)
 
 
-def round_certificate(scores_path, parent: Certificate, lam, index: int, **record) -> Certificate:
-    """The certificate of correction round `index` (`can refine`): the dual on the parent's own table whose solution
-    is `lam` (the λ the round's step chose), so that `label` relabels the same samples under it and re-checks it.
+def round_certificate(loaded, parent: Certificate, lam, index: int, path=None, **record) -> Certificate:
+    """The certificate of correction round `index` (`can refine`): the dual on the parent's own table (`loaded`, as
+    `bridge.tables.load_for` reads it) whose solution is `lam` (the λ the round's step chose), so that `label`
+    relabels the same samples under it and re-checks it. With `path` it is written there, or read back from there
+    when a resumed run has it already (refused if it belongs to another chain).
 
     Any λ ≥ 0 solves the dual at the *effective* margins b' = p(λ) for constraints with λ_j > 0 and
     b'_j = min(b_j, p_j(λ)) for the others, where p(λ) are π_λ's predicted gains on the samples. This solves that
@@ -318,23 +297,33 @@ def round_certificate(scores_path, parent: Certificate, lam, index: int, **recor
     """
     import jax.numpy as jnp
 
-    from can_jax.refine import sensitivity
+    from can_jax.dual import sensitivity
 
+    if path is not None and os.path.isfile(path):
+        cert = Certificate.read(path)
+        if cert.parent_sha256 != parent.sha256 or cert.round_index != index:
+            raise CanError(f"{path} is not round {index} of this chain (its parent is another certificate): use "
+                           "another --out")  # fmt: skip
+        return cert
     t0 = time.perf_counter()
-    exact = loaded_for(scores_path, parent)  # p(λ) in the table's own precision, as the step computed it
     lam = np.maximum(np.asarray(lam, float), 0.0)
-    p = np.asarray(sensitivity(jnp.asarray(lam, exact.scores.reward.dtype), exact.scores, parent.beta)[0], float)
-    loaded = loaded_for(scores_path, parent, keep_float32=True)  # as `can dual` loads it for the solve
+    p = np.asarray(sensitivity(jnp.asarray(lam, loaded.scores.reward.dtype), loaded.scores, parent.beta)[0], float)
     targets = parent.target_margins
     eff = np.where(lam > 0, p, np.minimum([targets[n] for n in parent.names], p))
     pecan = parent.pecan
-    cfg = DualConfig(scores=scores_path, reward=parent.reward, beta=parent.beta, prompt_id=parent.prompt_id,
-                     float32=parent.dtype == "float32", drop_bad_rows=parent.drops_bad_rows, pecan=pecan is not None,
+    cfg = DualConfig(scores=loaded.source or loaded.path, reward=parent.reward, beta=parent.beta,
+                     prompt_id=parent.prompt_id, float32=parent.dtype == "float32",
+                     drop_bad_rows=parent.drops_bad_rows, pecan=pecan is not None,
                      kl=(pecan or {}).get("reference", "token"))  # fmt: skip
     # The margins go to the solve as the numbers they are (a cost's margin is the reduction of its mean, the gain
-    # of the negated column: the same number in both).
-    cert = certify(replace(loaded, margins=np.asarray(eff, float)), cfg, load_s=time.perf_counter() - t0)
+    # of the negated column: the same number in both); a float32 chain solves in float32 as `can dual` did.
+    at = replace(loaded, margins=np.asarray(eff, float), dtype=np.dtype(parent.dtype or "float64"))
+    cert = certify(at, cfg, load_s=time.perf_counter() - t0)
     if not cert.converged:
         raise CanError(f"round {index}: the dual at the round's λ did not converge ({cert.message})")
-    return cert.with_round(index, parent, requested_lambda=dict(zip(parent.names, lam.tolist(), strict=True)),
+    cert = cert.with_round(index, parent, requested_lambda=dict(zip(parent.names, lam.tolist(), strict=True)),
                            **record)  # fmt: skip
+    if path is not None:
+        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+        cert.write(path)
+    return cert

@@ -1,4 +1,5 @@
-"""Atomic writes and content hashes: a crash never leaves a half-written file behind.
+"""Atomic writes, content hashes and path spellings: a crash never leaves a half-written file behind, and two
+spellings of one path (relative, `~`, symlinks) are one file.
 
 A write that fails (a directory in the way, a file as a parent, a read-only disk, no space) raises `OutputError`
 with one line naming the path; new files get the permissions the umask gives, as `open()` would.
@@ -114,3 +115,27 @@ def honour_umask(folder: str | os.PathLike) -> None:
                 os.chmod(f, mode)
             except OSError:
                 pass  # a file of someone else's: left as it is
+
+
+def resolved(path: str | os.PathLike) -> Path:
+    """`path` with `~`, `.`, `..`, symlinks and the working directory resolved: two spellings of one file agree."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as err:  # a symlink loop, an unreadable component
+        raise OutputError(f"cannot resolve {path}: {err}") from None
+
+
+def spelled(path) -> str:
+    """How a run records a model or file it was given: the resolved path when it exists (so that the same command
+    run from another folder, or with an absolute path, names the same thing), else the text (a Hub id, 'smollm2')."""
+    text = str(path)
+    return str(resolved(text)) if text and os.path.exists(text) else text
+
+
+def same_location(a, b) -> bool:
+    """Whether two recorded spellings name the same model or file: equal texts, or paths resolving to one place."""
+    if a is None or b is None:
+        return a is b
+    if str(a) == str(b):
+        return True
+    return os.path.exists(str(a)) and os.path.exists(str(b)) and resolved(str(a)) == resolved(str(b))

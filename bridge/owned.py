@@ -5,7 +5,7 @@ inputs or a folder holding one (`check_not_inputs`). A file output replaces only
 artifact's owner reads it (`replaceable`). A folder a run writes into (`can train`'s OUT, a demo's folder, an
 evaluation's) lists the entries `can` made in its marker, `OUT/.can-made.json`, and only those are replaced or
 cleaned (`claim`): a user's own `data/` in the folder given as --out is never touched. Runs record the models and
-files they were given by resolved path (`spelled`), so the same command from another folder resumes them.
+files they were given by resolved path (`bridge.files.spelled`), so the same command from another folder resumes them.
 """
 
 from __future__ import annotations
@@ -15,18 +15,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from bridge.files import atomic_write_text, path_problem
+from bridge.files import atomic_write_text, path_problem, resolved
 from can_jax.errors import OutputError
 
 MARKER = ".can-made.json"
-
-
-def resolved(path: str | os.PathLike) -> Path:
-    """`path` with `~`, `.`, `..`, symlinks and the working directory resolved: two spellings of one file agree."""
-    try:
-        return Path(path).expanduser().resolve()
-    except (RuntimeError, OSError) as err:  # a symlink loop, an unreadable component
-        raise OutputError(f"cannot resolve {path}: {err}") from None
 
 
 def check_not_inputs(outputs: list[tuple[str, object]], inputs: list[tuple[str, object]]) -> None:
@@ -121,19 +113,3 @@ def is_png(path: str | os.PathLike) -> bool:
             return f.read(8) == b"\x89PNG\r\n\x1a\n"
     except OSError:
         return False
-
-
-def spelled(path) -> str:
-    """How a run records a model or file it was given: the resolved path when it exists (so that the same command
-    run from another folder, or with an absolute path, names the same thing), else the text (a Hub id, 'smollm2')."""
-    text = str(path)
-    return str(resolved(text)) if text and os.path.exists(text) else text
-
-
-def same_location(a, b) -> bool:
-    """Whether two recorded spellings name the same model or file: equal texts, or paths resolving to one place."""
-    if a is None or b is None:
-        return a is b
-    if str(a) == str(b):
-        return True
-    return os.path.exists(str(a)) and os.path.exists(str(b)) and resolved(str(a)) == resolved(str(b))

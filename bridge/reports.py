@@ -131,6 +131,19 @@ class EvaluationReport(_Report):
                 return r
         raise CanError(f"the evaluation has no row {name!r} (it has {[r.name for r in self._rows]})")
 
+    def gains(self, names: list[str], level: float) -> dict:
+        """The named rows' achieved gains a [m], standard errors [m] and half-widths of their simultaneous intervals
+        at joint `level` (Student t over prompts, Bonferroni over the m names): what `can refine` steers by."""
+        import numpy as np
+        from scipy.stats import t
+
+        from can_jax.refine import simultaneous_level
+
+        a = np.array([self.row(n).achieved_gain for n in names], float)
+        se = np.array([self.row(n).standard_error for n in names], float)
+        q = float(t.ppf(0.5 + simultaneous_level(len(names), level) / 2, self.prompts - 1))
+        return {"gain": a, "se": se, "half_width": q * se}
+
     @property
     def names(self) -> list[str]:
         return [r.name for r in self._rows]

@@ -245,6 +245,7 @@ class LoadedScores:
     ref_columns: dict | None = None  # constraint → column giving E_ref[g | x] (else the sample mean)
     bad_rows: str = "refused"  # the rule applied to bad rows: "refused" or "dropped" (--drop-bad-rows)
     dtype: np.dtype = np.dtype(np.float64)  # the dtype the dual is computed in (scores may be stored narrower)
+    source: ScoresFile | None = None  # the table read once it came from, for stages that need more of it
 
 
 def _rows_list(rows: np.ndarray, limit: int = 8) -> str:
@@ -387,7 +388,15 @@ def load_scores(
         loaded = _validated(path, table, reward, constraints, prompt_id, drop_bad_rows, dtype, ref_columns,
                             keep_float32, names)  # fmt: skip
         sha = path.sha256 if known else digest.result() if digest is not None else sha256_file(path)
-        return replace(loaded, sha256=sha)
+        return replace(loaded, sha256=sha, source=path if known else None)
+
+
+def load_for(path, cert) -> LoadedScores:
+    """The scores table read exactly as `can dual` read it for certificate `cert`: its columns, kinds, margins,
+    reference columns and bad-row rule, in float64."""
+    specs = [ConstraintSpec(n, m, k) for (n, m), k in zip(cert.margins.items(), cert.kinds, strict=True)]
+    return load_scores(path, cert.reward, specs, cert.prompt_id, drop_bad_rows=cert.drops_bad_rows,
+                       ref_columns=cert.reference_columns or None)  # fmt: skip
 
 
 def _all_columns(path, table: pa.Table) -> list[str]:

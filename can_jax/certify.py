@@ -8,9 +8,9 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from can_jax.dual import block_sum, masked, pass_units, reference_utility, shift_block
+from can_jax.dual import block_sum, masked, pass_units, reference_utility, shift_block, to_blocks
 from can_jax.result import Predicted
-from can_jax.scores import Scores
+from can_jax.scores import Scores, from_long
 
 
 def kkt_residual(lam: jnp.ndarray, grad: jnp.ndarray) -> jnp.ndarray:
@@ -123,3 +123,14 @@ def infeasibility_message(result, names: list[str], margins) -> str:
         f"{combo} the margins ask for {u @ margins:+.6g}, which exceeds what any policy on these samples "
         f"reaches by {-slope:.3g}"
     )
+
+
+def tilt_gains(prompt_ids, s, g, beta: float):
+    """[m] gains Σ_k w_ik g_ik − mean_k g_ik averaged over prompts, with w_i = softmax_k(s_ik / β): the outcome on the
+    samples of the policy π ∝ π_ref exp(s/β) (DESIGN §2's predicted gains, through the same dual pass)."""
+    import numpy as np
+
+    ids = np.unique(np.asarray(prompt_ids), return_inverse=True)[1]
+    g = np.asarray(g, float).reshape(len(ids), -1)
+    sc = from_long(ids, np.asarray(s, float), g, dtype=jnp.float64)
+    return np.asarray(predicted_outcome(jnp.zeros(g.shape[1]), to_blocks(sc), beta).utility_gain)

@@ -219,28 +219,6 @@ def _slices_max(x: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     return jnp.stack([jnp.max(jnp.where(mask, x[..., j], -jnp.inf), axis=1) for j in range(m)], axis=-1)
 
 
-def centre_block(block: Scores) -> tuple[Scores, jnp.ndarray, jnp.ndarray]:
-    """Per-prompt centred scores of a block (r − E_ref[r|x_i], g − E_ref[g|x_i] on the samples; padding zeroed),
-    with the reference weights p [B, K] and E_ref[r|x_i] [B]. The dual's λ*, ∇D̂, ∇²D̂, reach and predictions do not
-    move; D̂ moves by the prompt-weighted mean of E_ref[r|x_i]. Row-wise, so centring a block inside a pass costs no
-    copy of the table and keeps the low bits of large per-prompt offsets."""
-    sc = masked(block)
-    dtype = sc.reward.dtype
-    mask = sc.mask
-    if sc.log_prior is None:
-        p = mask / jnp.maximum(mask.sum(axis=1), 1).astype(dtype)[:, None]  # [B, K]
-    else:
-        _, p = masked_log_softmax(sc.log_prior, mask)
-    m = sc.utility.shape[-1]
-    # One [B, K] reduction per utility: XLA CPU runs these far faster than an einsum over the middle axis.
-    g_mean = jnp.stack([(p * sc.utility[..., j]).sum(axis=1) for j in range(m)], axis=-1)  # [B, m]
-    r_mean = (p * sc.reward).sum(axis=1)  # [B]
-    g = jnp.where(mask[..., None], sc.utility - g_mean[:, None, :], 0.0)
-    r = jnp.where(mask, sc.reward - r_mean[:, None], 0.0)
-    ref = None if sc.ref_utility is None else sc.ref_utility - g_mean
-    return sc._replace(reward=r, utility=g, ref_utility=ref), p, r_mean
-
-
 def shift_block(block: Scores) -> tuple[Scores, jnp.ndarray, jnp.ndarray]:
     """A block with each prompt's scores shifted by those of its first real response (padding zeroed): the large
     per-prompt offsets of real reward models leave the low bits of the pass, as with centring, at the cost of one
@@ -350,7 +328,7 @@ def pass_blocks(
 
     `predict` adds the predicted outcome and `reach` the constraints' reach (static flags: each costs ~30% of a
     pass on CPU, so the solver asks for them once, not at every Newton step). `centre` centres each prompt's
-    scores inside the pass (`centre_block`): the same answer on data with large per-prompt offsets, and `value`
+    scores inside the pass (`shift_block`): the same answer on data with large per-prompt offsets, and `value`
     without the prompt-weighted mean of E_ref[r | x_i].
     """
     return pass_units(lam, blocks, margins, beta, order, predict, reach, centre)[0]
@@ -456,3 +434,14 @@ def dual_grad(lam, scores: Scores, margins, beta, block: int | None | str = "aut
 def dual_hessian(lam, scores: Scores, margins, beta, block: int | None | str = "auto") -> jnp.ndarray:
     """∇²D̂(λ): [m, m], (1/(βN)) Σ_i Cov_{w_i}(g_i), positive semi-definite."""
     return dual_pass(lam, scores, margins, beta, 2, block).hess
+
+
+@jax.jit
+def sensitivity(lam: jnp.ndarray, scores, beta) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(p, H) of π_λ on a scores table: its predicted utility gains [m] and their derivative ∂p/∂λ = ∇²D̂(λ)
+    [m, m] (one centred pass of the dual; the margins do not enter either)."""
+    dtype = scores.reward.dtype
+    lam = jnp.asarray(lam, dtype)
+    ev, _ = pass_units(lam, to_blocks(scores), jnp.zeros_like(lam), jnp.asarray(beta, dtype), 2, predict=True,
+                       centre=True, dtype=dtype)  # fmt: skip
+    return ev.grad, ev.hess

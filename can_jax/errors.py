@@ -57,3 +57,10 @@ class OutputError(CanError):
     """An output file could not be written (a directory in the way, a read-only disk, no space)."""
 
     outcome = Outcome.OUTPUT_ERROR
+
+
+def at_least_one(*named) -> None:
+    """CanError for the first (option, value) below 1."""
+    for name, value in named:
+        if value < 1:
+            raise CanError(f"{name} must be at least 1, got {value}")

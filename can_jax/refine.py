@@ -155,19 +155,6 @@ def on_target(gain: jnp.ndarray, margins: jnp.ndarray, active: jnp.ndarray, inte
     return jnp.all(jnp.where(active, close, met))
 
 
-@jax.jit
-def sensitivity(lam: jnp.ndarray, scores, beta) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(p, H) of π_λ on a scores table: its predicted utility gains [m] and their derivative ∂p/∂λ = ∇²D̂(λ)
-    [m, m] (one centred pass of the dual; the margins do not enter either)."""
-    from can_jax.dual import pass_units, to_blocks
-
-    dtype = scores.reward.dtype
-    lam = jnp.asarray(lam, dtype)
-    ev, _ = pass_units(lam, to_blocks(scores), jnp.zeros_like(lam), jnp.asarray(beta, dtype), 2, predict=True,
-                       centre=True, dtype=dtype)  # fmt: skip
-    return ev.grad, ev.hess
-
-
 def simultaneous_level(m: int, level: float = 0.95) -> float:
     """The per-constraint confidence level whose m two-sided intervals hold jointly with probability ≥ `level`
     (Bonferroni): 1 − (1 − level)/m."""

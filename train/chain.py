@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.owned import same_location, spelled
+from bridge.files import same_location, spelled
 from bridge.reports import RefineRecord
-from bridge.tables import open_scores
-from can_jax.errors import CanError
+from bridge.tables import load_for, open_scores
+from can_jax.errors import CanError, at_least_one
 from train.prompts import check_prompts_apart
 from train.scorers import ScorerOptions
 from train.settings import DPOSettings
@@ -89,8 +89,6 @@ class RefineConfig:
         if len(self.prompts) < 2:
             raise CanError(f"{len(self.prompts)} calibration prompt(s): give at least 2 (the intervals are over "
                            "prompts)")  # fmt: skip
-        from train.prompts import at_least_one
-
         at_least_one(("--k", self.k), ("--test-k", self.test_k), ("--max-new-tokens", self.max_new_tokens),
                      ("--gen-batch-size", self.gen_batch_size))  # fmt: skip
         if self.test_prompts is not None and len(self.test_prompts) < 2:
@@ -115,11 +113,12 @@ def default_start(lora: bool) -> str:
 
 
 def chain_start(cfg: RefineConfig):
-    """(round-0 certificate, policy path, the scores table opened): the policy's carried certificate, checked against
-    --certificate, the scores table and the reference. Refuses a policy or certificate from another chain, in one
-    line."""
+    """(round-0 certificate, policy path, the scores table opened, the table as its certificate reads it): the
+    policy's carried certificate, checked against --certificate, the scores table and the reference. Refuses a policy
+    or certificate from another chain, in one line."""
     from bridge.certificate import Certificate, read_beside
 
+    cfg.check()
     policy = Path(cfg.policy)
     if not policy.is_dir():
         raise CanError(f"{policy}: not a policy folder (give the aligned policy `can train` wrote, RUN/policy)")
@@ -140,13 +139,14 @@ def chain_start(cfg: RefineConfig):
     if scores.sha256 != cert.scores_sha256:
         raise CanError(f"{cfg.scores} is not the scores table the certificate of {policy} was solved on "
                        f"(sha256 {str(cert.scores_sha256)[:12]}…): give that table")  # fmt: skip
+    loaded = load_for(scores, cert)
     from train.run_record import recorded_policy
 
     base = recorded_policy(policy.parent)
     if base is not None and not same_location(base, cfg.reference):
         raise CanError(f"{policy} was aligned from {base!r}, not from the reference {cfg.reference!r}: give "
                        f"--reference {base}")  # fmt: skip
-    return cert, str(policy), scores
+    return cert, str(policy), scores, loaded
 
 
 def prompts_sha256(prompts: list) -> str:
@@ -177,8 +177,9 @@ def check_record(out: Path, cfg: RefineConfig, cert) -> None:
     are refused (rounds measured on other prompts would not steer one run)."""
     settings = {**cfg.chain_settings(), "calibration_prompts_sha256": prompts_sha256(cfg.prompts),
                 "test_prompts_sha256": prompts_sha256(cfg.test_prompts) if cfg.test_prompts else None}  # fmt: skip
-    settings["reference"] = spelled(settings["reference"])  # the same run from another folder resumes
-    record = RefineRecord.build(root_sha256=cert.sha256, scores_sha256=cert.scores_sha256, policy=spelled(cfg.policy),
+    # Paths as resolved: the same run from another folder resumes.
+    policy, settings["reference"] = spelled(cfg.policy), spelled(settings["reference"])
+    record = RefineRecord.build(root_sha256=cert.sha256, scores_sha256=cert.scores_sha256, policy=policy,
                                 settings=settings)  # fmt: skip
     path = out / RECORD
     if path.is_file():
@@ -214,18 +215,17 @@ def check_record(out: Path, cfg: RefineConfig, cert) -> None:
 
 def open_chain(cfg: RefineConfig):
     """Checks a refine run before any model work and claims its folder: returns (cfg with its scores table opened,
-    round 0's certificate, round 0's policy). The table is read once, hashed as it is read, and every stage of every
-    round takes it from memory."""
+    round 0's certificate, round 0's policy, the table as that certificate reads it). The table is read once,
+    hashed as it is read, and every stage of every round takes it from memory."""
     from train import dist
-    from train.evaluate import check_scorer_specs, check_scorers
-    from train.scorers import parse_scorer
+    from train.scorers import check_scorer_specs, check_scorers, parse_scorer
 
-    cfg.check()
-    cert0, policy0, scores = chain_start(cfg)
+    cert0, policy0, scores, loaded = chain_start(cfg)
     cfg = replace(cfg, scores=scores)
-    check_prompts_apart(cfg.prompts, cfg.test_prompts, cfg.scores)
-    check_scorers(cert0, [parse_scorer(s)[0] for s in cfg.scorers])
-    check_scorer_specs(cert0, [parse_scorer(s) for s in cfg.scorers])
+    check_prompts_apart(cfg.prompts, cfg.test_prompts, scores.table)
+    parsed = [parse_scorer(s) for s in cfg.scorers]
+    check_scorers(cert0, [p[0] for p in parsed])
+    check_scorer_specs(cert0, parsed)
     st = dist.state()
     out = Path(cfg.out)
     entries = [RECORD, "rounds.json", "rounds.md", "rounds.png", *(f"round-{n}" for n in range(cfg.rounds + 1))]
@@ -233,4 +233,4 @@ def open_chain(cfg: RefineConfig):
     if st.is_main_process:
         check_record(out, cfg, cert0)
     st.wait_for_everyone()
-    return cfg, cert0, policy0
+    return cfg, cert0, policy0, loaded

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from bridge.files import atomic_write_text, write_parquet
 from bridge.scores_table import CollectRecord, write_scores_table
-from can_jax.errors import CanError
+from can_jax.errors import CanError, at_least_one
 from train.logratios import (  # noqa: F401
     PREALIGN_FILE,
     ROWS_PER_UNIT,
@@ -35,7 +35,6 @@ from train.logratios import (  # noqa: F401
     pecan_meta,
 )
 from train.prompts import (  # noqa: F401  (where callers have always found them)
-    at_least_one,
     check_context,
     check_sampling,
     ensure_dir,

@@ -97,6 +97,7 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     `train.evaluate.run`."""
     from bridge.dual import DualConfig, margins_at_reach
     from bridge.dual import run as run_dual
+    from bridge.tables import read_table
     from can_jax.errors import CanError
     from train.dpo import run as train
     from train.evaluate import EvaluateConfig, insample_gains
@@ -152,8 +153,8 @@ def run_chain(cfg: DemoConfig, out: str | Path, say=print, scores: str | Path | 
     say(f"④ DPO (β = {cert.beta:g}) → {final} ({times['label+train']:.0f} s)")
 
     t = time.perf_counter()
-    insample = insample_gains(str(final), scores_path, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,
-                              cfg.max_length)  # fmt: skip
+    insample = insample_gains(str(final), read_table(scores_path), [parse_scorer(s)[0] for s in cfg.scorers],
+                              cfg.gen_batch_size, cfg.max_length)  # fmt: skip
     ecfg = EvaluateConfig(aligned=str(final), reference=cfg.policy, scorers=tuple(cfg.scorers),
                           out=str(out / "evaluation"), k=cfg.eval_k, max_new_tokens=cfg.max_new_tokens,
                           batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip

@@ -26,7 +26,7 @@ def implied_gains(scores_path, cert, scorers: list[str]) -> dict:
     s̃ = r̃ + λ*ᵀg̃ (DESIGN §2) applied to the scorer columns — the prediction in the units evaluation measures."""
     from bridge.labels import scores_of
     from bridge.tables import read_table
-    from train.evaluate import tilt_gains
+    from can_jax.certify import tilt_gains
 
     table = read_table(scores_path)
     g = np.stack([np.asarray(table.column(n).to_numpy(zero_copy_only=False), float) for n in scorers], 1)
@@ -42,6 +42,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     from bridge.dual import run as run_dual
     from bridge.files import write_parquet
     from bridge.labels import score_preferences
+    from bridge.tables import read_table
     from train.dpo import prealign
     from train.dpo import run as train
     from train.evaluate import EvaluateConfig, insample_gains
@@ -101,7 +102,7 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
 
     t = time.perf_counter()
     mocan_cert = Certificate.read(mocan_dir / "certificate.json")
-    insample = insample_gains(str(final), table, scorer_names, cfg.gen_batch_size, cfg.max_length)
+    insample = insample_gains(str(final), read_table(table), scorer_names, cfg.gen_batch_size, cfg.max_length)
     ecfg = EvaluateConfig(aligned=str(final), reference=cfg.policy, scorers=tuple(cfg.scorers),
                           out=str(out / "evaluation"), k=cfg.k, max_new_tokens=cfg.max_new_tokens,
                           batch_size=cfg.gen_batch_size, seed=cfg.seed + 1)  # fmt: skip

@@ -157,8 +157,8 @@ def run(cfg: TrainConfig) -> Path:
     import json
     import shutil
 
-    from bridge.files import atomic_write_text, honour_umask
-    from bridge.owned import check_not_inputs, spelled
+    from bridge.files import atomic_write_text, honour_umask, spelled
+    from bridge.owned import check_not_inputs
     from train.dist import claim, state
     from train.models import load_policy
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from bridge.files import atomic_write_text, write_figure
-from bridge.owned import same_location
 from bridge.reports import EvaluationReport, GainRow
 from can_jax.errors import CanError
 from train.scorers import ScorerOptions
@@ -247,7 +246,7 @@ def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
     prompts samples the reference once)."""
     from train import dist
     from train.prompts import check_sampling
-    from train.scorers import make_scorer, parse_scorer
+    from train.scorers import check_scorers, make_scorer, parse_scorer
 
     k, aligned, reference, scorer_specs = cfg.k, cfg.aligned, cfg.reference, list(cfg.scorers)
     check_sampling(k, cfg.max_new_tokens, cfg.batch_size)
@@ -306,30 +305,6 @@ def run(cfg: EvaluateConfig, cert, prompts: list, insample: dict | None = None,
     return report
 
 
-def check_scorers(cert, names: list[str]) -> None:
-    """Refuses scorers that leave out the certificate's reward or one of its constraints (the report would silently
-    lack it) or name one twice."""
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise CanError(f"scorer name(s) {dup} given twice")
-    missing = [n for n in [cert.reward, *cert.names] if n not in names]
-    if missing:
-        raise CanError(f"no scorer for {', '.join(repr(n) for n in missing)} of the certificate (reward "
-                       f"{cert.reward!r}, constraints {cert.names}): give -s NAME=SPEC for each, the scorers the "
-                       "certificate's table was scored with")  # fmt: skip
-
-
-def check_scorer_specs(cert, parsed: list) -> None:
-    """Refuses a scorer whose spec is not the one the certificate records for its name (the rounds would measure
-    another quantity under its margin); a certificate that records none is not checked."""
-    recorded = cert.scorers
-    for name, spec in (p[:2] for p in parsed):
-        was = (recorded.get(name) or {}).get("spec")
-        if was is not None and was != spec and not same_location(was, spec):
-            raise CanError(f"-s {name}={spec}: the certificate's {name!r} was scored with {was!r}; give the scorers "
-                           "its table was scored with")  # fmt: skip
-
-
 def check_policy_folder(aligned: str) -> None:
     """Refuses a `can train` run folder given where its policy belongs: the model is in RUN/policy, and RUN itself
     holds only checkpoints and records (loading it fails far from the reason)."""
@@ -367,30 +342,15 @@ def paired_interval(diff, level: float = 0.95) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def tilt_gains(prompt_ids, s, g, beta: float) -> np.ndarray:
-    """[m] gains Σ_k w_ik g_ik − mean_k g_ik averaged over prompts, with w_i = softmax_k(s_ik / β): the outcome on the
-    samples of the policy π ∝ π_ref exp(s/β) (DESIGN §2's predicted gains, through the same dual pass)."""
-    import jax.numpy as jnp
-
-    from can_jax.certify import predicted_outcome
-    from can_jax.dual import to_blocks
-    from can_jax.scores import from_long
-
-    ids = np.unique(np.asarray(prompt_ids), return_inverse=True)[1]
-    g = np.asarray(g, float).reshape(len(ids), -1)
-    sc = from_long(ids, np.asarray(s, float), g, dtype=jnp.float64)
-    return np.asarray(predicted_outcome(jnp.zeros(g.shape[1]), to_blocks(sc), beta).utility_gain)
-
-
-def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_size: int = 16,
+def insample_gains(aligned: str, table, scorer_names: list[str], batch_size: int = 16,
                    max_length: int | None = None, dtype: str = "fp32") -> dict:  # fmt: skip
     """How far DPO moved the policy towards π_λ* *on the training samples*: the reference samples reweighted by
     π_aligned/π_ref (self-normalised, the weights the certificate's prediction uses for π_λ*), with log-probs
     computed the DPO way. Compared with the prediction, this separates "DPO did not learn the tilt" from "the
-    tilt did not carry over to fresh samples and prompts"."""
+    tilt did not carry over to fresh samples and prompts". `table`: the training samples' scores table, as
+    `bridge.tables.read_table` reads it."""
     import torch
 
-    from bridge.tables import read_table
     from train import dist
     from train.logps import sequence_logps
     from train.logratios import ROWS_PER_UNIT
@@ -399,14 +359,10 @@ def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_siz
     st = dist.state()
     from can_jax.errors import CanError
 
-    try:
-        table = read_table(scores_path)
-    except CanError as err:
-        raise CanError(f"--train-scores: {err}") from None
     missing = [c for c in ("prompt_id", "prompt", "response", "logp_ref", *scorer_names) if c not in table.column_names]
     if missing:
         raise CanError(
-            f"--train-scores {scores_path}: missing column(s) {missing} (give the table `can collect` wrote)"
+            f"the training samples' table lacks column(s) {missing} (give the table `can collect` wrote)"
         )
     model, tok = load_policy(aligned, dist.device(st), dtype)
     prompts, responses = table.column("prompt").to_pylist(), table.column("response").to_pylist()
@@ -422,6 +378,8 @@ def insample_gains(aligned: str, scores_path, scorer_names: list[str], batch_siz
     logp = torch.cat(dist.map_units(st, -(-table.num_rows // ROWS_PER_UNIT), block)).double().numpy()
     ratio = logp - table.column("logp_ref").to_numpy()
     g = np.stack([table.column(n).to_numpy() for n in scorer_names], 1)
+    from can_jax.certify import tilt_gains
+
     gains = tilt_gains(table.column("prompt_id").to_numpy(), ratio, g, 1.0)  # w ∝ π_aligned/π_ref
     return {n: float(v) for n, v in zip(scorer_names, gains, strict=True)}
 

@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from bridge.scores_table import collect_record, write_scores_table
-from can_jax.errors import CanError
-from train.prompts import at_least_one, ensure_file_parent
+from can_jax.errors import CanError, at_least_one
+from train.prompts import ensure_file_parent
 
 PREALIGN_FILE = "prealign.json"
 ROWS_PER_UNIT = 256  # rows per unit of work of a log-prob pass over an existing table (`train.dist`)

@@ -8,14 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from can_jax.errors import CanError
-
-
-def at_least_one(*named) -> None:
-    """CanError for the first (option, value) below 1."""
-    for name, value in named:
-        if value < 1:
-            raise CanError(f"{name} must be at least 1, got {value}")
+from can_jax.errors import CanError, at_least_one
 
 
 def check_sampling(k: int, max_new_tokens: int, batch_size: int, k_name: str = "--k") -> None:
@@ -175,16 +168,19 @@ def shown_prompt(key: str) -> str:
 
 
 def training_prompts(scores: str) -> list:
-    """A scores table's prompts (its `instruction` column, else `prompt`); [] when it has neither. An unreadable
-    table is refused in one line (bridge.tables)."""
+    """A scores table's prompts (`table_prompts`) from its file. An unreadable table is refused in one line."""
     from bridge.tables import read_table
 
-    table = read_table(scores, columns=["instruction", "prompt"])
+    return table_prompts(read_table(scores, columns=["instruction", "prompt"]))
+
+
+def table_prompts(table) -> list:
+    """A scores table's prompts: its `instruction` column, else `prompt`; [] when it has neither."""
     col = next((c for c in ("instruction", "prompt") if c in table.column_names), None)
     return [] if col is None else table.column(col).to_pylist()
 
 
-def check_prompts_apart(calibration: list, test: list | None, scores) -> None:
+def check_prompts_apart(calibration: list, test: list | None, table) -> None:
     """Calibration prompts steer λ and test prompts judge the rounds: neither may repeat, share a prompt with the
     other, or be a training prompt of the scores table (gains there read higher than on fresh prompts). Refused in
     one line, before any model work."""
@@ -207,7 +203,7 @@ def check_prompts_apart(calibration: list, test: list | None, scores) -> None:
                            f"{shown_prompt(repeats[0])}): the intervals are over distinct prompts; remove the "
                            "repeats")  # fmt: skip
     clash(cal, test, "calibration prompt(s) are also test prompts")
-    train = {prompt_key(p) for p in training_prompts(scores)}
+    train = {prompt_key(p) for p in table_prompts(table)}
     clash(cal, train, "calibration prompt(s) are training prompts of the scores table")
     clash(test, train, "test prompt(s) are training prompts of the scores table")
 

@@ -23,36 +23,23 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from bridge.reports import EvaluationReport, RoundsReport
-from can_jax.errors import CanError
 from train.chain import RefineConfig, open_chain
-from train.rounds import round_row, rounds_report, say_round, write_rounds
-
-
-def gains_of(report: EvaluationReport, names: list[str], level: float) -> dict:
-    """From an evaluation report: the constraints' achieved gains a [m], standard errors [m] and half-widths of
-    their simultaneous intervals at joint `level` (Student t over prompts, Bonferroni over the m constraints)."""
-    from scipy.stats import t
-
-    from can_jax.refine import simultaneous_level
-
-    a = np.array([report.row(n).achieved_gain for n in names], float)
-    se = np.array([report.row(n).standard_error for n in names], float)
-    q = float(t.ppf(0.5 + simultaneous_level(len(names), level) / 2, report.prompts - 1))
-    return {"gain": a, "se": se, "half_width": q * se}
+from train.rounds import round_row, rounds_report, say_round
 
 
 def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> RoundsReport:
     """Runs (or resumes) the correction rounds in cfg.out; returns the rounds report (OUT/rounds.json)."""
-    from bridge.dual import sensitivity_at
+    from bridge.dual import round_certificate, sensitivity_at
     from can_jax.refine import next_lambda, stop_rule
     from train import dist
 
-    cfg, cert0, policy0 = open_chain(cfg)
+    cfg, cert0, policy0, loaded = open_chain(cfg)
     names = cert0.names
     st = dist.state()
     out = Path(cfg.out)
@@ -71,15 +58,14 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
         if cfg.test_prompts:
             test = _measure(cfg, policy, cert, cfg.test_prompts, cfg.test_k, cfg.test_seed, folder / "test", memo)
         insample = _insample(cfg, policy, folder) if cfg.insample else None
-        g = gains_of(cal, names, cfg.level)
+        g = cal.gains(names, cfg.level)
         lam = np.array([cert.lam[x] for x in names], float)
         stop, tol = stop_rule(g["gain"], g["half_width"], margins, lam > 0, cfg.floor)
         rows.append(round_row(n, cert, cal, test, insample, g, tol, stop, names, time.perf_counter() - t0,
                               None if n == 0 else align_s))  # fmt: skip
         history.append((lam, g["gain"]))
-        if st.is_main_process:
-            write_rounds(out, rounds_report(rows, None, names, margins, out, cfg), cfg)
         say(say_round(rows[-1], names))
+        rounds_report(rows, None, names, margins, out, cfg, write=st.is_main_process)
         if stop:
             stopped = True
             say(f"round {n}: every constraint is within its tolerance of its margin: stopping")
@@ -89,18 +75,21 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
         n += 1
         t0 = time.perf_counter()
         if hess0 is None:
-            hess0 = sensitivity_at(cfg.scores, cert0)
+            hess0 = sensitivity_at(loaded, cert0)
         lam_next = next_lambda([h[0] for h in history], [h[1] for h in history], margins, hess0, cfg.step, cfg.eta,
                                cfg.secant)  # fmt: skip
-        cert = _round_certificate(cfg, cert, lam_next, n, out / f"round-{n}", history[-1][1], g["half_width"])
+        record = {"step": cfg.step, **({"eta": cfg.eta} if cfg.step == "caid" else {}),
+                  "measured_gains": dict(zip(names, g["gain"].tolist(), strict=True)),
+                  "measured_half_width": dict(zip(names, g["half_width"].tolist(), strict=True))}  # fmt: skip
+        # Solved and written once by the main process and handed to the others; a resumed run reads it back.
+        cert = dist.shared(st, partial(round_certificate, loaded, cert, lam_next, n,
+                                       out / f"round-{n}" / "certificate.json", **record))  # fmt: skip
         say(f"round {n}: λ {dict(zip(names, np.round(lam_next, 4).tolist(), strict=True))} ({cfg.step} step); "
             f"predicted gains on the samples {cert.predicted_gains}")  # fmt: skip
         policy = _align(cfg, cert, policy, out / f"round-{n}", say)
         align_s = time.perf_counter() - t0
         say(f"round {n}: relabelled and aligned in {align_s:.0f} s → {policy}")
-    report = rounds_report(rows, stopped, names, margins, out, cfg)
-    if st.is_main_process:
-        write_rounds(out, report, cfg)
+    report = rounds_report(rows, stopped, names, margins, out, cfg, write=st.is_main_process)
     st.wait_for_everyone()
     return report
 
@@ -129,43 +118,12 @@ def _insample(cfg, policy, folder: Path) -> dict:
     path = folder / "insample.json"
     if path.is_file():
         return json.loads(path.read_text())
-    gains = insample_gains(policy, cfg.scores, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,
+    gains = insample_gains(policy, cfg.scores.table, [parse_scorer(s)[0] for s in cfg.scorers], cfg.gen_batch_size,
                            cfg.dpo.max_length, cfg.dtype)  # fmt: skip
     if dist.state().is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(gains, indent=2) + "\n")
     return gains
-
-
-def _round_certificate(cfg, parent, lam, n: int, folder: Path, achieved, half_width):
-    """Round n's certificate, solved and written once by the main process and handed to the others; a resumed run
-    reads it back and checks its parent."""
-    from bridge.certificate import Certificate
-    from bridge.dual import round_certificate
-    from train import dist
-
-    path = folder / "certificate.json"
-
-    def make():
-        if path.is_file():
-            cert = Certificate.read(path)
-            if cert.parent_sha256 != parent.sha256 or cert.round_index != n:
-                raise CanError(f"{path} is not round {n} of this chain (its parent is another certificate): use "
-                               "another --out")  # fmt: skip
-            return cert
-        folder.mkdir(parents=True, exist_ok=True)
-        names = parent.names
-        record = {
-            "step": cfg.step,
-            **({"eta": cfg.eta} if cfg.step == "caid" else {}),
-            "measured_gains": dict(zip(names, np.asarray(achieved, float).tolist(), strict=True)),
-            "measured_half_width": dict(zip(names, np.asarray(half_width, float).tolist(), strict=True)),
-        }
-        cert = round_certificate(cfg.scores, parent, lam, n, **record)
-        cert.write(path)
-        return cert
-
-    return dist.shared(dist.state(), make)
 
 
 def _align(cfg, cert, previous: str, folder: Path, say) -> str:

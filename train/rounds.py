@@ -52,27 +52,31 @@ def say_round(row, names) -> str:
     return f"round {row['round']}: calibration gains " + "; ".join(parts)
 
 
-def rounds_report(rows: list, stopped: bool | None, names: list, margins, out: Path, cfg: RefineConfig) -> RoundsReport:
-    """The rounds report (OUT/rounds.json; `stopped` None while the run is under way)."""
-    return RoundsReport.build(rounds=rows, stopped=stopped, names=names, margins=list(margins), out=str(out),
-                              settings=json.loads(json.dumps(cfg.chain_settings(), default=str)))  # fmt: skip
+def rounds_report(rows: list, stopped: bool | None, names: list, margins, out: Path, cfg: RefineConfig,
+                  write: bool = False) -> RoundsReport:  # fmt: skip
+    """The rounds report (`stopped` None while the run is under way); with `write` also OUT/rounds.json, its markdown
+    table OUT/rounds.md and its plot OUT/rounds.png (atomic writes)."""
+    from bridge.files import atomic_write_text, write_figure
 
+    margins = [float(b) for b in margins]
+    text, fig = (rounds_markdown(rows, names, margins, cfg), plot_rounds(rows, names, margins)) if write else (0, 0)
+    report = RoundsReport.build(rounds=rows, stopped=stopped, names=names, margins=margins, out=str(out),
+                                settings=json.loads(json.dumps(cfg.chain_settings(), default=str)))  # fmt: skip
+    if write:
+        report.write(out / "rounds.json")
+        atomic_write_text(out / "rounds.md", text)
+        write_figure(out / "rounds.png", fig)
+        import matplotlib.pyplot as plt
 
-def write_rounds(out: Path, report: RoundsReport, cfg: RefineConfig) -> None:
-    """OUT/rounds.json, rounds.md and rounds.png (atomic writes)."""
-    from bridge.files import atomic_write_text
-
-    report.write(out / "rounds.json")
-    atomic_write_text(out / "rounds.md", rounds_markdown(report, cfg))
-    plot_rounds(report, out / "rounds.png")
+        plt.close(fig)
+    return report
 
 
 def _f(x, spec="+.3f"):
     return "—" if x is None else format(x, spec)
 
 
-def rounds_markdown(report: RoundsReport, cfg: RefineConfig) -> str:
-    names, margins = report.names, report.margins
+def rounds_markdown(rows: list, names: list, margins: list, cfg: RefineConfig) -> str:
     lines = [f"# Correction rounds ({cfg.step} step{f', η = {cfg.eta:g}' if cfg.step == 'caid' else ''}; DPO "
              f"{'from π_ref' if cfg.start == 'reference' else 'continuing from the previous round'})", "",
              f"Calibration: {len(cfg.prompts)} prompts × {cfg.k} samples per policy; "
@@ -83,7 +87,7 @@ def rounds_markdown(report: RoundsReport, cfg: RefineConfig) -> str:
              f"{len(names)} intervals at joint level {cfg.level:g} (Bonferroni).", ""]  # fmt: skip
     head = "| round | constraint | margin b | λ | predicted | on training samples | calibration ± h | held out [95%] |"
     lines += [head, "|---|---|---|---|---|---|---|---|"]
-    for row in report.rounds:
+    for row in rows:
         for j, name in enumerate(names):
             c = row["gains"][name]
             held = "—" if c["held_out"] is None else (f"{c['held_out']:+.3f} [{c['held_out_ci95'][0]:+.3f}, "
@@ -92,7 +96,7 @@ def rounds_markdown(report: RoundsReport, cfg: RefineConfig) -> str:
                          f"{_f(c['predicted'])} | {_f(c['insample'])} | {c['calibration']:+.3f} ± "
                          f"{c['calibration_half_width']:.3f} | {held} |")  # fmt: skip
     lines += ["", "| round | reward: predicted | reward held out [95%] | KL (nats) | stop |", "|---|---|---|---|---|"]
-    for row in report.rounds:
+    for row in rows:
         r = row["reward"]
         held = (
             "—"
@@ -105,15 +109,14 @@ def rounds_markdown(report: RoundsReport, cfg: RefineConfig) -> str:
     return "\n".join(lines)
 
 
-def plot_rounds(report: RoundsReport, path: Path) -> None:
+def plot_rounds(rows: list, names: list, margins: list):
+    """The rounds' plot: per constraint, the predicted, in-sample, calibration and held-out gains against the margin
+    (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bridge.files import write_figure
-
-    names, rows, margins = report.names, report.rounds, report.margins
     x = np.array([r["round"] for r in rows])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
     for j, (name, ax) in enumerate(zip(names, axes[0], strict=True)):
@@ -136,5 +139,4 @@ def plot_rounds(report: RoundsReport, path: Path) -> None:
     axes[0][0].set_ylabel("gain over π_ref")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    write_figure(path, fig)
-    plt.close(fig)
+    return fig

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bridge.owned import same_location, spelled
+from bridge.files import same_location, spelled
 from can_jax.errors import CanError
 
 RUN_SETTINGS = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "seed",

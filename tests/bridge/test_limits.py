@@ -125,13 +125,15 @@ def test_round_certificate_solves_the_dual_at_its_lambda_and_links_its_parent(ta
     requested λ is 0 keeps a margin it meets, and the round block links the parent and the chain's margins."""
     from bridge.certificate import Certificate
     from bridge.dual import check_solution, round_certificate
+    from bridge.tables import load_for
     from tests.reference import ref_predicted
 
     res, path = _dual(table_path, tmp_path, "--constraint", "u=0.1", "--cost", "c=0.05")
     assert res.exit_code == 0, res.output
     parent = Certificate.read(path)
     lam = np.array([parent.lam["u"] * 2 + 0.3, 0.0])
-    cert = round_certificate(table_path, parent, lam, 1, step="newton", measured_gains={"u": 0.01, "c": 0.2})
+    cert = round_certificate(load_for(table_path, parent), parent, lam, 1, step="newton",
+                             measured_gains={"u": 0.01, "c": 0.2})  # fmt: skip
     got = np.array([cert.lam["u"], cert.lam["c"]])
     np.testing.assert_allclose(got, lam, atol=1e-7)
     table = pq.read_table(table_path).to_pandas()
@@ -146,6 +148,6 @@ def test_round_certificate_solves_the_dual_at_its_lambda_and_links_its_parent(ta
     assert cert.round["step"] == "newton" and cert.round["measured_gains"]["c"] == 0.2
     check_solution(table_path, cert)  # what `label` re-checks
     # Round 2 from round 1: the chain's margins and root are carried, the parent is round 1.
-    cert2 = round_certificate(table_path, cert, lam * 1.1, 2)
+    cert2 = round_certificate(load_for(table_path, cert), cert, lam * 1.1, 2)
     assert cert2.round["parent_sha256"] == cert.sha256 and cert2.round["root_sha256"] == parent.sha256
     assert cert2.target_margins == parent.margins

@@ -75,7 +75,7 @@ def _cases():
         "predicted_outcome": lambda s: certify.predicted_outcome(lam, to_blocks(s), 1.0),
         "recession_slope": lambda s: certify.recession_slope(to_blocks(s), lam, b, centre=True),
         "edge_gains": lambda s: certify.edge_gains(to_blocks(s), jnp.eye(3)),
-        "sensitivity": lambda s: refine.sensitivity(lam, s, 1.0),
+        "sensitivity": lambda s: dual.sensitivity(lam, s, 1.0),
         "refine_step": lambda s: refine.refine_step(refine.refine_init(lam, hess), lam * s.reward[0, :3], b),
         "finite_k_bias": lambda s: bias.finite_k_bias(lam, s, b, 1.0),
         "standard_errors": lambda s: inference.standard_errors(solved(s), s, b, 1.0),

@@ -188,7 +188,7 @@ def test_continuing_dpo_keeps_pi_ref_as_the_reference():
 
 def test_sensitivity_is_the_predicted_gains_and_their_derivative(small_groups, small_scores):
     """p(λ) from explicit per-prompt weights (tests/reference.py) and ∂p/∂λ by central differences of it."""
-    from can_jax.refine import sensitivity
+    from can_jax.dual import sensitivity
     from tests.reference import ref_predicted
 
     lam = np.array([0.3, 0.0, 1.2])

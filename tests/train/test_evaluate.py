@@ -10,7 +10,7 @@ def test_tilt_gains_match_numpy_self_normalised_weights():
     import jax
 
     jax.config.update("jax_enable_x64", True)
-    from train.evaluate import tilt_gains
+    from can_jax.certify import tilt_gains
 
     rng = np.random.default_rng(0)
     n, k, m, beta = 30, 5, 2, 0.7
@@ -33,7 +33,9 @@ def test_insample_gains_are_zero_for_the_reference_itself(tiny_lm, tmp_path):
     cfg = CollectConfig(prompts=str(f), policy=str(path), scorers=["len=tests.train.toy_scorers:length"], k=3,
                         max_new_tokens=5)  # fmt: skip
     table = collect(cfg, tmp_path / "s.parquet")
-    assert insample_gains(str(path), table, ["len"])["len"] == pytest.approx(0.0, abs=1e-6)
+    from bridge.tables import read_table
+
+    assert insample_gains(str(path), read_table(table), ["len"])["len"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_distinct_2_counts_unique_word_bigrams():

@@ -331,16 +331,16 @@ def test_refine_keeps_calibration_test_and_training_prompts_apart(tmp_path):
 
     def refused(prompts, test_prompts=None):
         with pytest.raises(CanError) as err:
-            check_prompts_apart(prompts, test_prompts, str(scores))
+            check_prompts_apart(prompts, test_prompts, pq.read_table(scores))
         return str(err.value)
 
-    check_prompts_apart(fresh, test, str(scores))
+    check_prompts_apart(fresh, test, pq.read_table(scores))
     assert "1 calibration prompt(s) repeat" in refused([*fresh, "Explain  tides. "], test)
     assert "2 calibration prompt(s) are also test prompts" in refused([*fresh, *test], test)
     conv = [{"role": "user", "content": "Fix a  tyre."}]  # text is a one-turn user conversation
     assert "1 calibration prompt(s) are training prompts" in refused([*fresh, conv], test)
     system = [{"role": "system", "content": "Be brief."}, *conv]  # another system prompt: another prompt
-    check_prompts_apart([*fresh, system, conv[0:1] * 2], test, str(scores))
+    check_prompts_apart([*fresh, system, conv[0:1] * 2], test, pq.read_table(scores))
     # A table whose prompts are conversations (an `instruction` column of messages) and one with only `prompt`.
     chat = [[{"role": "user", "content": t}] for t in train]
     pq.write_table(pa.table({"prompt_id": np.arange(3), "instruction": chat}), scores)

@@ -45,7 +45,7 @@ def test_round_options_are_checked_before_round_0(kw, said):
 
 
 def test_a_scorer_spec_other_than_the_certificates_is_refused(tmp_path):
-    from train.evaluate import check_scorer_specs
+    from train.scorers import check_scorer_specs
 
     class Cert:  # what check_scorer_specs reads of a Certificate: its recorded scorers
         scorers = {"help": {"spec": "builtin:helpfulness"}, "harm": {"spec": "builtin:harmlessness"}}

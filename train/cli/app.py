@@ -127,7 +127,7 @@ def check_params(command: str, params: dict, labels: dict | None = None) -> None
 def _inside(value, folder) -> bool:
     """Whether an input lies strictly inside a run folder (a run's own policy, a demo's own table): the folder's
     writers check the entries they replace (`bridge.owned.claim`)."""
-    from bridge.owned import resolved
+    from bridge.files import resolved
 
     if value is None or not isinstance(value, (str, os.PathLike)) or not os.path.lexists(value):
         return False

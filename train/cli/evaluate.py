@@ -83,16 +83,9 @@ def evaluate_cmd(
 ):
     """Achieved vs predicted: sample both policies on held-out prompts, score, compare gains with the certificate."""
     launch_if_asked(num_processes, accelerate_config)
-    from train.evaluate import (
-        check_held_out,
-        check_policy_folder,
-        check_scorer_specs,
-        check_scorers,
-        insample_gains,
-        run,
-    )
+    from train.evaluate import check_held_out, check_policy_folder, insample_gains, run
     from train.prompts import check_sampling, read_prompts
-    from train.scorers import parse_scorer
+    from train.scorers import check_scorer_specs, check_scorers, parse_scorer
 
     if not scorer:
         fail("give the scorers: -s NAME=SPEC for the reward and every constraint (as for `can collect`)")
@@ -115,7 +108,14 @@ def evaluate_cmd(
         check_held_out(held_out, train_scores)
     insample = None
     if train_scores is not None:
-        insample = insample_gains(aligned, train_scores, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
+        from bridge.tables import read_table
+        from can_jax.errors import CanError
+
+        try:
+            table = read_table(train_scores)
+        except CanError as err:
+            fail(f"--train-scores: {err}")
+        insample = insample_gains(aligned, table, [parse_scorer(s)[0] for s in scorer], dtype=dtype)
     report = run(ecfg, cert, held_out, insample)
     if is_main_process():
         print_evaluation(report)

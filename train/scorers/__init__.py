@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.files import same_location
 from can_jax.errors import CanError
 from train.scorers.builtin import BUILTINS, builtin_scorer, harmlessness, helpfulness, politeness
 from train.scorers.models import DTYPES, ClassifierScore, ModelScore
@@ -257,3 +258,27 @@ def parse_scorer(text: str) -> tuple[str, str]:
     if not sep or not name or not spec:
         raise CanError(f"scorer {text!r} is not of the form NAME=SPEC (e.g. harm=builtin:harmlessness)")
     return name, spec
+
+
+def check_scorers(cert, names: list[str]) -> None:
+    """Refuses scorers that leave out the certificate's reward or one of its constraints (the report would silently
+    lack it) or name one twice."""
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CanError(f"scorer name(s) {dup} given twice")
+    missing = [n for n in [cert.reward, *cert.names] if n not in names]
+    if missing:
+        raise CanError(f"no scorer for {', '.join(repr(n) for n in missing)} of the certificate (reward "
+                       f"{cert.reward!r}, constraints {cert.names}): give -s NAME=SPEC for each, the scorers the "
+                       "certificate's table was scored with")  # fmt: skip
+
+
+def check_scorer_specs(cert, parsed: list) -> None:
+    """Refuses a scorer whose spec is not the one the certificate records for its name (the rounds would measure
+    another quantity under its margin); a certificate that records none is not checked."""
+    recorded = cert.scorers
+    for name, spec in (p[:2] for p in parsed):
+        was = (recorded.get(name) or {}).get("spec")
+        if was is not None and was != spec and not same_location(was, spec):
+            raise CanError(f"-s {name}={spec}: the certificate's {name!r} was scored with {was!r}; give the scorers "
+                           "its table was scored with")  # fmt: skip
