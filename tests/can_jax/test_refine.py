@@ -219,3 +219,59 @@ def test_stop_rule_uses_simultaneous_intervals_and_the_floor():
     assert not stop_rule([0.1, 0.2, -0.53], [0.0, 0.0, 0.0], b, active)[0]  # the slack one below b − 0.02
     assert stop_rule([0.1, 0.2, 5.0], [0.0, 0.0, 0.0], b, active)[0]  # a slack constraint may exceed its margin
     assert not stop_rule([0.1, 0.2, 5.0], [0.0, 0.0, 0.0], b, np.ones(3, bool))[0]  # an active one may not
+
+
+def test_realised_fraction_is_the_least_squares_share_of_the_prediction():
+    from can_jax.refine import realised_fraction
+
+    p, a = np.array([0.128, 0.046]), np.array([0.068, 0.029])
+    assert realised_fraction(p, a) == pytest.approx(float(np.linalg.lstsq(p[:, None], a, rcond=None)[0][0]))
+    assert realised_fraction(p, 3 * p) == 1.0 and realised_fraction(p, -p) == 0.0
+    assert realised_fraction(np.zeros(2), a) == 0.0
+
+
+def test_the_epoch_aware_step_lands_where_the_old_one_overshoots():
+    """A world where continuing DPO adds the epoch effect exactly: a' = a + c(p − a) + J(λ' − λ). The epoch-aware
+    step lands on b (the closed form λ + J⁻¹(b − a − e)); the step that ignores the epoch overshoots by e."""
+    from can_jax.refine import epoch_effect, next_lambda, realised_fraction
+
+    hess = np.array([[0.02, 0.004], [0.004, 0.01]])
+    lam0, b = np.array([2.7, 3.5]), np.array([0.128, 0.046])
+    p0 = np.array([0.128, 0.046])  # one-shot: the prediction meets the margins
+    a0 = np.array([0.068, 0.029])
+    c = realised_fraction(p0, a0)
+    jac = c * hess  # DPO realises the share c of a move in the prediction
+
+    def next_gain(lam):
+        return a0 + epoch_effect(p0, a0, c) + jac @ (lam - lam0)
+
+    lam1 = next_lambda([lam0], [a0], b, jac, predicted=[p0])
+    np.testing.assert_allclose(lam1, lam0 + np.linalg.solve(jac, b - a0 - c * (p0 - a0)), rtol=1e-9)
+    np.testing.assert_allclose(next_gain(lam1), b, atol=1e-12)
+    old = next_lambda([lam0], [a0], b, jac)
+    np.testing.assert_allclose(next_gain(old) - b, c * (p0 - a0), atol=1e-12)
+
+
+def test_the_trust_region_keeps_the_largest_step_whose_predictions_stay_in_bounds():
+    """On a linear prediction p(λ) = p0 + H(λ − λ0) the kept share of the step has a closed form: the smallest, over
+    the active constraints whose prediction rises, of (bound − p(λ0)) / (p(λ') − p(λ0))."""
+    from can_jax.refine import trust_region
+
+    hess = np.array([[0.02, 0.004, 0.0], [0.004, 0.01, 0.0], [0.0, 0.0, 0.03]])
+    lam0, p0 = np.array([2.0, 3.0, 0.0]), np.array([0.12, 0.05, 0.3])
+    b, a = np.array([0.13, 0.05, 0.1]), np.array([0.07, 0.03, 0.4])
+
+    def predict(lam):
+        return p0 + hess @ (lam - lam0)
+
+    far = np.array([30.0, 20.0, 0.0])  # ×13 as a weak DPO's secant asks: the third constraint stays slack
+    lam, block = trust_region(lam0, far, predict, b, a)
+    bound = np.maximum(b + np.maximum(b - a, 0), p0)[:2]
+    rise = (predict(far) - p0)[:2]
+    alpha = float(np.min((bound - p0[:2]) / rise))
+    assert block["capped"] and block["kept"] == pytest.approx(alpha, rel=1e-9)
+    np.testing.assert_allclose(lam, lam0 + alpha * (far - lam0), rtol=1e-8)
+    assert np.all(predict(lam)[:2] <= bound + 1e-9) and block["bound"][2] is None
+    near = lam0 + 0.5 * alpha * (far - lam0)
+    assert trust_region(lam0, near, predict, b, a) == (pytest.approx(near), {"kept": 1.0, "capped": False,
+                                                                            "bound": block["bound"]})  # fmt: skip
