@@ -284,15 +284,6 @@ def sensitivity_at(loaded, cert: Certificate) -> np.ndarray:
     return np.asarray(sensitivity(lam, loaded.scores, cert.beta)[1], float)
 
 
-def predicted_at(loaded, beta: float, lam) -> np.ndarray:
-    """π_λ's predicted gains p(λ) [m] on a loaded table (`bridge.tables.load_for`), in float64."""
-    import jax.numpy as jnp
-
-    from can_jax.dual import sensitivity
-
-    return np.asarray(sensitivity(jnp.asarray(lam, jnp.float64), loaded.scores, beta)[0], float)
-
-
 def round_certificate(loaded, parent: Certificate, lam, index: int, path=None, **record) -> Certificate:
     """The certificate of correction round `index` (`can refine`): the dual on the parent's own table (`loaded`, as
     `bridge.tables.load_for` reads it) whose solution is `lam` (the λ the round's step chose), so that `label`

@@ -121,81 +121,29 @@ def refine_init(lam: jnp.ndarray, hess: jnp.ndarray) -> Refine:
 
 
 def refine_step(
-    state: Refine, achieved: jnp.ndarray, margins: jnp.ndarray, secant: bool = True, self_scale: bool = True,
-    epoch: jnp.ndarray | None = None,
+    state: Refine, achieved: jnp.ndarray, margins: jnp.ndarray, secant: bool = True, self_scale: bool = True
 ) -> Refine:
     """Given the gains achieved by the policy aligned at `state.lam`, the next λ (and J after a secant update
-    from the previous round when there is one and `secant` is set). jit-able; the flags are static.
-
-    `epoch` [m]: what the next round's training adds at an unchanged λ (`epoch_effect`, when DPO continues from
-    this policy). The step then models the next gains as a + e + J(λ' − λ), and the secant pairs the move in λ with
-    the measured move less the e the previous round expected, so J keeps measuring the response to λ alone."""
+    from the previous round when there is one and `secant` is set). jit-able; the flags are static."""
     jac = state.jac
     if secant:
         updated = secant_update(jac, state.lam - state.lam_prev, achieved - state.gain_prev, self_scale)
         jac = jnp.where(state.rounds > 0, updated, jac)
-    expected = achieved if epoch is None else achieved + epoch
-    lam = newton_step(state.lam, expected, margins, jac)
-    return Refine(lam, jac, state.lam, expected, state.rounds + 1)
+    lam = newton_step(state.lam, achieved, margins, jac)
+    return Refine(lam, jac, state.lam, achieved, state.rounds + 1)
 
 
-def realised_fraction(predicted0, achieved0) -> float:
-    """c in a₀ ≈ c·p₀: the share of round 0's predicted gains p₀ (on the samples, the certificate's) that its policy
-    achieved, by least squares over the m constraints, clipped to [0, 1] (0 when nothing was predicted)."""
-    p, a = np.asarray(predicted0, float), np.asarray(achieved0, float)
-    pp = float(p @ p)
-    return float(np.clip(p @ a / pp, 0.0, 1.0)) if pp > 0 else 0.0
-
-
-def epoch_effect(predicted, achieved, realised: float) -> np.ndarray:
-    """What one more round of DPO continuing from a policy adds to its gains at an unchanged λ: the share `realised`
-    of the gap between the predicted gains p(λ) and the achieved a that the first epoch closed of its own gap
-    (round 0 went from π_ref, gains 0, to a₀ = c·p₀; the next epoch takes the same share of what remains, as a
-    geometric approach to p would). [m]; see DESIGN §7."""
-    return realised * (np.asarray(predicted, float) - np.asarray(achieved, float))
-
-
-def next_lambda(lams, gains, margins, hess0, step: str = "newton", eta: float = 1.0, secant: bool = True,
-                predicted=None) -> np.ndarray:  # fmt: skip
+def next_lambda(lams, gains, margins, hess0, step: str = "newton", eta: float = 1.0,
+                secant: bool = True) -> np.ndarray:  # fmt: skip
     """λ for the next round from the measured history: `lams`[t] and `gains`[t] the λ and achieved gains of round t
     (round 0 first), `hess0` the dual's Hessian at round 0's λ. Newton steps are replayed from round 0, so a resumed
-    run takes exactly the step it would have taken; CAID's step needs the last round alone. `predicted`[t]: round
-    t's predicted gains p(λ_t) when each round's DPO continues from the previous policy — the step then counts
-    what that continued training adds at an unchanged λ (`epoch_effect`)."""
+    run takes exactly the step it would have taken; CAID's step needs the last round alone."""
     if step == "caid":
         return np.asarray(caid_step(jnp.asarray(lams[-1]), jnp.asarray(gains[-1]), jnp.asarray(margins), eta), float)
     state = refine_init(jnp.asarray(lams[0]), jnp.asarray(hess0))
-    c = None if predicted is None else realised_fraction(predicted[0], gains[0])
-    for t, a in enumerate(gains):
-        epoch = None if c is None else jnp.asarray(epoch_effect(predicted[t], a, c))
-        state = refine_step(state, jnp.asarray(a), jnp.asarray(margins), secant=secant, epoch=epoch)
+    for a in gains:
+        state = refine_step(state, jnp.asarray(a), jnp.asarray(margins), secant=secant)
     return np.asarray(state.lam, float)
-
-
-def trust_region(lam, lam_next, predict, margins, achieved, halvings: int = 40) -> tuple[np.ndarray, dict]:
-    """The step λ → λ' cut back along its direction so that no predicted gain p_j of a constraint active at λ'
-    (on the samples, `predict`: λ ↦ p(λ) [m]) rises past its margin by more than the measured shortfall:
-    p_j ≤ max(b_j + (b_j − a_j)₊, p_j(λ)). A policy that realises at least half of a predicted move never needs
-    more; a weak DPO answering little to λ (a small secant J) would otherwise drive λ to the constraint's reach.
-    A slack constraint (λ'_j = 0) may end above its margin: that costs no reward. Returns (λ'', block) with block
-    saying the fraction of the step kept and the bounds (null where not bounded)."""
-    lam, lam_next = np.asarray(lam, float), np.asarray(lam_next, float)
-    b, a = np.asarray(margins, float), np.asarray(achieved, float)
-    active = lam_next > 0
-    bound = np.where(active, np.maximum(b + np.maximum(b - a, 0.0), np.asarray(predict(lam), float)), np.inf)
-
-    def within(alpha):
-        return bool(np.all(np.asarray(predict(lam + alpha * (lam_next - lam)), float) <= bound + 1e-12))
-
-    alpha = 1.0
-    if not within(1.0):
-        lo, hi = 0.0, 1.0
-        for _ in range(halvings):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if within(mid) else (lo, mid)
-        alpha = lo
-    block = {"kept": alpha, "capped": alpha < 1.0, "bound": [float(x) if np.isfinite(x) else None for x in bound]}
-    return lam + alpha * (lam_next - lam), block
 
 
 def on_target(gain: jnp.ndarray, margins: jnp.ndarray, active: jnp.ndarray, interval=0.0, floor: float = 0.02):

@@ -24,13 +24,12 @@ STEPS = ("newton", "caid")
 STARTS = ("reference", "previous")
 RECORD = "refine.json"
 # What a run folder's rounds depend on: changing one of these under an existing OUT would mix two chains.
-CHAIN_SETTINGS = ("step", "eta", "secant", "start", "epoch_model", "trust_region", "k", "max_new_tokens", "seed",
-                  "mode", "pairs_per_prompt", "label_seed", "dpo", "reference", "floor", "level", "chat_template",
-                  "dtype", "test_k", "test_seed")  # fmt: skip
+CHAIN_SETTINGS = ("step", "eta", "secant", "start", "k", "max_new_tokens", "seed", "mode", "pairs_per_prompt",
+                  "label_seed", "dpo", "reference", "floor", "level", "chat_template", "dtype", "test_k",
+                  "test_seed")  # fmt: skip
 # What a record written before a setting was recorded implies for it (the test prompts were measured with K = k and
 # seed 2 then).
-IMPLIED = {"test_k": lambda was: was.get("k"), "test_seed": lambda was: 2, "epoch_model": lambda was: False,
-           "trust_region": lambda was: False}
+IMPLIED = {"test_k": lambda was: was.get("k"), "test_seed": lambda was: 2}
 
 
 @dataclass
@@ -50,11 +49,6 @@ class RefineConfig:
     # hard labels barely change with λ, so a fresh DPO from π_ref relearns the same tilt and stalls (docs/RESULTS.md,
     # "The rounds' DPO start"). None: previous, or reference for a LoRA run (whose DPO reference is its base model).
     start: str | None = None
-    # newton: count what continued DPO adds at an unchanged λ (with start "previous"; DESIGN §7) ...
-    epoch_model: bool = True
-    # ... and cut back a step that would lift an active constraint's predicted gain past its margin by more than
-    # the measured shortfall.
-    trust_region: bool = True
     floor: float = 0.02  # the stopping rule's smallest tolerance
     level: float = 0.95  # joint confidence of the m intervals the rule judges with
     k: int = 8  # samples per calibration prompt and policy

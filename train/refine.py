@@ -35,8 +35,8 @@ from train.rounds import round_row, rounds_report, say_round
 
 def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> RoundsReport:
     """Runs (or resumes) the correction rounds in cfg.out; returns the rounds report (OUT/rounds.json)."""
-    from bridge.dual import predicted_at, round_certificate, sensitivity_at
-    from can_jax.refine import epoch_effect, next_lambda, realised_fraction, stop_rule, trust_region
+    from bridge.dual import round_certificate, sensitivity_at
+    from can_jax.refine import next_lambda, stop_rule
     from train import dist
 
     cfg, cert0, policy0, loaded = open_chain(cfg)
@@ -63,7 +63,7 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
         stop, tol = stop_rule(g["gain"], g["half_width"], margins, lam > 0, cfg.floor)
         rows.append(round_row(n, cert, cal, test, insample, g, tol, stop, names, time.perf_counter() - t0,
                               None if n == 0 else align_s))  # fmt: skip
-        history.append((lam, g["gain"], np.array([cert.predicted_gains[x] for x in names], float)))
+        history.append((lam, g["gain"]))
         say(say_round(rows[-1], names))
         rounds_report(rows, None, names, margins, out, cfg, write=st.is_main_process)
         if stop:
@@ -76,20 +76,11 @@ def refine(cfg: RefineConfig, say=print, reference_memo: dict | None = None) -> 
         t0 = time.perf_counter()
         if hess0 is None:
             hess0 = sensitivity_at(loaded, cert0)
-        newton = cfg.step == "newton"
-        epochs = newton and cfg.epoch_model and cfg.start == "previous"
         lam_next = next_lambda([h[0] for h in history], [h[1] for h in history], margins, hess0, cfg.step, cfg.eta,
-                               cfg.secant, predicted=[h[2] for h in history] if epochs else None)  # fmt: skip
+                               cfg.secant)  # fmt: skip
         record = {"step": cfg.step, **({"eta": cfg.eta} if cfg.step == "caid" else {}),
                   "measured_gains": dict(zip(names, g["gain"].tolist(), strict=True)),
                   "measured_half_width": dict(zip(names, g["half_width"].tolist(), strict=True))}  # fmt: skip
-        if epochs:
-            c = realised_fraction(history[0][2], history[0][1])
-            record["epoch_model"] = {"realised_fraction": c, "epoch_effect": dict(zip(
-                names, epoch_effect(history[-1][2], g["gain"], c).tolist(), strict=True))}  # fmt: skip
-        if newton and cfg.trust_region:
-            lam_next, record["trust_region"] = trust_region(lam, lam_next, partial(predicted_at, loaded, cert0.beta),
-                                                            margins, g["gain"])  # fmt: skip
         # Solved and written once by the main process and handed to the others; a resumed run reads it back.
         cert = dist.shared(st, partial(round_certificate, loaded, cert, lam_next, n,
                                        out / f"round-{n}" / "certificate.json", **record))  # fmt: skip

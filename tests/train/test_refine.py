@@ -84,9 +84,7 @@ def test_a_round_moves_the_gain_toward_the_margin(one_round, chain):
 
 def test_continuing_from_the_previous_policy_keeps_pi_ref_as_the_dpo_reference(one_round, chain, tmp_path):
     """--start previous: round 1's DPO starts from round 0's policy, with the chain's π_ref as its reference (the run
-    record says both); the step counts what the continued DPO adds at round 0's λ (the share a₀/p₀ of the remaining
-    gap p₀ − a₀, recorded in the round's certificate), so λ moves less than from π_ref."""
-    from bridge.certificate import Certificate
+    record says both); the step is the same as from π_ref (it depends on round 0 only)."""
     from train.refine import refine
 
     cfg, folder, _ = chain
@@ -94,13 +92,7 @@ def test_continuing_from_the_previous_policy_keeps_pi_ref_as_the_dpo_reference(o
     record = json.loads((tmp_path / "round-1" / "run" / "run.json").read_text())
     assert record["policy"] == str(folder / "run" / "policy") and record["settings"]["reference"] == cfg.policy
     _, ref = one_round
-    r0 = report.rounds[0]
-    p0, a0 = r0["gains"]["brev"]["predicted"], r0["gains"]["brev"]["calibration"]
-    epochs = Certificate.read(tmp_path / "round-1" / "certificate.json").round["epoch_model"]
-    assert epochs["realised_fraction"] == pytest.approx(min(max(a0 / p0, 0.0), 1.0), rel=1e-9)
-    assert epochs["epoch_effect"]["brev"] == pytest.approx(epochs["realised_fraction"] * (p0 - a0), rel=1e-9)
-    assert r0["lambda"] == ref.rounds[0]["lambda"]
-    assert r0["lambda"]["brev"] < report.rounds[1]["lambda"]["brev"] <= ref.rounds[1]["lambda"]["brev"]
+    assert report.rounds[1]["lambda"] == ref.rounds[1]["lambda"]
     a = [r["gains"]["brev"]["calibration"] for r in report.rounds]
     print(f"continuing: round 0 {a[0]:+.4f}, round 1 {a[1]:+.4f}; from π_ref: round 1 "
           f"{ref.rounds[1]['gains']['brev']['calibration']:+.4f}")  # fmt: skip

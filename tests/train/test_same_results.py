@@ -188,7 +188,7 @@ def stage_chain(lm, folder: Path) -> None:
           folder / "calibration.txt", *TOY, "--reference", lm, "--out", folder / "refine", "--rounds", 2, "--k", 4,
           "--max-new-tokens", 12, "--mode", "soft", "--pairs-per-prompt", 8, "--epochs", 1, "--lr", 3e-3,
           "--batch-size", 16, "--max-length", 64, "--precision", "fp32", "--start", "reference",
-          "--test-prompts", folder / "heldout.txt", "--no-trust-region"])  # the step as recorded  # fmt: skip
+          "--test-prompts", folder / "heldout.txt"])  # fmt: skip
 
 
 # What differs by design between two runs of one chain: where it ran, when, and for how long; hashes of certificates

@@ -59,22 +59,6 @@ def refine_cmd(
     eta: EtaOpt = FROM_CONFIG,
     secant: SecantOpt = FROM_CONFIG,
     start: StartOpt = FROM_CONFIG,
-    epoch_model: Annotated[
-        bool,
-        typer.Option(
-            "--epoch-model/--no-epoch-model",
-            help="--step newton, --start previous: count what a round's continued DPO adds at an unchanged λ (the "
-            "share of the gap to the predicted gains that round 0's DPO closed), so λ is asked for the rest only.",
-        ),
-    ] = FROM_CONFIG,
-    trust_region: Annotated[
-        bool,
-        typer.Option(
-            "--trust-region/--no-trust-region",
-            help="--step newton: cut back a step that would lift an active constraint's predicted gain past its "
-            "margin by more than the measured shortfall (said in the round's certificate).",
-        ),
-    ] = FROM_CONFIG,
     test_prompts: Annotated[
         Optional[Path],
         typer.Option(help="Held-out prompts measured every round for the table (never used to steer or stop)."),
@@ -139,8 +123,7 @@ def refine_cmd(
                       train_top=train_top, precision=precision, seed=dpo_seed)  # fmt: skip
     cfg = RefineConfig(policy=policy, scores=str(scores), prompts=read_prompts(prompts), scorers=list(scorer),
                        out=str(out), reference=reference, certificate=None if certificate is None else str(certificate),
-                       rounds=rounds, step=step, eta=eta, secant=secant, start=start, epoch_model=epoch_model,
-                       trust_region=trust_region, floor=floor, level=level, k=k,
+                       rounds=rounds, step=step, eta=eta, secant=secant, start=start, floor=floor, level=level, k=k,
                        max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, seed=seed,
                        test_prompts=None if test_prompts is None else read_prompts(test_prompts), test_k=test_k,
                        test_seed=test_seed, mode=mode, pairs_per_prompt=pairs_per_prompt, label_seed=label_seed,
