@@ -106,7 +106,10 @@ def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: fl
     from can_jax.result import Status
 
     data = data_summary(loaded, cfg.reward, cfg.prompt_id)
-    scorers = collect_record(cfg.scores).scorer_block(cfg.reward, loaded.names, loaded.kinds)
+    record = collect_record(cfg.scores)
+    scorers = record.scorer_block(cfg.reward, loaded.names, loaded.kinds)
+    if record.sampling:  # the engine that drew the samples, and its log-probs' distance from log π_ref
+        data["sampling"] = record.sampling
     devices = device_count(cfg.devices)
     placed = devices_block(devices)
     t1 = time.perf_counter()

@@ -58,6 +58,12 @@ class CollectRecord:
         may then use it in place of TRL's reference pass)."""
         return bool(self.meta.get("logp_ref_exact"))
 
+    @property
+    def sampling(self) -> dict:
+        """{engine, logp_gap: {median, max}}: which engine drew the samples and how far its own log-probs are from
+        log π_ref (nats per sequence); empty for tables collected before it was recorded (the exact loop)."""
+        return dict(self.meta.get("sampling") or {})
+
     def count(self, name: str) -> int:
         """A recorded count: samples, unfinished, not_retokenizing."""
         return int(self.meta.get(name) or 0)
@@ -74,7 +80,8 @@ class CollectRecord:
 
     @classmethod
     def build(cls, settings: dict, scorer_specs: list, tokenizer_sha256: str, logp_ref_exact: bool, scorers: dict,
-              samples: int, unfinished: int, not_retokenizing: int, pecan: dict | None = None) -> CollectRecord:
+              samples: int, unfinished: int, not_retokenizing: int, pecan: dict | None = None,
+              sampling: dict | None = None) -> CollectRecord:  # fmt: skip
         """The record `can collect` writes: its settings, then what it found. `scorers` holds each scorer's record
         (spec, template, …) by name; the settings' own `scorers` list of NAME=SPEC texts is kept as `scorer_specs`."""
         meta = {**settings, "scorer_specs": scorer_specs, "tokenizer_sha256": tokenizer_sha256,
@@ -82,6 +89,8 @@ class CollectRecord:
                 "not_retokenizing": not_retokenizing}  # fmt: skip
         if pecan:
             meta["pecan"] = pecan
+        if sampling:
+            meta["sampling"] = sampling
         return cls(meta)
 
     def with_pecan(self, models: dict, logp_ref_exact: bool) -> CollectRecord:

@@ -64,6 +64,8 @@ class CollectConfig:
     scorer_max_length: int | None = scorer_field("max_length")
     scorer_batch_size: int = scorer_field("batch_size")
     dtype: str = "fp32"  # the policies' weights: fp32, bf16 or fp16 (log-probs from a float32 LM head either way)
+    engine: str = "hf"  # what samples π_ref: hf (the exact loop on Transformers) or vllm
+    engine_options: list = field(default_factory=list)  # KEY=VALUE settings of vLLM's engine
 
     def scorer_options(self) -> dict:
         from train.scorers import scorer_options
@@ -81,17 +83,28 @@ class CollectConfig:
             at_least_one(("--scorer-max-length", self.scorer_max_length))
         if self.max_length is not None:
             at_least_one(("max_length", self.max_length))
+        from train.sampling import ENGINES, VLLM_MISSING, engine_options
+
+        if self.engine not in ENGINES:
+            raise CanError(f"--engine {self.engine!r}: use one of {', '.join(ENGINES)}")
+        if self.engine_options and self.engine != "vllm":
+            raise CanError("--engine-options are vLLM's settings: give them with --engine vllm")
+        engine_options(self.engine_options)
+        import importlib.util
+
+        if self.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+            raise CanError(VLLM_MISSING)
 
 
 def shard_columns(model, tok, chunk: list, cfg: CollectConfig, seed: int, scorers: list, others=(), aligned=(),
-                  first_id: int = 0, conv: bool = False) -> dict:  # fmt: skip
-    """The columns of one shard: K samples of each prompt in `chunk` (seed `seed`), log π_ref of each, PeCAN's
-    columns for the `aligned` models (`others` loaded), the scores. `conv`: scorers read every prompt as a
-    conversation (some prompts of the file are)."""
+                  first_id: int = 0, conv: bool = False, backend=None) -> dict:  # fmt: skip
+    """The columns of one shard: K samples of each prompt in `chunk` (seed `seed`; drawn by `backend`, default the
+    exact loop), log π_ref of each, PeCAN's columns for the `aligned` models (`others` loaded), the scores. `conv`:
+    scorers read every prompt as a conversation (some prompts of the file are)."""
     from train.tokens import as_prompts
 
     drawn = sample(model, tok, as_prompts(tok, chunk, cfg.chat_template), cfg.k, cfg.max_new_tokens, cfg.batch_size,
-                   seed=seed)  # fmt: skip
+                   seed=seed, backend=backend)  # fmt: skip
     # Scorers read the user's prompt; when some prompts are conversations, all are read as conversations.
     instr = [p for p in (as_prompts(tok, chunk, True) if conv else chunk) for _ in range(cfg.k)]
     ids = list(zip(drawn["prompt_ids"], drawn["response_ids"], strict=True))
@@ -147,37 +160,35 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
 
     cfg.check()
     st = dist.state()
+    if cfg.engine == "vllm" and st.num_processes > 1:
+        raise CanError("--engine vllm runs in one process (vLLM spreads itself over GPUs: give --engine-options "
+                       "tensor_parallel_size=N instead of --num-processes)")  # fmt: skip
     device = dist.device(st)
     out = ensure_file_parent(out)
     prompts = read_prompts(cfg.prompts)
-    scorers = [make_scorer(*parse_scorer(s), **cfg.scorer_options(), device=device) for s in cfg.scorers]
+    parsed = [parse_scorer(s) for s in cfg.scorers]
     aligned = [parse_aligned(a) for a in cfg.aligned]
-    names = [s.name for s in scorers] + [a[0] for a in aligned]
+    names = [p[0] for p in parsed] + [a[0] for a in aligned]
     if not names:
         raise CanError("nothing to record: give --scorer NAME=SPEC and/or --aligned NAME=DIR")
-    reserved = {
-        "prompt",
-        "response",
-        "prompt_id",
-        "instruction",
-        "logp_ref",
-        "finished",
-        "prompt_ids",
-        "response_ids",
-        "retokenizes",
-    }
+    reserved = {"prompt", "response", "prompt_id", "instruction", "logp_ref", "logp_engine", "finished", "prompt_ids",
+                "response_ids", "retokenizes"}  # fmt: skip
     if len(set(names)) != len(names) or reserved & set(names):
         raise CanError(f"scorer and aligned-model names must be distinct and not one of {sorted(reserved)}: {names}")
-    model, tok = load_policy(cfg.policy, device, cfg.dtype)
-    model.eval()
-    rendered = as_prompts(tok, prompts, cfg.chat_template, where=cfg.prompts)  # refused before work: no template
-    check_context(model, tok, rendered, cfg.max_new_tokens, cfg.prompts)
     shard_dir = ensure_dir(out.with_name(out.name + ".shards"))
     stamp = shard_dir / "settings.json"
     digest = _settings_hash(cfg, prompts)
     old_shards = sorted(shard_dir.glob("shard-*.parquet"))
-    if stamp.exists() and _stamp_hash(stamp) != digest and old_shards:
+    if stamp.exists() and _stamp_hash(stamp) != digest and (old_shards or any(shard_dir.glob("shard-*.samples.json"))):
         raise CanError(f"{shard_dir} holds shards made with other settings or prompts; delete it or change --out")
+    n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
+    if cfg.engine == "vllm":  # every shard's samples first, then the engine's memory is freed for what follows
+        _presample(cfg, prompts, shard_dir, n_shards)
+    scorers = [make_scorer(*p, **cfg.scorer_options(), device=device) for p in parsed]
+    model, tok = load_policy(cfg.policy, device, cfg.dtype)
+    model.eval()
+    rendered = as_prompts(tok, prompts, cfg.chat_template, where=cfg.prompts)  # refused before work: no template
+    check_context(model, tok, rendered, cfg.max_new_tokens, cfg.prompts)
     prints = {sc.name: sc.fingerprint() for sc in scorers}
     changed = _changed_scorers(stamp, prints) if old_shards else []
     st.wait_for_everyone()  # every rank has checked the old stamp before the main process replaces it
@@ -197,7 +208,6 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
 
     conv = any(is_conversation(p) for p in prompts)
     others = [load_policy(path, device, cfg.dtype)[0].eval() for _, path, _ in aligned]
-    n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     for s in dist.owned(n_shards, st.process_index, st.num_processes):
         path = shard_dir / f"shard-{s:05d}.parquet"
         if path.exists():
@@ -205,8 +215,9 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
                 progress(s, n_shards, True)
             continue
         lo = s * cfg.shard_size
+        backend = _kept_samples(shard_dir, s) if cfg.engine == "vllm" else None
         cols = shard_columns(model, tok, prompts[lo : lo + cfg.shard_size], cfg, cfg.seed + s, scorers, others,
-                             aligned, first_id=lo, conv=conv)  # fmt: skip
+                             aligned, first_id=lo, conv=conv, backend=backend)  # fmt: skip
         writer = {"rank": st.process_index, "world": st.num_processes}
         write_parquet(path, pa.table(cols).replace_schema_metadata({b"can.shard": json.dumps(writer).encode()}))
         if progress:
@@ -230,8 +241,82 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
         scorers={sc.name: {**sc.record(), "truncated_this_run": sc.truncated} for sc in scorers},
         samples=table.num_rows, unfinished=table.num_rows - sum(table.column("finished").to_pylist()),
         not_retokenizing=table.num_rows - sum(table.column("retokenizes").to_pylist()),
-        pecan=pecan_meta(aligned) if aligned else None,
+        pecan=pecan_meta(aligned) if aligned else None, sampling=_sampling_block(cfg, table),
     )  # fmt: skip
     write_scores_table(out, table, record)
     st.wait_for_everyone()
     return out
+
+
+def _samples_path(shard_dir: Path, s: int) -> Path:
+    return shard_dir / f"shard-{s:05d}.samples.json"
+
+
+def _presample(cfg: CollectConfig, prompts: list, shard_dir: Path, n_shards: int) -> None:
+    """`--engine vllm`: draws the samples of every shard not yet sampled with vLLM, from the very prompt ids the
+    Transformers path builds, and keeps each shard's in OUT.shards/shard-N.samples.json (atomically: a killed run
+    resumes); then shuts the engine down, so its memory is free for the log-prob pass and the scorers. Prompt i of
+    shard s is drawn with seed `prompt_seed(seed + s, i)`, so a prompt's samples do not depend on its batch."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from train.models import resolve_policy
+    from train.sampling import VLLMSampler, engine_options, prompt_seed, stop_ids
+    from train.tokens import as_prompts, prompt_ids
+
+    todo = [s for s in range(n_shards) if not _samples_path(shard_dir, s).exists()
+            and not (shard_dir / f"shard-{s:05d}.parquet").exists()]  # fmt: skip
+    if not todo:
+        return
+    path = resolve_policy(cfg.policy)
+    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = None
+    model = SimpleNamespace(config=AutoConfig.from_pretrained(path), generation_config=gen)  # what stop ids read
+    rendered = as_prompts(tok, prompts, cfg.chat_template, where=cfg.prompts)
+    check_context(model, tok, rendered, cfg.max_new_tokens, cfg.prompts)  # a prompt past the context: one line
+    stop = stop_ids(model, tok)
+    sampler = VLLMSampler(path, cfg.dtype, engine_options(cfg.engine_options))
+    group = max(1, 256 // cfg.shard_size)  # shards per engine call: batches large enough for the engine
+    try:
+        for lo in range(0, len(todo), group):
+            shards = todo[lo : lo + group]
+            ids, seeds, spans = [], [], []
+            for s in shards:
+                chunk = [prompt_ids(tok, p) for p in rendered[s * cfg.shard_size : (s + 1) * cfg.shard_size]]
+                spans.append((s, len(ids), chunk))
+                ids += chunk
+                seeds += [prompt_seed(cfg.seed + s, i) for i in range(len(chunk))]
+            drawn = sampler.draw(ids, seeds, cfg.k, cfg.max_new_tokens, stop)
+            for s, at, chunk in spans:
+                part = slice(at, at + len(chunk))
+                atomic_write_text(_samples_path(shard_dir, s), json.dumps({
+                    "prompt_ids": chunk, "k": cfg.k, "max_new_tokens": cfg.max_new_tokens, "ids": drawn.ids[part],
+                    "finished": drawn.finished[part], "engine_logp": drawn.engine_logp[part]}))  # fmt: skip
+    finally:
+        sampler.close()
+
+
+def _kept_samples(shard_dir: Path, s: int):
+    """The backend that hands shard s its samples drawn by `_presample`."""
+    from train.sampling import Presampled, Samples
+
+    path = _samples_path(shard_dir, s)
+    if not path.exists():
+        raise CanError(f"{path} is missing: rerun to draw it")
+    kept = json.loads(path.read_text())
+    return Presampled(kept["prompt_ids"], Samples(kept["ids"], kept["finished"], None, kept["engine_logp"]),
+                      kept["k"], kept["max_new_tokens"])  # fmt: skip
+
+
+def _sampling_block(cfg: CollectConfig, table: pa.Table) -> dict:
+    """The collect record's `sampling` block: which engine drew the samples and, for an engine with log-probs of its
+    own, how far they are from log π_ref of the Transformers forward (nats per sequence)."""
+    block = {"engine": cfg.engine}
+    if "logp_engine" in table.column_names:
+        gap = np.abs(table.column("logp_engine").to_numpy() - table.column("logp_ref").to_numpy())
+        block["logp_gap"] = {"median": float(np.median(gap)), "max": float(np.max(gap))}
+    return block

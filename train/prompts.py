@@ -123,8 +123,8 @@ def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: i
            backend=None) -> dict:  # fmt: skip
     """K samples of π_ref per prompt (prompts as TRL sees them: `train.tokens.as_prompts`), flattened prompt-major:
     {"prompt", "response", "prompt_ids", "response_ids", "finished", "retokenizes"} lists of n·K, and "logp" (log π
-    of each sample's ids, from the logits it was drawn from) when the backend reports it. `backend`: a
-    `train.sampling.Backend` (default: the exact loop on `model`)."""
+    of each sample's ids, from the logits it was drawn from) when the backend reports it ("logp_engine" for an
+    engine's own). `backend`: a `train.sampling.Backend` (default: the exact loop on `model`)."""
     from train.sampling import ExactSampler, stop_ids
     from train.tokens import decode_response, prompt_ids, retokenizes
 
@@ -136,6 +136,8 @@ def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: i
     out = {"prompt": [], "response": [], "prompt_ids": [], "response_ids": [], "finished": [], "retokenizes": []}
     if drawn.logp is not None:
         out["logp"] = [lp for row in drawn.logp for lp in row]
+    if drawn.engine_logp is not None:
+        out["logp_engine"] = [lp for row in drawn.engine_logp for lp in row]
     for p, ids, rs, fs in zip(prompts, p_ids, drawn.ids, drawn.finished, strict=True):
         for r, f in zip(rs, fs, strict=True):
             text = decode_response(tok, r)

