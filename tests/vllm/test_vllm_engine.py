@@ -18,8 +18,9 @@ PROMPTS = ["w1 w2 w3", "w4 w5", "w7 w8 w9 w10", "w11", "w12 w13", "w14 w15 w16"]
 
 @pytest.fixture(scope="module")
 def vllm_lm(tmp_path_factory):
-    """A tiny Llama vLLM's CPU backend runs (head size 32) over a word-level vocabulary, its next-token
-    distribution peaked enough that a few thousand draws tell a distorted sampler from π_ref."""
+    """A tiny Llama vLLM's CPU backend runs (head size 64) over a word-level vocabulary, its next-token
+    distribution peaked enough that a few thousand draws tell a distorted sampler from π_ref, shipping a
+    generation_config (temperature 0.7, top-k 5) that would show if it leaked into the samples."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -29,23 +30,26 @@ def vllm_lm(tmp_path_factory):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")  # fmt: skip
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)  # fmt: skip
     model = LlamaForCausalLM(config)
     with torch.no_grad():
-        model.lm_head.weight.mul_(20)
+        model.lm_head.weight.mul_(12)
         model.lm_head.weight[2].add_(0.05 * model.lm_head.weight[0])  # EOS neither rare nor certain
     path = tmp_path_factory.mktemp("vllm-lm")
     model.save_pretrained(path)
     fast.save_pretrained(path)
-    # A shipped generation_config that would distort the samples if it were applied.
-    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 3, "top_p": 0.5,
-                                                              "repetition_penalty": 1.5, "eos_token_id": 2}))
+    (path / "generation_config.json").write_text(json.dumps({"temperature": 0.7, "top_k": 5, "do_sample": True,
+                                                              "eos_token_id": 2}))  # fmt: skip
     return path
 
 
-def _softmax_next(path, ids):
+PROBES = [[1, 7, 8, 9], [1, 20], [1, 33, 34, 35, 36, 37]]
+
+
+def _next_token_probs(path, ids):
+    """A plain Transformers forward: softmax of the last position's logits, in float64."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -53,27 +57,43 @@ def _softmax_next(path, ids):
         return torch.softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1).numpy()
 
 
-def test_vllm_draws_pi_ref_exactly_and_its_log_probs_agree(vllm_lm):
+def _chi2_pvalue(first, p):
     from scipy.stats import chisquare
+
+    n = len(first)
+    counts = np.bincount(first, minlength=len(p))
+    big = p * n >= 5  # cells with enough expected draws; the rest pooled into one
+    return chisquare(np.append(counts[big], counts[~big].sum()), np.append(p[big] * n, p[~big].sum() * n)).pvalue
+
+
+def test_vllm_draws_pi_ref_exactly_and_the_test_has_power(vllm_lm):
+    """The first token of 3,000 samples of each probe prompt against the Transformers softmax: π_ref passes a χ²
+    test at α = 1e-3; the same test rejects vLLM's draws at temperature 0.9 and at top-k 5."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
     from train.sampling import VLLMSampler
 
-    ids, n = [1, 7, 8, 9], 4000
-    p = _softmax_next(vllm_lm, ids)
+    n = 3000
+    probs = [_next_token_probs(vllm_lm, ids) for ids in PROBES]
     sampler = VLLMSampler(str(vllm_lm))
     try:
-        drawn = sampler.draw([ids], [7], n, 1, [2])
+        drawn = sampler.draw(PROBES, [7, 8, 9], n, 1, [2])
+        distorted = {}
+        for name, extra in (("T=0.9", {"temperature": 0.9}), ("top-k 5", {"temperature": 1.0, "top_k": 5})):
+            params = SamplingParams(n=n, max_tokens=1, seed=11, ignore_eos=True, detokenize=False, **extra)
+            outs = sampler.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in PROBES], params,
+                                        use_tqdm=False)  # fmt: skip
+            distorted[name] = [np.array([o.token_ids[0] for o in out.outputs]) for out in outs]
     finally:
         sampler.close()
-    first = np.array([r[0] for r in drawn.ids[0]])
-    counts = np.bincount(first, minlength=len(p))
-    big = p * n >= 5  # chi-square cells with enough expected draws; the rest pooled
-    obs, exp = np.append(counts[big], counts[~big].sum()), np.append(p[big] * n, p[~big].sum() * n)
-    assert chisquare(obs, exp).pvalue > 1e-3, (counts[big], np.round(p[big] * n))
-    # A sampler that applied the shipped generation_config (top-k 3) would never draw the 4th most likely token.
-    assert counts[np.argsort(-p)[3:]].sum() > 0
-    np.testing.assert_allclose(np.array(drawn.engine_logp[0]), np.log(p[first]), atol=1e-4)
-    assert all(f == (r[-1] == 2) for r, f in zip(drawn.ids[0], drawn.finished[0], strict=True))
+    for i, p in enumerate(probs):
+        first = np.array([r[0] for r in drawn.ids[i]])
+        assert _chi2_pvalue(first, p) > 1e-3, (i, np.bincount(first, minlength=len(p))[:12], np.round(p[:12] * n))
+        np.testing.assert_allclose(np.array(drawn.engine_logp[i]), np.log(p[first]), atol=1e-4)
+        assert all(f == (r[-1] == 2) for r, f in zip(drawn.ids[i], drawn.finished[i], strict=True))
+        for name, draws in distorted.items():
+            assert _chi2_pvalue(draws[i], p) < 1e-3, (name, i)
 
 
 def _collect(path, tmp_path, out, engine, **kw):
@@ -89,21 +109,24 @@ def _collect(path, tmp_path, out, engine, **kw):
 
 def test_collect_with_vllm_keeps_the_table_format_and_log_pi_ref_of_the_forward(vllm_lm, tmp_path):
     import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
 
     from bridge.scores_table import collect_record
-    from train.logps import sequence_logps
-    from train.models import load_policy
 
     hf = pq.read_table(_collect(vllm_lm, tmp_path, "hf.parquet", "hf"))
     out = _collect(vllm_lm, tmp_path, "vllm.parquet", "vllm")
     table = pq.read_table(out)
     assert set(hf.column_names) | {"logp_engine"} == set(table.column_names)
     assert table.column("prompt_ids").to_pylist() == hf.column("prompt_ids").to_pylist()  # the same prompt ids
-    model, tok = load_policy(str(vllm_lm))
-    rows = table.to_pylist()
-    ids = [(r["prompt_ids"], r["response_ids"]) for r in rows]
-    ref = sequence_logps(model.eval(), tok, [r["prompt"] for r in rows], [r["response"] for r in rows], ids=ids)
-    np.testing.assert_allclose(table.column("logp_ref").to_numpy(), ref.double().numpy(), atol=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(vllm_lm, dtype=torch.float32)
+    ref = []
+    for row in table.to_pylist():  # a plain forward: Σ log softmax of each response token given what precedes it
+        ids = row["prompt_ids"] + row["response_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        start = len(row["prompt_ids"])
+        ref.append(float(sum(logp[t - 1, ids[t]] for t in range(start, len(ids)))))
+    np.testing.assert_allclose(table.column("logp_ref").to_numpy(), ref, atol=1e-4)
     gap = np.abs(table.column("logp_engine").to_numpy() - table.column("logp_ref").to_numpy())
     sampling = collect_record(out).sampling
     assert sampling["engine"] == "vllm" and sampling["logp_gap"]["max"] == pytest.approx(gap.max(), rel=1e-6)
@@ -113,6 +136,18 @@ def test_collect_with_vllm_keeps_the_table_format_and_log_pi_ref_of_the_forward(
 
     cert = run(DualConfig(str(out), reward="len", beta=1.0, constraint=["brev=0.0"], bias=False))
     assert cert.data["sampling"] == sampling  # the certificate says which engine drew its samples
+    # The chain goes on from the vLLM table: label, then DPO on the sampled ids.
+    from train import dpo, label
+    from train.settings import DPOSettings, TrainConfig
+
+    cert.write(tmp_path / "cert.json")
+    _, stats = label.run(label.LabelConfig(str(out), str(tmp_path / "cert.json"), out=str(tmp_path / "prefs.parquet"),
+                                           mode="soft", pairs_per_prompt=2))  # fmt: skip
+    assert stats.pairs > 0
+    policy = dpo.run(TrainConfig(str(tmp_path / "prefs.parquet"), policy=str(vllm_lm), out=str(tmp_path / "run"),
+                                 dpo=DPOSettings(epochs=1, lr=1e-3, batch_size=4, precision="fp32"),
+                                 chat_template=False))  # fmt: skip
+    assert (policy / "certificate.json").is_file()
     # Killed after some shards: a rerun redraws only what is missing, and per-prompt seeds give the same table.
     shards = out.with_name(out.name + ".shards")
     os.remove(out)
