@@ -183,7 +183,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
         raise CanError(f"{shard_dir} holds shards made with other settings or prompts; delete it or change --out")
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     if cfg.engine == "vllm":  # every shard's samples first, then the engine's memory is freed for what follows
-        _presample(cfg, prompts, shard_dir, n_shards)
+        _presample(cfg, prompts, shard_dir, n_shards, digest)
     scorers = [make_scorer(*p, **cfg.scorer_options(), device=device) for p in parsed]
     model, tok = load_policy(cfg.policy, device, cfg.dtype)
     model.eval()
@@ -215,7 +215,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
                 progress(s, n_shards, True)
             continue
         lo = s * cfg.shard_size
-        backend = _kept_samples(shard_dir, s) if cfg.engine == "vllm" else None
+        backend = _kept_samples(shard_dir, s, digest) if cfg.engine == "vllm" else None
         cols = shard_columns(model, tok, prompts[lo : lo + cfg.shard_size], cfg, cfg.seed + s, scorers, others,
                              aligned, first_id=lo, conv=conv, backend=backend)  # fmt: skip
         writer = {"rank": st.process_index, "world": st.num_processes}
@@ -252,11 +252,12 @@ def _samples_path(shard_dir: Path, s: int) -> Path:
     return shard_dir / f"shard-{s:05d}.samples.json"
 
 
-def _presample(cfg: CollectConfig, prompts: list, shard_dir: Path, n_shards: int) -> None:
+def _presample(cfg: CollectConfig, prompts: list, shard_dir: Path, n_shards: int, digest: str) -> None:
     """`--engine vllm`: draws the samples of every shard not yet sampled with vLLM, from the very prompt ids the
     Transformers path builds, and keeps each shard's in OUT.shards/shard-N.samples.json (atomically: a killed run
     resumes); then shuts the engine down, so its memory is free for the log-prob pass and the scorers. Prompt i of
-    shard s is drawn with seed `prompt_seed(seed + s, i)`, so a prompt's samples do not depend on its batch."""
+    shard s is drawn with seed `prompt_seed(seed + s, i)`, so a prompt's samples do not depend on its batch. Each file
+    carries the settings' hash: samples kept under other settings are refused, never reused."""
     from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
@@ -265,8 +266,8 @@ def _presample(cfg: CollectConfig, prompts: list, shard_dir: Path, n_shards: int
     from train.sampling import VLLMSampler, engine_options, prompt_seed, stop_ids
     from train.tokens import as_prompts, prompt_ids
 
-    todo = [s for s in range(n_shards) if not _samples_path(shard_dir, s).exists()
-            and not (shard_dir / f"shard-{s:05d}.parquet").exists()]  # fmt: skip
+    todo = [s for s in range(n_shards) if not (shard_dir / f"shard-{s:05d}.parquet").exists()
+            and _kept_samples(shard_dir, s, digest, missing_ok=True) is None]  # fmt: skip
     if not todo:
         return
     path = resolve_policy(cfg.policy)
@@ -293,21 +294,31 @@ def _presample(cfg: CollectConfig, prompts: list, shard_dir: Path, n_shards: int
             drawn = sampler.draw(ids, seeds, cfg.k, cfg.max_new_tokens, stop)
             for s, at, chunk in spans:
                 part = slice(at, at + len(chunk))
-                atomic_write_text(_samples_path(shard_dir, s), json.dumps({
-                    "prompt_ids": chunk, "k": cfg.k, "max_new_tokens": cfg.max_new_tokens, "ids": drawn.ids[part],
-                    "finished": drawn.finished[part], "engine_logp": drawn.engine_logp[part]}))  # fmt: skip
+                kept = {"settings": digest, "prompt_ids": chunk, "k": cfg.k, "max_new_tokens": cfg.max_new_tokens,
+                        "ids": drawn.ids[part], "finished": drawn.finished[part],
+                        "engine_logp": drawn.engine_logp[part]}  # fmt: skip
+                atomic_write_text(_samples_path(shard_dir, s), json.dumps(kept))
     finally:
         sampler.close()
 
 
-def _kept_samples(shard_dir: Path, s: int):
-    """The backend that hands shard s its samples drawn by `_presample`."""
+def _kept_samples(shard_dir: Path, s: int, digest: str, missing_ok: bool = False):
+    """The backend that hands shard s its samples drawn by `_presample` under the settings hashed `digest` (None
+    when there are none and `missing_ok`)."""
     from train.sampling import Presampled, Samples
 
     path = _samples_path(shard_dir, s)
     if not path.exists():
+        if missing_ok:
+            return None
         raise CanError(f"{path} is missing: rerun to draw it")
-    kept = json.loads(path.read_text())
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = None
+    if not isinstance(kept, dict) or kept.get("settings") != digest:
+        raise CanError(f"{path} holds samples drawn with other settings or prompts (or is damaged); delete "
+                       f"{shard_dir} or change --out")  # fmt: skip
     return Presampled(kept["prompt_ids"], Samples(kept["ids"], kept["finished"], None, kept["engine_logp"]),
                       kept["k"], kept["max_new_tokens"])  # fmt: skip
 

