@@ -9,9 +9,9 @@ correction rounds call this same function, so their certificates cannot diverge.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -302,7 +302,7 @@ def round_certificate(loaded, parent: Certificate, lam, index: int, path=None, *
 
     from can_jax.dual import sensitivity
 
-    if path is not None and os.path.isfile(path):
+    if path is not None and Path(path).is_file():
         cert = Certificate.read(path)
         if cert.parent_sha256 != parent.sha256 or cert.round_index != index:
             raise CanError(f"{path} is not round {index} of this chain (its parent is another certificate): use "
@@ -320,13 +320,12 @@ def round_certificate(loaded, parent: Certificate, lam, index: int, path=None, *
                      kl=(pecan or {}).get("reference", "token"))  # fmt: skip
     # The margins go to the solve as the numbers they are (a cost's margin is the reduction of its mean, the gain
     # of the negated column: the same number in both); a float32 chain solves in float32 as `can dual` did.
-    at = replace(loaded, margins=np.asarray(eff, float), dtype=np.dtype(parent.dtype or "float64"))
+    at = replace(loaded, margins=np.asarray(eff, float), dtype=np.dtype(parent.dtype))
     cert = certify(at, cfg, load_s=time.perf_counter() - t0)
     if not cert.converged:
         raise CanError(f"round {index}: the dual at the round's λ did not converge ({cert.message})")
     cert = cert.with_round(index, parent, requested_lambda=dict(zip(parent.names, lam.tolist(), strict=True)),
                            **record)  # fmt: skip
     if path is not None:
-        os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
         cert.write(path)
     return cert

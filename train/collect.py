@@ -179,7 +179,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike, progress=None) -> Path:
     stamp = shard_dir / "settings.json"
     digest = _settings_hash(cfg, prompts)
     old_shards = sorted(shard_dir.glob("shard-*.parquet"))
-    if stamp.exists() and _stamp_hash(stamp) != digest and (old_shards or any(shard_dir.glob("shard-*.samples.json"))):
+    if stamp.exists() and _stamp_hash(stamp) != digest and old_shards:
         raise CanError(f"{shard_dir} holds shards made with other settings or prompts; delete it or change --out")
     n_shards = (len(prompts) + cfg.shard_size - 1) // cfg.shard_size
     if cfg.engine == "vllm":  # every shard's samples first, then the engine's memory is freed for what follows

@@ -59,15 +59,15 @@ def rounds_report(rows: list, stopped: bool | None, names: list, margins, out: P
     from bridge.files import atomic_write_text, write_figure
 
     margins = [float(b) for b in margins]
-    text, fig = (rounds_markdown(rows, names, margins, cfg), plot_rounds(rows, names, margins)) if write else (0, 0)
     report = RoundsReport.build(rounds=rows, stopped=stopped, names=names, margins=margins, out=str(out),
                                 settings=json.loads(json.dumps(cfg.chain_settings(), default=str)))  # fmt: skip
     if write:
-        report.write(out / "rounds.json")
-        atomic_write_text(out / "rounds.md", text)
-        write_figure(out / "rounds.png", fig)
         import matplotlib.pyplot as plt
 
+        report.write(out / "rounds.json")
+        atomic_write_text(out / "rounds.md", rounds_markdown(rows, names, margins, cfg))
+        fig = plot_rounds(rows, names, margins)
+        write_figure(out / "rounds.png", fig)
         plt.close(fig)
     return report
 
