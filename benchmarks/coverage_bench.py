@@ -32,9 +32,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bridge.files import atomic_write_text  # noqa: E402
-from can_jax.bias import Z95, finite_k_bias, outcome_terms  # noqa: E402
+from can_jax.bias import Z95, finite_k_bias  # noqa: E402
 from can_jax.sim.worlds import evaluate_policy, exact_scores, make_world, sample_scores, tilted_policy  # noqa: E402
 from can_jax.solve import solve_dual  # noqa: E402
+from tests.can_jax.bias_reference import outcome_terms  # noqa: E402  (θ_i unblocked)
 
 BETA = 1.0
 NS = (250, 1000, 4000)

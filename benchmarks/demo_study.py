@@ -53,7 +53,8 @@ CONFIGS = {
 
 
 def config(name: str, seed: int, eval_prompts: list):
-    from train.demo import TRAIN_PROMPTS, DemoConfig
+    from benchmarks.baseline_prompts import TRAIN_PROMPTS
+    from train.demo import DemoConfig
     from train.demo_prompts import training_prompts
 
     if CONFIGS[name][1] is None:

@@ -35,7 +35,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from can_jax.dual import auto_block, pass_blocks, to_blocks  # noqa: E402
+from can_jax.dual import auto_block, pass_units, to_blocks  # noqa: E402
 from can_jax.sim.synthetic import synthetic_scores  # noqa: E402
 from can_jax.solve import solve_dual_jit  # noqa: E402
 
@@ -202,7 +202,7 @@ def fused_pass(sc, margins, blocks_to_try, reps=5):
     out = {}
     b = jnp.asarray(margins)
     lam = jnp.full((sc.utility.shape[-1],), 0.5)
-    one_pass = jax.jit(lambda lam, blocked: pass_blocks(lam, blocked, b, BETA, 2))
+    one_pass = jax.jit(lambda lam, blocked: pass_units(lam, blocked, b, BETA, 2)[0])
     for blk in blocks_to_try:
         blocked = jax.block_until_ready(to_blocks(sc, blk))
         jax.block_until_ready(one_pass(lam, blocked))

@@ -147,7 +147,7 @@ def new_collect(model, tok, prompts, scorers, k, max_new_tokens, batch_size, max
 def bench_collect(args, res):
     import torch
 
-    from train.demo import TRAIN_PROMPTS
+    from benchmarks.baseline_prompts import TRAIN_PROMPTS
     from train.logps import logps_and_kl
     from train.models import load_policy
     from train.scorers import make_scorer, parse_scorer
@@ -224,8 +224,8 @@ def bench_dpo(args, res, workdir: Path):
     from datasets import Dataset
     from trl import DPOTrainer
 
+    from benchmarks.baseline_prompts import TRAIN_PROMPTS
     from train.collect import sample
-    from train.demo import TRAIN_PROMPTS
     from train.dpo import CanDPOTrainer, SoftPreferenceCollator, make_config, train_top_layers
     from train.models import load_policy
     from train.tokens import as_prompts
@@ -307,7 +307,8 @@ def bench_chain(args):
     import torch
 
     jax.config.update("jax_enable_x64", True)
-    from train.demo import EVAL_PROMPTS, TRAIN_PROMPTS, DemoConfig, run_chain
+    from benchmarks.baseline_prompts import EVAL_PROMPTS, TRAIN_PROMPTS
+    from train.demo import DemoConfig, run_chain
     from train.settings import DPOSettings
 
     out = Path(args.out).with_name(Path(args.out).name + "_chain")

@@ -305,9 +305,7 @@ def plot(out: Path, rows, cfg: Config):
         ax.set_title(f"distance to target, m = {m}, world 0")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
     write_figure(out / "rounds.png", fig)
-    plt.close(fig)
 
 
 def machine():

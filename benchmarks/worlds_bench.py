@@ -228,9 +228,7 @@ def plots(out: Path, traces, frontier):
         ax.set_title(f"{title}, m = {m_show}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
     write_figure(out / "compute.png", fig)
-    plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     lam_star = traces[m_show]["lam_star"]
@@ -245,9 +243,7 @@ def plots(out: Path, traces, frontier):
     ax.set_title(f"λ trajectories (dotted: exact λ*), m = {m_show}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
     write_figure(out / "lambda.png", fig)
-    plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     axes[0].plot(frontier["margin"], frontier["exact_gain"], "k-", label="exact π* (world)")
@@ -264,9 +260,7 @@ def plots(out: Path, traces, frontier):
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
     write_figure(out / "frontier.png", fig)
-    plt.close(fig)
 
 
 def frontier_curve(cfg: BenchConfig):

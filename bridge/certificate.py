@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.files import atomic_write_text
+from bridge.reports import cell
 from bridge.tables import printable
 from can_jax.errors import CanError
 from can_jax.result import Status
@@ -83,8 +84,6 @@ def diagnose(cert: dict) -> list[str]:
         if any(c["active"] for c in cert["constraints"]):
             notes.append("the dual is ill-conditioned on the active constraints: λ* is poorly determined")
     return notes
-
-
 
 
 def _number(x) -> bool:
@@ -313,11 +312,6 @@ class Certificate:
         return {c["name"]: float(c["margin"]) for c in self._body["constraints"]}
 
     @property
-    def constraints(self) -> list[dict]:
-        """Per constraint: name, kind, margin, lambda, active, gradient, reach, predicted_gain, standard_error, …"""
-        return copy.deepcopy(self._body["constraints"])
-
-    @property
     def predicted(self) -> dict:
         """reward_gain, utility_gains (by name), kl, ess_fraction of π_λ* on the samples."""
         return copy.deepcopy(self._body["predicted"])
@@ -432,17 +426,9 @@ class Certificate:
     def diagnostics(self) -> list[str]:
         return list(self._body.get("diagnostics", []))
 
-    @property
-    def devices(self) -> dict | None:
-        return copy.deepcopy(self._body.get("devices"))
-
-
     def summary(self) -> tuple[list[list[str]], list[str], list[str]]:
         """What `can dual` prints: (rows of constraint, kind, margin, λ*, s.e., active, predicted gain, reach as
         text; summary lines; warnings)."""
-
-        def num(x, fmt=".6g"):
-            return "—" if x is None else format(x, fmt)
 
         from bridge.limits import limit_lines, limit_text
 
@@ -451,17 +437,17 @@ class Certificate:
 
         def margin(c):  # a limit as the user stated it, the margin it implies beside it
             lim = limits.get(c["name"])
-            return f"{limit_text(c['name'], lim)} (b {num(c['margin'])})" if lim else num(c["margin"])
+            return f"{limit_text(c['name'], lim)} (b {cell(c['margin'], '.6g')})" if lim else cell(c["margin"], ".6g")
 
-        rows = [[c["name"], c["kind"], margin(c), num(c["lambda"]), num(c["standard_error"], ".2g"),
-                 "yes" if c["active"] else "no", num(c["predicted_gain"]), num(c["reach"])]
+        rows = [[c["name"], c["kind"], margin(c), cell(c["lambda"], ".6g"), cell(c["standard_error"], ".2g"),
+                 "yes" if c["active"] else "no", cell(c["predicted_gain"], ".6g"), cell(c["reach"], ".6g")]
                 for c in b["constraints"]]  # fmt: skip
         p, d = b["predicted"], b["data"]
         lines = [
             f"status: {b['status']} — {b['message']}",
             f"β = {b['beta']:g}; {b['iterations']} Newton iterations ({b['function_evaluations']} passes), KKT "
             f"residual {b['kkt_residual']:.2e}; Hessian on the active set: least eigenvalue "
-            f"{num(b['min_hessian_eig'], '.3g')}, condition {num(b['hessian_condition'], '.3g')}",
+            f"{cell(b['min_hessian_eig'], '.3g')}, condition {cell(b['hessian_condition'], '.3g')}",
             f"predicted for π_λ*: reward gain {p['reward_gain']:+.4g}, KL(π‖π_ref) {p['kl']:.4g} nats, effective "
             f"sample fraction {p['ess_fraction']:.3f}",
             f"data: {d['n_prompts']} prompts, {d['n_responses']} responses"
@@ -477,7 +463,6 @@ class Certificate:
                     f"{row['correlation']:.2f}"
                 )
         return rows, lines, self.diagnostics
-
 
     def markdown(self) -> list[str]:
         """Markdown lines for a model card: reward, status, and per constraint its kind, margin, limit, λ* and

@@ -96,6 +96,7 @@ def run(cfg: DualConfig) -> Certificate:
 def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: float = 0.0) -> Certificate:
     """The solve and certificate of a loaded table with its margins (`run` after loading; a refine round's
     certificate on its parent's table, at margins given as numbers)."""
+    import jax
     import jax.numpy as jnp
 
     from bridge.bias import bias_block
@@ -111,7 +112,8 @@ def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: fl
     if record.sampling:  # the engine that drew the samples, and its log-probs' distance from log π_ref
         data["sampling"] = record.sampling
     devices = device_count(cfg.devices)
-    placed = devices_block(devices)
+    # The certificate's `devices` block: how many local JAX devices the prompts were sharded over, and which.
+    placed = {"count": devices, "platform": jax.local_devices()[0].platform, "processes": jax.process_count()}
     t1 = time.perf_counter()
     result, errs, notes, tol = solve(loaded, cfg.beta, cfg.tol, cfg.max_iter, cfg.se, devices, limit_block)
     t2 = time.perf_counter()
@@ -135,13 +137,6 @@ def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: fl
         dtype=str(jnp.dtype(loaded.dtype)), standard_error_notes=notes, bias=bias, limits=limit_block,
         scorers=scorers, pecan=pecan, timing=timing, devices=placed,
     )  # fmt: skip
-
-
-def devices_block(count: int) -> dict:
-    """The certificate's `devices` block: how many local JAX devices the prompts were sharded over, and which."""
-    import jax
-
-    return {"count": count, "platform": jax.local_devices()[0].platform, "processes": jax.process_count()}
 
 
 def margins_at_reach(scores, reward: str, names: list[str], beta: float, fraction: float, ref_columns=None) -> list:

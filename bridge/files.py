@@ -95,12 +95,26 @@ def write_parquet(path: str | os.PathLike, table) -> Path:
     return atomic_write_bytes(path, sink.getvalue().to_pybytes())
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (plots are written to files; no display is needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def write_figure(path: str | os.PathLike, fig, dpi: int = 100) -> Path:
-    """Saves a matplotlib figure as PNG, atomically."""
+    """Lays out a matplotlib figure, saves it as PNG atomically and closes it."""
     import io
 
     buf = io.BytesIO()
+    fig.tight_layout()
     fig.savefig(buf, format="png", dpi=dpi)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
 
 

@@ -39,11 +39,6 @@ class LabelStats:
     rows_dropped: int = 0  # bad rows dropped by the certificate's --drop-bad-rows rule
 
 
-def scores_of(table: pa.Table, cert) -> np.ndarray:
-    """s = r + Σ_j λ_j g_j per row of a table, for a `Certificate` (`Certificate.score_weights`)."""
-    return signed_scores(table, cert.score_weights())
-
-
 def signed_scores(table: pa.Table, weights: list[tuple[str, float]]) -> np.ndarray:
     """Σ weight · column per row, the reward (weight 1) first: the one computation of s = r + λᵀg."""
     (reward, _), *terms = weights

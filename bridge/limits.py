@@ -13,17 +13,10 @@ import dataclasses
 
 import numpy as np
 
-from bridge.tables import ConstraintSpec
+from bridge.tables import ConstraintSpec, parse_column_value
 from can_jax.errors import CanError
 
 KINDS = {"cost": "at most", "utility": "at least"}
-
-
-def parse_limit(text: str, kind: str) -> tuple[str, float]:
-    """`COL=VALUE` → (column, value); `kind` is "cost" (--cost-at-most) or "utility" (--at-least)."""
-    from bridge.tables import parse_column_value
-
-    return parse_column_value(text, "--cost-at-most" if kind == "cost" else "--at-least", "limit")
 
 
 def limit_specs(at_most: list[str], at_least: list[str]) -> tuple[list[ConstraintSpec], dict[str, tuple[str, float]]]:
@@ -31,7 +24,7 @@ def limit_specs(at_most: list[str], at_least: list[str]) -> tuple[list[Constrain
     specs, limits = [], {}
     for kind, texts in (("cost", at_most), ("utility", at_least)):
         for text in texts:
-            col, value = parse_limit(text, kind)
+            col, value = parse_column_value(text, "--cost-at-most" if kind == "cost" else "--at-least", "limit")
             if col in limits:
                 raise CanError(f"{col!r} has two limits: give one")
             specs.append(ConstraintSpec(col, 0.0, kind))

@@ -19,6 +19,11 @@ from bridge.files import atomic_write_text
 from can_jax.errors import CanError
 
 
+def cell(x, spec: str = "+.3f") -> str:
+    """A number in a report's table: "—" where there is none."""
+    return "—" if x is None else format(x, spec)
+
+
 def _read_json(path: str | os.PathLike, what: str) -> dict:
     try:
         body = json.loads(Path(path).read_text())

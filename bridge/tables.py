@@ -151,38 +151,16 @@ class ScoresFile:
 def open_scores(path: str | os.PathLike) -> ScoresFile:
     """Reads the scores table at `path` once: its SHA-256 from the same bytes the table is parsed from."""
     import hashlib
-    import io
 
     if isinstance(path, ScoresFile):
         return path
-    path = Path(path)
-    if path.is_dir():
-        raise ScoresFormatError(f"{path} is a directory, not a scores file (.parquet, .jsonl or .csv)")
+    path = _existing(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
-    except FileNotFoundError:
-        raise ScoresFormatError(f"scores file not found: {path}") from None
     except OSError as err:
         raise ScoresFormatError(f"cannot read {path}: {printable(err.strerror or err)}") from None
-    fmt = _format(path, data[:4096])
-    try:
-        if fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            with pq.ParquetFile(pa.BufferReader(data)) as parquet:
-                table = parquet.read()
-        elif fmt == "json":
-            import pyarrow.json as pj
-
-            table = pj.read_json(io.BytesIO(data))
-        else:
-            import pyarrow.csv as pc
-
-            table = pc.read_csv(io.BytesIO(data))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ScoresFormatError(f"cannot read {path} as {fmt}: {printable(first)}") from None
+    table = _parse(path, _format(path, data[:4096]), pa.BufferReader(data))
     return ScoresFile(str(path), table, hashlib.sha256(data).hexdigest())
 
 
@@ -198,32 +176,43 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     if isinstance(path, ScoresFile):
         names = path.table.column_names
         return path.table if columns is None else path.table.select([c for c in dict.fromkeys(columns) if c in names])
+    path = _existing(path)
+    try:
+        fmt = _sniff(path)
+    except OSError as err:
+        raise ScoresFormatError(f"cannot read {path}: {printable(err.strerror or err)}") from None
+    return _parse(path, fmt, path, columns)
+
+
+def _existing(path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ScoresFormatError(f"{path} is a directory, not a scores file (.parquet, .jsonl or .csv)")
     if not path.exists():
         raise ScoresFormatError(f"scores file not found: {path}")
-    try:
-        fmt = _sniff(path)
-    except OSError as err:
-        raise ScoresFormatError(f"cannot read {path}: {printable(err.strerror or err)}") from None
+    return path
+
+
+def _parse(path: Path, fmt: str, source, columns: list[str] | None = None) -> pa.Table:
+    """The table in `source` (the file's path, or its bytes in a `pa.BufferReader`) read as `fmt`; with `columns`,
+    only those a Parquet file has. A file that does not parse is refused in one line."""
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
             # ParquetFile, not pq.read_table: the latter goes through pyarrow.dataset, whose import (pandas
             # included) costs a third of a second in every `can dual`.
-            with pq.ParquetFile(path) as parquet:
+            with pq.ParquetFile(source) as parquet:
                 names = parquet.schema_arrow.names
                 wanted = None if columns is None else [c for c in dict.fromkeys(columns) if c in names]
                 return parquet.read(columns=wanted)
         if fmt == "json":
             import pyarrow.json as pj
 
-            return pj.read_json(path)
+            return pj.read_json(source)
         import pyarrow.csv as pc
 
-        return pc.read_csv(path)
+        return pc.read_csv(source)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError, UnicodeDecodeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ScoresFormatError(f"cannot read {path} as {fmt}: {printable(first)}") from None

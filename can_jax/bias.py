@@ -10,20 +10,11 @@ for every per-prompt quantity θ_i(λ) — the dual's gradient ψ_i = E_w[g] −
 
     θ_i^J(λ) = K_i θ_i(λ) − (K_i − 1) · mean_k θ_i^{(−k)}(λ)        (θ^{(−k)}: response k of prompt i left out)
 
-which removes the O(1/K_i) term of θ_i's bias. The corrected multipliers solve the jackknifed equation mean_i
-ψ_i^J(λ) = 0 (with λ ≥ 0, complementarity), by projected Newton steps from λ̂ with that equation's own Jacobian
-(forward mode; the plain Hessian stands in where it is not positive definite); the predicted outcome of π_λ̂ is
-corrected at λ̂ itself (the policy the certificate's λ̂ trains). The pseudo-values θ_i^J are independent across
-prompts, so their spread gives the standard errors of the corrected estimates (the sandwich J⁻¹ Σ_J J⁻¹ / N for λ, J
-the jackknifed equation's Jacobian). No leave-one-out solve is needed: each leave-one-out pass is one pass over the
-data at a fixed λ, and all of them together are computed in closed form from the prompt's sums, at the cost of about
-one pass.
-
-Why this and not a jackknife of whole solves or cross-fitting: measured in exact worlds by
-benchmarks/coverage_bench.py (its method table). Dropping a slot from every prompt and re-solving costs K solves, is
-only defined for equal K, removes no more bias at K = 16 and over-corrects badly at K = 4 (the bias is far from linear
-in 1/K between K = 3 and 4); cross-fitting (solve on half the responses, predict on the other) keeps the
-self-normalisation bias of K/2 responses, larger than the plain one.
+which removes the O(1/K_i) term of θ_i's bias. The corrected multipliers solve mean_i ψ_i^J(λ) = 0 (λ ≥ 0) by
+projected Newton steps from λ̂ with that equation's own Jacobian; the predicted outcome is corrected at λ̂ itself. The
+pseudo-values are independent across prompts, so their spread gives the standard errors. All leave-one-out terms come
+in closed form from each prompt's sums, in about one pass. Why this and not a jackknife of whole solves or
+cross-fitting: DESIGN §7 and benchmarks/coverage_bench.py.
 """
 
 from __future__ import annotations
@@ -35,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from can_jax.dual import cast, device_count, masked, one_block, prompt_terms, scan_blocks, to_blocks
+from can_jax.dual import cast, device_count, masked, one_block, scan_blocks, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.scores import Scores
 
@@ -85,88 +76,6 @@ def _centred(scores: Scores) -> Scores:
     utility = jnp.where(mask[..., None], sc.utility - g_mean[:, None, :], 0.0)
     ref = None if sc.ref_utility is None else sc.ref_utility - g_mean
     return sc._replace(reward=reward, utility=utility, ref_utility=ref)
-
-
-def outcome_terms(lam, scores: Scores, margins, beta) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """Per-prompt θ_i(λ) = [ψ_i (m), reward gain, KL] and which prompts have a response: ([N, m + 2], [N] bool).
-
-    ψ_i = E_{w_i}[g] − ḡ_i − b (∇ℓ_i of DESIGN §2), reward gain E_{w_i}[r] − r̄_i, KL_i = Σ_k w_ik log(K_i w_ik).
-    """
-    t = prompt_terms(lam, scores, margins, beta, 1)
-    reward = jnp.where(scores.mask, scores.reward, 0.0)
-    wr = (t.w * reward).sum(axis=1)
-    # KL_i = log K_i + Σ_k w s − lse with Σ_k w s = (Σ_k w r + λᵀμ_i)/β (as in the fused pass, dual.py).
-    kl = t.log_norm + (wr + t.mu @ lam) / beta - t.lse
-    theta = jnp.concatenate([t.grad, (wr - t.r_ref)[:, None], kl[:, None]], axis=1)
-    return jnp.where(t.valid[:, None], theta, 0.0), t.valid
-
-
-def leave_one_out_mean(lam, scores: Scores, margins, beta) -> jnp.ndarray:
-    """mean_k θ_i^{(−k)}(λ) over the K_i responses of each prompt: [N, m + 2] (θ_i itself where K_i < 2).
-
-    In closed form from the full prompt's sums, so all K_i leave-one-out terms cost about one pass: with
-    e_l = exp(s_l − max), Σ_{l≠k} e_l q_l = Σ_l e_l q_l − e_k q_k. Dropping the heaviest response is the one case
-    where that subtraction cancels (w_k → 1, as with a small β): its sums are taken afresh over the other responses,
-    shifted by their own maximum, so nothing underflows to 0/0.
-    """
-    mask = scores.mask
-    dtype = scores.reward.dtype
-    m = scores.utility.shape[-1]
-    reward = jnp.where(mask, scores.reward, 0.0)  # [N, K]
-    utility = jnp.where(mask[..., None], scores.utility, 0.0)  # [N, K, m]
-    s = (reward + utility @ lam) / beta  # [N, K]
-    q = jnp.concatenate([utility, reward[..., None], s[..., None]], axis=-1)  # [N, K, m + 2]
-    k_i = mask.sum(axis=1)
-    kf = jnp.maximum(k_i, 1).astype(dtype)
-
-    s_in = jnp.where(mask, s, -jnp.inf)
-    top_idx = jnp.argmax(s_in, axis=1)
-    is_top = (jnp.arange(mask.shape[1]) == top_idx[:, None]) & mask  # [N, K] the heaviest response
-    top = jnp.max(jnp.where(mask, s, -jnp.inf), axis=1)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    e = jnp.where(mask, jnp.exp(jnp.where(mask, s - top[:, None], 0.0)), 0.0)
-    z = e.sum(axis=1)  # [N]
-    t = jnp.einsum("nk,nkq->nq", e, q)  # [N, m + 2]
-    rest = mask & ~is_top
-    top2 = jnp.max(jnp.where(rest, s, -jnp.inf), axis=1)
-    top2 = jnp.where(jnp.isfinite(top2), top2, 0.0)
-    e2 = jnp.where(rest, jnp.exp(jnp.where(rest, s - top2[:, None], 0.0)), 0.0)
-    z2 = e2.sum(axis=1)
-    t2 = jnp.einsum("nk,nkq->nq", e2, q)
-
-    z_k = jnp.where(is_top, z2[:, None], z[:, None] - e)  # [N, K] Σ_{l≠k} e_l (in the shift of its own case)
-    t_k = jnp.where(is_top[..., None], t2[:, None, :], t[:, None, :] - e[..., None] * q)  # [N, K, m + 2]
-    shift = jnp.where(is_top, top2[:, None], top[:, None])
-    ok = mask & (k_i >= 2)[:, None] & (z_k > 0)
-    z_safe = jnp.where(ok, z_k, 1.0)
-    means = t_k / z_safe[..., None]  # E_{w^(−k)}[g], E_{w^(−k)}[r], E_{w^(−k)}[s]
-    lse_k = shift + jnp.log(z_safe)
-
-    km1 = jnp.maximum(kf - 1.0, 1.0)[:, None]
-    if scores.ref_utility is None:
-        g_ref = (utility.sum(axis=1)[:, None, :] - utility) / km1[..., None]  # [N, K, m]
-    else:
-        g_ref = jnp.broadcast_to(scores.ref_utility[:, None, :], utility.shape)
-    r_ref = (reward.sum(axis=1)[:, None] - reward) / km1
-    psi = means[..., :m] - g_ref - margins
-    gain_r = means[..., m] - r_ref
-    kl = jnp.log(km1) + means[..., m + 1] - lse_k
-    loo = jnp.concatenate([psi, gain_r[..., None], kl[..., None]], axis=-1)  # [N, K, m + 2]
-    mean = jnp.where(ok[..., None], loo, 0.0).sum(axis=1) / kf[:, None]
-    theta, _ = outcome_terms(lam, scores, margins, beta)
-    return jnp.where((k_i >= 2)[:, None], mean, theta)
-
-
-def pseudo_values(lam, scores: Scores, margins, beta) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """Plain θ_i, jackknife pseudo-values θ_i^J = K_i θ_i − (K_i − 1) mean_k θ_i^{(−k)}, and prompt weights.
-
-    Returns ([N, m + 2], [N, m + 2], [N]); the weights are 0 for prompts without responses (and padding).
-    """
-    theta, valid = outcome_terms(lam, scores, margins, beta)
-    loo = leave_one_out_mean(lam, scores, margins, beta)
-    k_i = scores.mask.sum(axis=1).astype(theta.dtype)[:, None]
-    jack = jnp.where(k_i >= 2, k_i * theta - (k_i - 1.0) * loo, theta)
-    return theta, jack, jnp.where(valid, scores.weight, 0.0)
 
 
 def _free_inverse(hess, free):
@@ -220,9 +129,9 @@ def _jack_block(lam, sc: Scores, margins, beta, first: bool):
         Σ_k Cov^(−k)(g) = S₂ Σ_k a_k − Σ_k (a_k e_k + a_k² e_k²) g_k g_kᵀ − T Tᵀ Σ_k a_k² + T uᵀ + u Tᵀ,
                           u = Σ_k a_k² e_k g_k,  S₂ = Σ_l e_l g_l g_lᵀ
 
-    and the heaviest response's leave-one-out terms are taken afresh over the others, shifted by their own maximum (as
-    `leave_one_out_mean` does, so nothing underflows to 0/0 when one response carries all the weight). The g gᵀ terms
-    of every prompt fold into one Gram matrix per block. ∂E^(−k)[g]/∂λ = Cov^(−k)(g)/β: the Jacobian is the one
+    and the heaviest response's leave-one-out terms are taken afresh over the others, shifted by their own maximum (so
+    nothing underflows to 0/0 when one response carries all the weight). The g gᵀ terms of every prompt fold into one
+    Gram matrix per block. ∂E^(−k)[g]/∂λ = Cov^(−k)(g)/β: the Jacobian is the one
     forward-mode autodiff would give through the same closed form (tested against it), in one pass.
     """
     mask, g = sc.mask, sc.utility
@@ -297,7 +206,7 @@ def _jack_block(lam, sc: Scores, margins, beta, first: bool):
     if not first:
         return out
 
-    # θ_i = [ψ_i, reward gain, KL] and θ_i^J, as `outcome_terms` and `pseudo_values` define them.
+    # θ_i = [ψ_i, reward gain, KL] and the pseudo-values θ_i^J of the module docstring.
     wr = mu_q[:, m]
     r_ref = q_sum[:, m] / kf
     lse = top + jnp.log(z_safe)
@@ -436,8 +345,3 @@ def interval(c: Corrected, corrected: bool = True, z: float = Z95) -> tuple[jnp.
     """(low, high): the corrected estimate ± z·se (default), or the plain one ± z·se_plain."""
     centre, se = (c.corrected, c.se) if corrected else (c.plain, c.se_plain)
     return centre - z * se, centre + z * se
-
-
-def bias_ratio(c: Corrected) -> jnp.ndarray:
-    """|bias| / se_plain: how many of the plain estimate's standard errors its finite-K bias is (NaN: undefined)."""
-    return jnp.abs(c.bias) / c.se_plain

@@ -191,11 +191,6 @@ def every(blocks: Scores, stride: int) -> Scores:
     return jax.tree.map(lambda x: x[::stride], blocks)
 
 
-def n_blocks(blocks: Scores) -> int:
-    """The number of blocks, over all devices."""
-    return blocks.reward.shape[0] * (blocks.reward.shape[1] if sharded(blocks) else 1)
-
-
 class Units(NamedTuple):
     """Prompt-weighted sums over the data as given, gathered by a pass with `units=True` (the solver's scale, in
     the same pass as its first evaluation rather than in passes of their own). Divide by `tot` for means.
@@ -253,8 +248,14 @@ def pass_units(
     units: bool = False,
     dtype=None,
 ) -> tuple[DualEval, Units | None]:
-    """`pass_blocks`, optionally shifting each prompt in the pass (`centre`, see `shift_block`) and gathering the
-    data's `Units` in it. `dtype`: the precision of the pass (blocks stored in another are cast block by block)."""
+    """Weighted means of the prompt terms over [C, B, ...] blocked scores, and the data's `Units` (with `units`).
+
+    `predict` adds the predicted outcome and `reach` the constraints' reach (static flags: each costs ~30% of a
+    pass on CPU, so the solver asks for them once, not at every Newton step). `centre` shifts each prompt's scores
+    inside the pass (`shift_block`): the same answer on data with large per-prompt offsets, and `value` without the
+    prompt-weighted mean of E_ref[r | x_i]. `dtype`: the precision of the pass (blocks stored in another are cast
+    block by block).
+    """
     m = blocks.utility.shape[-1]
     dtype = blocks.reward.dtype if dtype is None else dtype
     zero, zeros = jnp.zeros((), dtype), jnp.zeros((m,), dtype)
@@ -319,19 +320,6 @@ def pass_units(
     tot = acc.pop("tot")
     acc["hess"] = acc["hess"] / beta
     return DualEval(**{k: v / tot for k, v in acc.items()}), found
-
-
-def pass_blocks(
-    lam, blocks: Scores, margins, beta, order: int, predict: bool = False, reach: bool = False, centre: bool = False
-) -> DualEval:
-    """Weighted means of the prompt terms over [C, B, ...] blocked scores.
-
-    `predict` adds the predicted outcome and `reach` the constraints' reach (static flags: each costs ~30% of a
-    pass on CPU, so the solver asks for them once, not at every Newton step). `centre` centres each prompt's
-    scores inside the pass (`shift_block`): the same answer on data with large per-prompt offsets, and `value`
-    without the prompt-weighted mean of E_ref[r | x_i].
-    """
-    return pass_units(lam, blocks, margins, beta, order, predict, reach, centre)[0]
 
 
 def cast(scores: Scores, dtype) -> Scores:
@@ -415,7 +403,7 @@ def dual_pass(lam, scores: Scores, margins, beta, order: int = 2, block: int | N
       order: 0 value only, 1 value + gradient, 2 value + gradient + Hessian (static under jit).
       block: prompts per scan step (static); "auto" (~3 MB blocks, CPU) or None (one block, GPU).
     """
-    return pass_blocks(lam, to_blocks(scores, block), margins, beta, order)
+    return pass_units(lam, to_blocks(scores, block), margins, beta, order)[0]
 
 
 @partial(jax.jit, static_argnames=("block",))

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.certify import recession_slope, reduced_eigs
-from can_jax.dual import DualEval, Units, device_count, every, n_blocks, pass_units, to_blocks
+from can_jax.dual import DualEval, Units, device_count, every, pass_units, sharded, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.result import DualResult, Predicted, Status
 from can_jax.scores import Scores
@@ -276,7 +276,7 @@ def solve_dual_jit(
     lam0 = jnp.zeros((m,), dtype) if lam0 is None else jnp.maximum(jnp.asarray(lam0, dtype), 0.0)
     blocks = to_blocks(scores, block, device_count(devices))  # a reshape (a copy only where N needs padding)
 
-    if warm_start and n_blocks(blocks) >= WARM_MIN_BLOCKS:
+    if warm_start and blocks.reward.shape[0] * (blocks.reward.shape[1] if sharded(blocks) else 1) >= WARM_MIN_BLOCKS:
         # Solve first on every WARM_STRIDE-th block of prompts (1/16 of the data, at 1/16 of the cost per pass):
         # its λ* is within sampling error of the full one, from where full-data Newton needs ~3 passes, not ~6.
         sub = every(blocks, WARM_STRIDE)

@@ -71,7 +71,9 @@ class RefineConfig:
         if self.test_k is None:
             self.test_k = self.k
         if self.start is None:
-            self.start = default_start(self.dpo.lora)
+            # Continuing from the previous round's policy, except with LoRA (an adapter run's DPO reference is its
+            # base model, so it can only restart from π_ref).
+            self.start = "reference" if self.dpo.lora else "previous"
 
     def check(self) -> None:
         if self.step not in STEPS:
@@ -104,12 +106,6 @@ class RefineConfig:
         # The DPO options as refine.json has always recorded them: the ones set (unset and off ones left out).
         settings["dpo"] = {k: v for k, v in dataclasses.asdict(self.dpo).items() if v is not None and v is not False}
         return settings
-
-
-def default_start(lora: bool) -> str:
-    """The rounds' DPO start when none is asked for: continuing from the previous round's policy, except with LoRA
-    (an adapter run's DPO reference is its base model, so it can only restart from π_ref)."""
-    return "reference" if lora else "previous"
 
 
 def chain_start(cfg: RefineConfig):

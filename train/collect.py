@@ -26,14 +26,7 @@ import pyarrow.parquet as pq
 from bridge.files import atomic_write_text, write_parquet
 from bridge.scores_table import CollectRecord, write_scores_table
 from can_jax.errors import CanError, at_least_one
-from train.logratios import (  # noqa: F401
-    PREALIGN_FILE,
-    ROWS_PER_UNIT,
-    add_aligned,
-    parse_aligned,
-    pecan_columns,
-    pecan_meta,
-)
+from train.logratios import parse_aligned, pecan_columns, pecan_meta  # noqa: F401
 from train.prompts import (  # noqa: F401  (where callers have always found them)
     check_context,
     check_sampling,

@@ -16,21 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.files import atomic_write_text, write_figure
-from bridge.reports import EvaluationReport
+from bridge.files import atomic_write_text, pyplot, write_figure, write_parquet
+from bridge.reports import EvaluationReport, cell
 from can_jax.errors import CanError
 
 
 def implied_gains(scores_path, cert, scorers: list[str]) -> dict:
     """What π_λ* of a PeCAN certificate does to the scorers' means on the samples: the self-normalised weights of
     s̃ = r̃ + λ*ᵀg̃ (DESIGN §2) applied to the scorer columns — the prediction in the units evaluation measures."""
-    from bridge.labels import scores_of
+    from bridge.labels import signed_scores
     from bridge.tables import read_table
     from can_jax.certify import tilt_gains
 
     table = read_table(scores_path)
     g = np.stack([np.asarray(table.column(n).to_numpy(zero_copy_only=False), float) for n in scorers], 1)
-    gains = tilt_gains(table.column("prompt_id").to_numpy(), scores_of(table, cert), g, cert.beta)
+    gains = tilt_gains(table.column("prompt_id").to_numpy(), signed_scores(table, cert.score_weights()), g, cert.beta)
     return {n: float(v) for n, v in zip(scorers, gains, strict=True)}
 
 
@@ -40,7 +40,6 @@ def run_pecan(cfg, out: str | Path, mocan_dir: str | Path, say=print, prealign_p
     from bridge.certificate import Certificate
     from bridge.dual import DualConfig, margins_at_reach
     from bridge.dual import run as run_dual
-    from bridge.files import write_parquet
     from bridge.labels import score_preferences
     from bridge.tables import read_table
     from train.dpo import prealign
@@ -150,14 +149,13 @@ def markdown(c: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    def f(x):
-        return "—" if x is None else f"{x:+.3f}"
-
     for r in c["rows"]:
-        lines.append(f"| {r['name']} | {r['role']} | {f(r['mocan_predicted'])} | {f(r.get('mocan_insample'))} | "
-                     f"{f(r['mocan_achieved'])} [{r['mocan_ci95'][0]:+.3f}, {r['mocan_ci95'][1]:+.3f}] | "
-                     f"{f(r['pecan_implied'])} | {f(r.get('pecan_insample'))} | "
-                     f"{f(r['pecan_achieved'])} [{r['pecan_ci95'][0]:+.3f}, {r['pecan_ci95'][1]:+.3f}] |")  # fmt: skip
+        lines.append(
+            f"| {r['name']} | {r['role']} | {cell(r['mocan_predicted'])} | {cell(r.get('mocan_insample'))} | "
+            f"{cell(r['mocan_achieved'])} [{r['mocan_ci95'][0]:+.3f}, {r['mocan_ci95'][1]:+.3f}] | "
+            f"{cell(r['pecan_implied'])} | {cell(r.get('pecan_insample'))} | "
+            f"{cell(r['pecan_achieved'])} [{r['pecan_ci95'][0]:+.3f}, {r['pecan_ci95'][1]:+.3f}] |"
+        )
     lines += [
         "",
         "PeCAN implied: the scorer gains that PeCAN's π_λ* (weights of s̃ = r̃ + λ*ᵀg̃ on the reference samples) "
@@ -175,10 +173,7 @@ def markdown(c: dict) -> str:
 
 
 def plot(c: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = c["rows"]
     x = np.arange(len(rows))
@@ -194,6 +189,4 @@ def plot(c: dict, path) -> None:
     ax.set_xticks(x, [r["name"] for r in rows])
     ax.set_ylabel("gain over the reference policy")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     write_figure(path, fig)
-    plt.close(fig)

@@ -9,18 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from can_jax.errors import CanError
-from train.dpo_config import (  # noqa: F401
-    CAN_FIXED,
-    CanDPOConfig,
-    bf16_available,
-    check_config,
-    make_config,
-)
+from train.dpo_config import check_config, make_config  # noqa: F401
 from train.run_record import RUN_RECORD, check_run_folder, is_run_folder, run_record  # noqa: F401
 from train.settings import DPOSettings, TrainConfig  # noqa: F401  (the stage's settings)
 from train.trainer import (  # noqa: F401  (the trainer's names, where callers have always found them)
     IDS,
-    STORED_REF_TOL,
     STORED_REFS,
     CanDPOTrainer,
     SoftPreferenceCollator,
@@ -137,22 +130,13 @@ def _shared_on_disk(data, folder: Path):
 
 
 def run(cfg: TrainConfig) -> Path:
-    """Runs DPO with β from the preference dataset's certificate; returns the directory of the aligned policy.
-
-    `beta` must equal the certificate's β (a consistency check); `beta_override` replaces it deliberately.
-    `train_top` trains only the top N blocks (see `train_top_layers`); `precision` is auto, bf16 or fp32;
-    `chat_template` renders raw prompts through the policy's chat template first. `config_file` (YAML/JSON) and
-    `extra_args` set any other DPOConfig option (`make_config`); the explicit arguments here win over both.
-    Under `accelerate launch` TRL trains with DDP (or DeepSpeed/FSDP per the accelerate config); only the main
-    process writes the policy, tokenizer and records.
+    """Runs DPO with β from the preference dataset's certificate (`TrainConfig`); returns the directory of the
+    aligned policy. Under `accelerate launch` TRL trains with DDP (or DeepSpeed/FSDP per the accelerate config);
+    only the main process writes the policy, tokenizer and records.
 
     OUT records what its checkpoints belong to (`run.json`: the preference set, its certificate, the policy, the
     settings); `resume` continues them only under the same. A finished run's policy, or an unfinished run's
-    checkpoints, are replaced only with `overwrite` (the CLI's default is False; the old checkpoints are then
-    removed so that the two runs do not mix).
-
-    `reference`: the DPO reference π_ref when it is not `policy` itself (`can refine` continuing from a previous
-    round's policy keeps the chain's π_ref as the reference); not with LoRA.
+    checkpoints, are replaced only with `overwrite` (the old checkpoints are then removed so two runs do not mix).
     """
     import json
     import shutil

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.files import atomic_write_text, write_figure
-from bridge.reports import EvaluationReport, GainRow
+from bridge.files import atomic_write_text, pyplot, sha256_file, write_figure
+from bridge.reports import EvaluationReport, GainRow, cell
 from can_jax.errors import CanError
 from train.scorers import ScorerOptions
 
@@ -61,9 +61,10 @@ def distinct_2(texts: list[str]) -> float:
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
-def sample_logps(spec, ids: list, batch_size: int, dtype: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
-    """[n] summed log π(response | prompt) of sampled (prompt_ids, response_ids) under policy `spec`, and [n]
-    response lengths in tokens, spread over the processes in units."""
+def policy_logps(spec, prompts: list, responses: list, ids: list | None, batch_size: int, max_length: int | None = None,
+                 dtype: str = "fp32") -> np.ndarray:  # fmt: skip
+    """[n] summed log π(response | prompt) under policy `spec`, computed the DPO way on the sampled (prompt ids,
+    response ids) when `ids` are given, spread over the processes in fixed units of rows."""
     import torch
 
     from train import dist
@@ -73,14 +74,20 @@ def sample_logps(spec, ids: list, batch_size: int, dtype: str = "fp32") -> tuple
 
     st = dist.state()
     model, tok = load_policy(spec, dist.device(st), dtype)
-    model.eval()
 
     def block(u):
-        sl = ids[u * ROWS_PER_UNIT : (u + 1) * ROWS_PER_UNIT]
-        return sequence_logps(model, tok, [None] * len(sl), [None] * len(sl), batch_size=batch_size, ids=sl)
+        sl = slice(u * ROWS_PER_UNIT, (u + 1) * ROWS_PER_UNIT)
+        return sequence_logps(model.eval(), tok, prompts[sl], responses[sl], max_length=max_length,
+                              batch_size=batch_size, ids=None if ids is None else ids[sl])  # fmt: skip
 
-    logp = torch.cat(dist.map_units(st, -(-len(ids) // ROWS_PER_UNIT), block)).double().numpy()
-    return logp, np.array([len(r) for _, r in ids], float)
+    return torch.cat(dist.map_units(st, -(-len(prompts) // ROWS_PER_UNIT), block)).double().numpy()
+
+
+def sample_logps(spec, ids: list, batch_size: int, dtype: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """[n] summed log π(response | prompt) of sampled (prompt_ids, response_ids) under policy `spec`, and [n]
+    response lengths in tokens."""
+    none = [None] * len(ids)
+    return policy_logps(spec, none, none, ids, batch_size, dtype=dtype), np.array([len(r) for _, r in ids], float)
 
 
 def text_health(aligned: str, reference: str, samples_a, samples_r, ids_a, ids_r, batch_size, dtype, logp_a=None,
@@ -157,7 +164,6 @@ def reference_key(cfg: EvaluateConfig, prompts: list, scorers: list, device: str
     import torch
     import transformers
 
-    from bridge.files import sha256_file
     from train import prompts as tp
     from train import sampling, tokens
     from train.models import resolve_policy
@@ -196,8 +202,6 @@ def _read_reference(path: Path):
 def _write_reference(path: Path, got) -> None:
     import json
     import warnings
-
-    from bridge.files import atomic_write_text
 
     base, samples, ids, logp = got
     body = {"format": REFERENCE_FORMAT, "scores": {k: v.tolist() for k, v in base.items()}, "samples": samples,
@@ -349,37 +353,18 @@ def insample_gains(aligned: str, table, scorer_names: list[str], batch_size: int
     computed the DPO way. Compared with the prediction, this separates "DPO did not learn the tilt" from "the
     tilt did not carry over to fresh samples and prompts". `table`: the training samples' scores table, as
     `bridge.tables.read_table` reads it."""
-    import torch
-
-    from train import dist
-    from train.logps import sequence_logps
-    from train.logratios import ROWS_PER_UNIT
-    from train.models import load_policy
-
-    st = dist.state()
-    from can_jax.errors import CanError
+    from can_jax.certify import tilt_gains
+    from train.prompts import table_ids
 
     missing = [c for c in ("prompt_id", "prompt", "response", "logp_ref", *scorer_names) if c not in table.column_names]
     if missing:
         raise CanError(
             f"the training samples' table lacks column(s) {missing} (give the table `can collect` wrote)"
         )
-    model, tok = load_policy(aligned, dist.device(st), dtype)
     prompts, responses = table.column("prompt").to_pylist(), table.column("response").to_pylist()
-    ids = None
-    if {"prompt_ids", "response_ids"} <= set(table.column_names):  # the sampled ids, as collected and trained
-        ids = list(zip(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist(), strict=True))
-
-    def block(u):
-        sl = slice(u * ROWS_PER_UNIT, (u + 1) * ROWS_PER_UNIT)
-        return sequence_logps(model.eval(), tok, prompts[sl], responses[sl], max_length=max_length,
-                              batch_size=batch_size, ids=None if ids is None else ids[sl])  # fmt: skip
-
-    logp = torch.cat(dist.map_units(st, -(-table.num_rows // ROWS_PER_UNIT), block)).double().numpy()
+    logp = policy_logps(aligned, prompts, responses, table_ids(table), batch_size, max_length, dtype)
     ratio = logp - table.column("logp_ref").to_numpy()
     g = np.stack([table.column(n).to_numpy() for n in scorer_names], 1)
-    from can_jax.certify import tilt_gains
-
     gains = tilt_gains(table.column("prompt_id").to_numpy(), ratio, g, 1.0)  # w ∝ π_aligned/π_ref
     return {n: float(v) for n, v in zip(scorer_names, gains, strict=True)}
 
@@ -394,11 +379,9 @@ def markdown(report: EvaluationReport) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in report.rows:
-        pred = "—" if r.predicted_gain is None else f"{r.predicted_gain:+.3f}"
-        marg = "—" if r.margin is None else f"{r.margin:+.3f}"
-        ins = "—" if r.insample_gain is None else f"{r.insample_gain:+.3f}"
         lo, hi = r.ci95
-        lines.append(f"| {r.name} | {r.role} | {marg} | {pred} | {ins} | {r.achieved_gain:+.3f} | "
+        lines.append(f"| {r.name} | {r.role} | {cell(r.margin)} | {cell(r.predicted_gain)} | {cell(r.insample_gain)} | "
+                     f"{r.achieved_gain:+.3f} | "
                      f"[{lo:+.3f}, {hi:+.3f}] |")  # fmt: skip
     lines += ["", "Gains are in the safe direction for constraints (a cost's decrease counts as a gain). "
               "\"On the training samples\": the reference samples the dual saw, reweighted by π_aligned/π_ref — "
@@ -425,10 +408,7 @@ def health_lines(text: dict | None) -> list[str]:
 
 
 def plot(rows: tuple[GainRow, ...], path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r.name for r in rows]
     x = np.arange(len(rows))
@@ -445,6 +425,4 @@ def plot(rows: tuple[GainRow, ...], path) -> None:
     ax.set_xticks(x, names)
     ax.set_ylabel("gain over the reference policy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     write_figure(path, fig)
-    plt.close(fig)

@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from bridge.scores_table import collect_record, write_scores_table
 from can_jax.errors import CanError, at_least_one
-from train.prompts import ensure_file_parent
+from train.prompts import ensure_file_parent, table_ids
 
 PREALIGN_FILE = "prealign.json"
 ROWS_PER_UNIT = 256  # rows per unit of work of a log-prob pass over an existing table (`train.dist`)
@@ -107,9 +107,7 @@ def add_aligned(cfg: LogratiosConfig, table_path: str | os.PathLike) -> Path:
     others = [load_policy(path, device, dtype)[0].eval() for _, path, _ in parsed]
     rows = table.select(["prompt", "response"]).to_pydict()
     finished = table.column("finished").to_pylist() if "finished" in table.column_names else None
-    ids = None
-    if {"prompt_ids", "response_ids"} <= set(table.column_names):
-        ids = list(zip(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist(), strict=True))
+    ids = table_ids(table)
 
     def block(u):  # a fixed block of rows, batched the same way whatever the number of processes
         sl = slice(u * ROWS_PER_UNIT, (u + 1) * ROWS_PER_UNIT)

@@ -126,7 +126,7 @@ def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: i
     of each sample's ids, from the logits it was drawn from) when the backend reports it ("logp_engine" for an
     engine's own). `backend`: a `train.sampling.Backend` (default: the exact loop on `model`)."""
     from train.sampling import ExactSampler, stop_ids
-    from train.tokens import decode_response, prompt_ids, retokenizes
+    from train.tokens import prompt_ids, retokenizes
 
     check_sampling(k, max_new_tokens, batch_size)
     p_ids = [prompt_ids(tok, p) for p in prompts]
@@ -140,7 +140,7 @@ def sample(model, tok, prompts: list, k: int, max_new_tokens: int, batch_size: i
         out["logp_engine"] = [lp for row in drawn.engine_logp for lp in row]
     for p, ids, rs, fs in zip(prompts, p_ids, drawn.ids, drawn.finished, strict=True):
         for r, f in zip(rs, fs, strict=True):
-            text = decode_response(tok, r)
+            text = tok.decode(r, skip_special_tokens=True)  # the stop id among the special tokens left out
             out["prompt"].append(p)
             out["response"].append(text)
             out["prompt_ids"].append(ids)
@@ -174,6 +174,13 @@ def training_prompts(scores: str) -> list:
     from bridge.tables import read_table
 
     return table_prompts(read_table(scores, columns=["instruction", "prompt"]))
+
+
+def table_ids(table) -> list | None:
+    """The sampled (prompt ids, response ids) of a scores table's rows, as collected and trained; None without them."""
+    if not {"prompt_ids", "response_ids"} <= set(table.column_names):
+        return None
+    return list(zip(table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist(), strict=True))
 
 
 def table_prompts(table) -> list:

@@ -1,22 +1,10 @@
-"""`can refine`: correction rounds on a real model until the achieved gains reach the margins.
+"""`can refine`: correction rounds on a real model until the achieved gains reach the margins (DESIGN §7).
 
-One-shot CAN aligns at λ*, but DPO realises π_λ* only in part: on fresh prompts the achieved gains a(λ) fall short
-of the certificate's predicted p(λ*) = b. A round, starting from the aligned policy of round n − 1:
-
-1. samples it and π_ref on **calibration** prompts (disjoint from training and test), scores both and measures the
-   achieved gains with simultaneous intervals (`train.evaluate`, the same code as `can evaluate`);
-2. stops if `can_jax.refine.stop_rule` holds; else takes the correction step of `can_jax.refine` — the box-
-   constrained Newton step on the dual's Hessian, secant-updated from round 2 on — or CAID's fixed step;
-3. writes the round-n certificate: the dual on the *original* π_ref samples whose solution is the new λ
-   (`bridge.dual.round_certificate`), linked to round n − 1's by hash;
-4. relabels those samples under it (`can label`) and runs DPO again (`can train`), continuing from round n − 1's
-   policy with π_ref kept as the DPO reference (default) or from π_ref;
-5. measures the new policy on the calibration prompts (and, when given, on held-out test prompts).
-
-OUT/round-N/ holds each round's certificate, preferences, DPO run and measurements; a finished file is never
-rewritten, so a killed run resumes where it was when run again with the same command. OUT/rounds.md, .json and
-.png hold the rounds table and plot. Under `accelerate launch` the sampling, scoring and DPO are spread over the
-processes; the main process writes.
+A round, from the aligned policy of round n − 1: measure the achieved gains on calibration prompts (`train.evaluate`);
+stop if `can_jax.refine.stop_rule` holds; else take the correction step of `can_jax.refine`, write the round-n
+certificate (`bridge.dual.round_certificate`, linked to round n − 1's by hash), relabel, run DPO again, and measure.
+OUT/round-N/ holds each round's files; a finished file is never rewritten, so a killed run resumes when run again
+with the same command. OUT/rounds.md, .json and .png hold the rounds table and plot (`train.rounds`).
 """
 
 from __future__ import annotations

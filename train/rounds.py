@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.reports import EvaluationReport, RoundsReport
+from bridge.reports import EvaluationReport, RoundsReport, cell
+from bridge.tables import sign_of
 from train.chain import RefineConfig
 
 
@@ -17,13 +18,13 @@ def round_row(n, cert, cal: EvaluationReport, test: EvaluationReport | None, ins
               seconds, seconds_aligning=None) -> dict:  # fmt: skip
     """Round n's row: λ, and for each constraint and the reward the predicted, in-sample, calibration and held-out
     gains; `seconds` measuring it, `seconds_aligning` relabelling and aligning its policy (None for round 0)."""
-    reward = cert.reward
+    reward, kinds = cert.reward, dict(zip(cert.names, cert.kinds, strict=True))
     row = {"round": n, "certificate_sha256": cert.sha256, "lambda": cert.lam, "stop": bool(stop),
            "seconds_measuring": round(seconds, 1), "gains": {}}  # fmt: skip
     for j, name in enumerate(names):
         row["gains"][name] = {
             "predicted": cert.predicted_gains[name],
-            "insample": None if insample is None else _signed(insample[name], cert, name),
+            "insample": None if insample is None else sign_of(kinds[name]) * insample[name],
             "calibration": cal.row(name).achieved_gain, "calibration_half_width": float(g["half_width"][j]),
             "tolerance": float(tol[j]),
             "held_out": test.row(name).achieved_gain if test else None,
@@ -35,12 +36,6 @@ def round_row(n, cert, cal: EvaluationReport, test: EvaluationReport | None, ins
     row["kl"] = ((test or cal).text or {}).get("kl")
     row["seconds_aligning"] = None if seconds_aligning is None else round(seconds_aligning, 1)
     return row
-
-
-def _signed(value, cert, name):
-    from bridge.tables import sign_of
-
-    return sign_of(dict(zip(cert.names, cert.kinds, strict=True))[name]) * value
 
 
 def say_round(row, names) -> str:
@@ -62,18 +57,10 @@ def rounds_report(rows: list, stopped: bool | None, names: list, margins, out: P
     report = RoundsReport.build(rounds=rows, stopped=stopped, names=names, margins=margins, out=str(out),
                                 settings=json.loads(json.dumps(cfg.chain_settings(), default=str)))  # fmt: skip
     if write:
-        import matplotlib.pyplot as plt
-
         report.write(out / "rounds.json")
         atomic_write_text(out / "rounds.md", rounds_markdown(rows, names, margins, cfg))
-        fig = plot_rounds(rows, names, margins)
-        write_figure(out / "rounds.png", fig)
-        plt.close(fig)
+        write_figure(out / "rounds.png", plot_rounds(rows, names, margins))
     return report
-
-
-def _f(x, spec="+.3f"):
-    return "—" if x is None else format(x, spec)
 
 
 def rounds_markdown(rows: list, names: list, margins: list, cfg: RefineConfig) -> str:
@@ -93,7 +80,7 @@ def rounds_markdown(rows: list, names: list, margins: list, cfg: RefineConfig) -
             held = "—" if c["held_out"] is None else (f"{c['held_out']:+.3f} [{c['held_out_ci95'][0]:+.3f}, "
                                                       f"{c['held_out_ci95'][1]:+.3f}]")  # fmt: skip
             lines.append(f"| {row['round']} | {name} | {margins[j]:+.3f} | {row['lambda'][name]:.4g} | "
-                         f"{_f(c['predicted'])} | {_f(c['insample'])} | {c['calibration']:+.3f} ± "
+                         f"{cell(c['predicted'])} | {cell(c['insample'])} | {c['calibration']:+.3f} ± "
                          f"{c['calibration_half_width']:.3f} | {held} |")  # fmt: skip
     lines += ["", "| round | reward: predicted | reward held out [95%] | KL (nats) | stop |", "|---|---|---|---|---|"]
     for row in rows:
@@ -103,7 +90,7 @@ def rounds_markdown(rows: list, names: list, margins: list, cfg: RefineConfig) -
             if r["held_out"] is None
             else f"{r['held_out']:+.3f} [{r['held_out_ci95'][0]:+.3f}, {r['held_out_ci95'][1]:+.3f}]"
         )
-        lines.append(f"| {row['round']} | {_f(r['predicted'])} | {held} | {_f(row['kl'], '.2f')} | "
+        lines.append(f"| {row['round']} | {cell(r['predicted'])} | {held} | {cell(row['kl'], '.2f')} | "
                      f"{'yes' if row['stop'] else 'no'} |")  # fmt: skip
     lines += ["", "![rounds](rounds.png)", ""]
     return "\n".join(lines)
@@ -112,10 +99,9 @@ def rounds_markdown(rows: list, names: list, margins: list, cfg: RefineConfig) -
 def plot_rounds(rows: list, names: list, margins: list):
     """The rounds' plot: per constraint, the predicted, in-sample, calibration and held-out gains against the margin
     (a matplotlib figure)."""
-    import matplotlib
+    from bridge.files import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x = np.array([r["round"] for r in rows])
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.4), squeeze=False)
@@ -138,5 +124,4 @@ def plot_rounds(rows: list, names: list, margins: list):
         ax.set_xticks(x)
     axes[0][0].set_ylabel("gain over π_ref")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
     return fig

@@ -106,11 +106,6 @@ def text_pair_ids(tok, prompt: Prompt, completion) -> tuple[list[int], list[int]
     return list(p_ids[:n]), list(full[n:])
 
 
-def decode_response(tok, ids: list[int]) -> str:
-    """The text of sampled response ids (special tokens, the stop id among them, left out)."""
-    return tok.decode(ids, skip_special_tokens=True)
-
-
 def retokenizes(tok, prompt: Prompt, text: str, p_ids: list[int], r_ids: list[int]) -> bool:
     """Whether TRL's text rule, applied to the stored (prompt, response text), gives back the sampled ids."""
     return text_pair_ids(tok, prompt, completion_of(prompt, text)) == (list(p_ids), list(r_ids))

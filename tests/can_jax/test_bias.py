@@ -8,10 +8,11 @@ import pytest
 from scipy.optimize import root
 from scipy.special import logsumexp, softmax
 
-from can_jax.bias import bias_ratio, finite_k_bias, finite_k_bias_jit, interval, leave_one_out_mean, outcome_terms
+from can_jax.bias import finite_k_bias, finite_k_bias_jit, interval
 from can_jax.errors import InvalidArgumentError
 from can_jax.inference import standard_errors
 from can_jax.solve import solve_dual, solve_dual_jit
+from tests.can_jax.bias_reference import bias_ratio, leave_one_out_mean, outcome_terms
 from tests.conftest import groups_to_scores, make_groups
 
 BETA = 0.7

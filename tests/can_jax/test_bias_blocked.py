@@ -47,7 +47,8 @@ def test_closed_form_jacobian_matches_autodiff_and_finite_differences(beta):
     """The pass's Σ_i wt_i ψ_i^J and its Jacobian against forward-mode autodiff through the per-prompt
     `pseudo_values` (checked against brute-force leave-one-out in test_bias.py) and central differences. β = 1e-3
     puts one response at ~all the weight (gaps of thousands in s): the leave-the-heaviest-out sums are taken afresh."""
-    from can_jax.bias import _centred, _jack_block, pseudo_values
+    from can_jax.bias import _centred, _jack_block
+    from tests.can_jax.bias_reference import pseudo_values
 
     sc = _centred(synthetic_scores(jax.random.key(5), 40, 6, 3, ragged=True))
     sc = sc._replace(weight=jnp.linspace(0.5, 2.0, 40))

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from train import demo
+from benchmarks.baseline_prompts import EVAL_PROMPTS, TRAIN_PROMPTS
 from train.demo_prompts import (
     BENIGN_TASKS,
     CALIBRATION_EXTRA_PROMPTS,
@@ -37,7 +37,7 @@ def content_words(text: str) -> set[str]:
 def test_sizes_and_no_prompt_shared_between_sets():
     assert len(SELECTION_PROMPTS) == 48 and len(TEST_PROMPTS) == 48 and len(CALIBRATION_EXTRA_PROMPTS) == 48
     assert CALIBRATION_PROMPTS == SELECTION_PROMPTS + CALIBRATION_EXTRA_PROMPTS
-    everything = SELECTION_PROMPTS + TEST_PROMPTS + CALIBRATION_EXTRA_PROMPTS + demo.TRAIN_PROMPTS + demo.EVAL_PROMPTS
+    everything = SELECTION_PROMPTS + TEST_PROMPTS + CALIBRATION_EXTRA_PROMPTS + TRAIN_PROMPTS + EVAL_PROMPTS
     assert [p for p, c in Counter(everything).items() if c > 1] == []
     normalised = Counter(" ".join(re.findall(r"[a-z']+", p.lower())) for p in everything)
     assert [p for p, c in normalised.items() if c > 1] == []  # not even up to case and punctuation
@@ -83,8 +83,8 @@ def test_training_prompts_follow_the_risky_share(share):
 
 
 def test_training_prompts_never_a_held_out_prompt():
-    # demo.TRAIN_PROMPTS may recur (both are training prompts); the held-out sets may not
-    held = set(CALIBRATION_PROMPTS + TEST_PROMPTS + demo.EVAL_PROMPTS)
+    # TRAIN_PROMPTS may recur (both are training prompts); the held-out sets may not
+    held = set(CALIBRATION_PROMPTS + TEST_PROMPTS + EVAL_PROMPTS)
     assert not held & set(COMBOS)  # every prompt the templates can make
     assert not held & set(training_prompts(128, seed=0))
 

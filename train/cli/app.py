@@ -202,7 +202,7 @@ def configure_output(verbose: bool = False) -> None:
                 _set_by_us.add(key)
         pattern = "^(" + "|".join(LIBRARIES) + r")(\.|$)"
         warnings.filterwarnings("ignore", module=pattern)
-        warnings.formatwarning = _one_line_warning
+        warnings.formatwarning = lambda message, *_, **__: f"warning: {one_line(message)}\n"
     level = logging.WARNING if verbose else logging.ERROR
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(level)
@@ -220,10 +220,6 @@ def configure_output(verbose: bool = False) -> None:
         from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
         (enable_progress_bars if verbose else disable_progress_bars)()
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {one_line(message)}\n"
 
 
 ScoresArg = Annotated[
@@ -317,17 +313,13 @@ def fail(message, code: int = ExitCode.USER_ERROR, json_out: bool = False, statu
     know."""
     status = Outcome(status)
     message = one_line(message)
-    if is_main_rank():
+    # One error line per run, as in one process: RANK (torchrun's) is read from the environment, so that a failure
+    # before torch is imported needs no process group.
+    if os.environ.get("RANK", "0") == "0":
         if json_out:
             echo_json({"status": status.value, "message": message, "converged": False})
         typer.echo(f"error: {message}", err=True)
     raise typer.Exit(int(code))
-
-
-def is_main_rank() -> bool:
-    """False on the other processes of a launch (torchrun's RANK): one error line per run, as in one process. Read
-    from the environment, so that a failure before torch is imported needs no process group."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def setup_jax(cache: bool = True):
@@ -355,20 +347,15 @@ def check_beta(beta: float, json_out: bool = False):
         fail(f"--beta must be a positive finite number, got {beta}", json_out=json_out, status=Outcome.INVALID)
 
 
-def load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out: bool, cost_at_most=(),
-                 at_least=()):  # fmt: skip
+def load_limited(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, cost_at_most=(), at_least=()):
     """`bridge.dual.load_table`, with absolute limits (--cost-at-most/--at-least) turned into margins as `can dual`
-    does; a user error ends the command with its one line (or JSON status)."""
+    does (a user error ends the command through the group: its one line, or JSON status)."""
     from bridge.dual import load_table
     from bridge.limits import apply_limits, limit_specs
-    from can_jax.errors import CanError
 
-    try:
-        specs, limits = limit_specs(list(cost_at_most or []), list(at_least or []))
-        loaded = load_table(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, extra_specs=specs)
-        return apply_limits(loaded, limits)[0]
-    except CanError as err:
-        fail(err, json_out=json_out, status=status_of(err))
+    specs, limits = limit_specs(list(cost_at_most or []), list(at_least or []))
+    loaded = load_table(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, extra_specs=specs)
+    return apply_limits(loaded, limits)[0]
 
 
 def is_main_process() -> bool:

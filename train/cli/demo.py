@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -100,8 +99,8 @@ def demo(
     import jax
     import numpy as np
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
+    from bridge.files import write_parquet
     from can_jax.sim.synthetic import synthetic_scores
 
     out.mkdir(parents=True, exist_ok=True)
@@ -119,10 +118,7 @@ def demo(
             "toxicity": -util[:, 2],  # given as a cost: lower is safer
         }
     )
-    path = out / "scores.parquet"
-    tmp = out / ".scores.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    path = write_parquet(out / "scores.parquet", table)
     typer.echo(
         f"demo: {prompts} synthetic prompts × 2..{responses} responses, reward 'helpfulness' trading off "
         f"against 'harmlessness', 'honesty' and the cost 'toxicity'; scores in {path}"

@@ -28,11 +28,10 @@ from train.cli.app import (
     console,
     echo_json,
     fail,
-    load_or_fail,
+    load_limited,
     one_line,
     print_certificate,
     setup_jax,
-    status_of,
 )
 from train.cli.options import FROM_CONFIG, defaults_from
 
@@ -107,12 +106,9 @@ def dual(
                      cost=list(cost or []), cost_at_most=list(cost_at_most or []), at_least=list(at_least or []),
                      prompt_id=prompt_id, float32=float32, tol=tol, max_iter=max_iter, se=se, bias=bias,
                      drop_bad_rows=drop_bad_rows, pecan=pecan, kl=kl, devices=devices)  # fmt: skip
-    try:
-        cfg.check()
-        setup_jax(cache)
-        cert = run(cfg)
-    except CanError as err:
-        fail(err, json_out=json_out, status=status_of(err))
+    cfg.check()
+    setup_jax(cache)
+    cert = run(cfg)
     # A certificate is replaced only by a converged one; a failed solve goes beside it (cert.failed.json).
     written, write_error = None, None
     if out is not None:
@@ -199,13 +195,11 @@ def sweep(
     """
     check_beta(beta, json_out)
     grid_values = _parse_values(values, json_out)
-    if chunk < 1:
-        fail(f"--chunk must be at least 1, got {chunk}", json_out=json_out, status=Outcome.INVALID)
     setup_jax()
     from can_jax.errors import CanError
     from can_jax.result import Status
 
-    loaded = load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out)
+    loaded = load_limited(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows)
     names = loaded.names
     name = vary or names[0]
     if name not in names:
@@ -301,14 +295,11 @@ def _print_sweep(rows, names, name, beta, lam, ok):
 
 
 def _plot_sweep(path, name, names, values, lam, gains, res, ok):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    from bridge.files import write_figure
+    from bridge.files import pyplot, write_figure
 
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     for k, n in enumerate(names):
         axes[0].plot(values[ok], lam[ok, k], marker=".", label=n)
@@ -327,6 +318,4 @@ def _plot_sweep(path, name, names, values, lam, gains, res, ok):
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
     write_figure(path, fig, dpi=110)
-    plt.close(fig)

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bridge.reports import cell
 from train.cli.app import AccelerateConfigOpt, ProcessesOpt, app, console, fail, is_main_process
 from train.cli.collect import DtypeOpt
 from train.cli.launch import launch_if_asked
@@ -150,9 +151,7 @@ def print_evaluation(report):
     for col in ("score", "role", "margin", "predicted", "on training samples", "achieved", "95% interval"):
         table.add_column(col, justify="left" if col in ("score", "role") else "right")
     for r in report.rows:
-        table.add_row(r.name, r.role, "—" if r.margin is None else f"{r.margin:+.3f}",
-                      "—" if r.predicted_gain is None else f"{r.predicted_gain:+.3f}",
-                      "—" if r.insample_gain is None else f"{r.insample_gain:+.3f}",
+        table.add_row(r.name, r.role, cell(r.margin), cell(r.predicted_gain), cell(r.insample_gain),
                       f"{r.achieved_gain:+.3f}", f"[{r.ci95[0]:+.3f}, {r.ci95[1]:+.3f}]")  # fmt: skip
     console().print(table)
     if report.note:

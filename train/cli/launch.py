@@ -26,7 +26,7 @@ def launched() -> bool:
 def launch_if_asked(num_processes: int | None, accelerate_config: Path | None) -> None:
     """Returns when this process should run the command itself; otherwise runs it under accelerate's launcher and
     ends this process with the main child's exit code."""
-    from train.cli.app import fail
+    from train.cli.app import COMMAND_LINE, fail  # COMMAND_LINE: this process's arguments, as the group read them
 
     if accelerate_config is not None and not accelerate_config.is_file():
         fail(f"--accelerate-config {accelerate_config}: no such file (write one with `accelerate config`)")
@@ -38,15 +38,8 @@ def launch_if_asked(num_processes: int | None, accelerate_config: Path | None) -
         return
     if accelerate_config is None and (num_processes is None or num_processes == 1):
         return
-    code = _launch(num_processes, accelerate_config, _command_line())
+    code = _launch(num_processes, accelerate_config, list(COMMAND_LINE) or sys.argv[1:])
     raise typer.Exit(int(code))
-
-
-def _command_line() -> list[str]:
-    """The arguments this `can` process was given (after the program name), as the group recorded them."""
-    from train.cli.app import COMMAND_LINE
-
-    return list(COMMAND_LINE) or sys.argv[1:]
 
 
 def _launch_args(num_processes: int | None, accelerate_config: Path | None) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from bridge.dual import DualConfig
+from bridge.reports import cell
 from can_jax.errors import Outcome
 from train.cli.app import (
     AtLeastOpt,
@@ -29,7 +30,7 @@ from train.cli.app import (
     console,
     echo_json,
     fail,
-    load_or_fail,
+    load_limited,
     setup_jax,
 )
 from train.cli.options import FROM_CONFIG, defaults_from
@@ -39,9 +40,6 @@ def print_bias(block: dict):
     """The certificate's `bias` block as a table: plain, estimated bias, corrected ± s.e., 95% interval."""
     from rich.markup import escape
     from rich.table import Table
-
-    def num(x, fmt=".4g"):
-        return "—" if x is None else format(x, fmt)
 
     table = Table(title=f"finite-K bias — {block['method']}")
     for col in ("estimate", "plain", "± s.e.", "bias", "corrected", "± s.e.", "95% interval (corrected)", "bias/s.e."):
@@ -53,13 +51,13 @@ def print_bias(block: dict):
         iv = e["interval_95"]
         table.add_row(
             escape(label),
-            num(e["plain"]),
-            num(e["plain_standard_error"], ".2g"),
-            num(e["bias"], "+.3g"),
-            num(e["corrected"]),
-            num(e["standard_error"], ".2g"),
+            cell(e["plain"], ".4g"),
+            cell(e["plain_standard_error"], ".2g"),
+            cell(e["bias"], "+.3g"),
+            cell(e["corrected"], ".4g"),
+            cell(e["standard_error"], ".2g"),
             "—" if iv is None or None in iv else f"[{iv[0]:.4g}, {iv[1]:.4g}]",
-            num(e["bias_over_se"], ".2f"),
+            cell(e["bias_over_se"], ".2f"),
         )
     console().print(table)  # its warnings are among the certificate's diagnostics, printed with them
 
@@ -171,8 +169,7 @@ def stability(
     from can_jax.result import Status
     from can_jax.solve import solve_dual_jit
 
-    loaded = load_or_fail(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, json_out, cost_at_most,
-                          at_least)  # fmt: skip
+    loaded = load_limited(scores, reward, constraint, cost, prompt_id, float32, drop_bad_rows, cost_at_most, at_least)
     sc = loaded.scores
     names = loaded.names
     margins = jnp.asarray(loaded.margins, sc.reward.dtype)
@@ -239,12 +236,9 @@ def _print_rows(rows, names):
 
 
 def _plot(path: Path, rows, names, frac):
-    import matplotlib
+    from bridge.files import pyplot, write_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bridge.files import write_figure
+    plt = pyplot()
 
     rows = sorted((r for r in rows if r["fraction"] == frac), key=lambda r: r["k"])
     ks = [r["k_mean"] for r in rows]
@@ -267,6 +261,4 @@ def _plot(path: Path, rows, names, frac):
         ax.set_xlabel("responses per prompt K")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     write_figure(path, fig)
-    plt.close(fig)

@@ -80,22 +80,33 @@ def train_cmd(
     launch_if_asked(num_processes, accelerate_config)
     from train.dpo import load_preferences, run
 
-    dpo = DPOSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, lora=lora,
-                      train_top=train_top, precision=precision, seed=seed)  # fmt: skip
+    dpo = _settings(locals())
     if beta is not None and allow_beta_mismatch:
         _, prefs = load_preferences(preferences, beta)
         typer.echo(f"warning: β = {beta} instead of the certificate's {prefs.beta}", err=True)
+    final = _run_dpo(run, ctx, locals(), dpo, beta=None if allow_beta_mismatch else beta,
+                     beta_override=beta if allow_beta_mismatch else None)  # fmt: skip
+    if is_main_process():
+        typer.echo(f"aligned policy written to {final}")
+
+
+def _settings(opts: dict) -> DPOSettings:
+    """The DPO settings of a DPO command's options (checked as they are built)."""
+    return DPOSettings(**{f: opts[f] for f in ("epochs", "lr", "batch_size", "max_length", "lora", "train_top",
+                                               "precision", "seed")})  # fmt: skip
+
+
+def _run_dpo(run, ctx: typer.Context, opts: dict, dpo: DPOSettings, **betas):
+    """`run(TrainConfig)` from a DPO command's options (`train` and `prealign` share all but β)."""
+    config = opts["config"]
     try:
-        final = run(TrainConfig(
-            preferences=str(preferences), policy=policy, out=str(out), dpo=dpo,
-            beta=None if allow_beta_mismatch else beta, beta_override=beta if allow_beta_mismatch else None,
-            chat_template=chat_template, resume=resume, config_file=None if config is None else str(config),
-            extra_args=list(ctx.args), overwrite=overwrite,
+        return run(TrainConfig(
+            preferences=str(opts["preferences"]), policy=opts["policy"], out=str(opts["out"]), dpo=dpo,
+            chat_template=opts["chat_template"], resume=opts["resume"], extra_args=list(ctx.args),
+            config_file=None if config is None else str(config), overwrite=opts["overwrite"], **betas,
         ))  # fmt: skip
     except FileNotFoundError as err:  # a file a config or model names (the command's own inputs are checked)
         fail(str(err))
-    if is_main_process():
-        typer.echo(f"aligned policy written to {final}")
 
 
 @app.command(context_settings=EXTRA)
@@ -131,15 +142,6 @@ def prealign(
     launch_if_asked(num_processes, accelerate_config)
     from train.dpo import prealign as run
 
-    dpo = DPOSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length, lora=lora,
-                      train_top=train_top, precision=precision, seed=seed)  # fmt: skip
-    try:
-        final = run(TrainConfig(
-            preferences=str(preferences), policy=policy, out=str(out), dpo=dpo, beta_override=beta,
-            chat_template=chat_template, resume=resume, config_file=None if config is None else str(config),
-            extra_args=list(ctx.args), overwrite=overwrite,
-        ))  # fmt: skip
-    except FileNotFoundError as err:
-        fail(str(err))
+    final = _run_dpo(run, ctx, locals(), _settings(locals()), beta_override=beta)
     if is_main_process():
         typer.echo(f"pre-aligned policy (β = {beta:g}) written to {final}")
