@@ -10,6 +10,7 @@ existed (no `format` key) read as version 0.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -94,10 +95,7 @@ class GainRow:
         return cls(**{**row, "ci95": tuple(row["ci95"])})
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "role": self.role, "predicted_gain": self.predicted_gain,
-                "achieved_gain": self.achieved_gain, "ci95": list(self.ci95), "standard_error": self.standard_error,
-                "margin": self.margin, "reference_mean": self.reference_mean,
-                "insample_gain": self.insample_gain}  # fmt: skip
+        return {**dataclasses.asdict(self), "ci95": list(self.ci95)}
 
 
 class EvaluationReport(_Report):

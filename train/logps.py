@@ -19,19 +19,14 @@ from __future__ import annotations
 import torch
 
 
-def tokenize_completion(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
-    """(prompt_ids, completion_ids) split as TRL's DPO preprocessing splits a text or conversational pair."""
-    from train.tokens import text_pair_ids
-
-    return text_pair_ids(tokenizer, prompt, completion)
-
-
 def encode_pairs(tokenizer, prompts, completions, ids=None) -> list[tuple[list[int], list[int]]]:
     """The (prompt_ids, completion_ids) of each pair: the given `ids` (sampled ids, trained as they are), else
     TRL's tokenisation of the text pairs."""
+    from train.tokens import text_pair_ids
+
     if ids is not None:
         return [(list(p), list(c)) for p, c in ids]
-    return [tokenize_completion(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+    return [text_pair_ids(tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
 
 
 def _batches(pairs, pad_id, max_length, truncation_mode, batch_size, device):

@@ -35,7 +35,8 @@ def test_sequence_logps_equal_trl_dpo_reference_logps(tiny_lm, tmp_path):
 
 
 def test_sequence_logps_by_hand_and_batch_size_invariant(tiny_lm):
-    from train.logps import sequence_logps, tokenize_completion
+    from train.logps import sequence_logps
+    from train.tokens import text_pair_ids
 
     model, tok, _ = tiny_lm
     prompts = ["what is the capital of france?", "hello"]
@@ -43,7 +44,7 @@ def test_sequence_logps_by_hand_and_batch_size_invariant(tiny_lm):
     got = sequence_logps(model, tok, prompts, completions, batch_size=1)
     assert torch.allclose(got, sequence_logps(model, tok, prompts, completions, batch_size=2), atol=1e-5)
     # Independent: token-by-token with no padding, via the chain rule over the completion tokens.
-    p_ids, c_ids = tokenize_completion(tok, prompts[1], completions[1])
+    p_ids, c_ids = text_pair_ids(tok, prompts[1], completions[1])
     assert c_ids[-1] == tok.eos_token_id  # EOS appended, as TRL's DPO preprocessing does
     ids = torch.tensor([p_ids + c_ids])
     with torch.no_grad():

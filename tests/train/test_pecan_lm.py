@@ -17,9 +17,9 @@ PROMPTS = ["how do i bake bread?", "tell me a joke.", "is it safe to mix bleach?
 
 def _kl_by_hand(ref, other, tok, prompt, completion):
     """Σ over completion positions of KL(π_ref(·|prefix) ‖ π_other(·|prefix)), one unpadded sequence, in float64."""
-    from train.logps import tokenize_completion
+    from train.tokens import text_pair_ids
 
-    p_ids, c_ids = tokenize_completion(tok, prompt, completion)
+    p_ids, c_ids = text_pair_ids(tok, prompt, completion)
     ids = torch.tensor([p_ids + c_ids])
     with torch.no_grad():
         a = torch.log_softmax(ref(input_ids=ids).logits[0].double(), -1)
@@ -79,14 +79,15 @@ def test_token_kl_and_sample_estimate_agree_in_expectation(word_lms):
     spread. Most samples hit the 4-word limit, so this also checks the forced-EOS correction (without it the
     token-level mean is biased)."""
     from train.collect import sample
-    from train.logps import logps_and_kl, tokenize_completion
+    from train.logps import logps_and_kl
+    from train.tokens import text_pair_ids
 
     ref, other, tok = word_lms
     prompt, n = "tell me a joke :\n", 600
     drawn = sample(ref, tok, [prompt], n, 4, 200, seed=0)
     responses, finished = drawn["response"], drawn["finished"]
     assert 0 < sum(finished) < n - 100
-    assert all(tokenize_completion(tok, prompt, r)[1][-1] == tok.eos_token_id for r in responses)
+    assert all(text_pair_ids(tok, prompt, r)[1][-1] == tok.eos_token_id for r in responses)
     logp_ref, logp, kl = logps_and_kl(ref, [other], tok, [prompt] * n, responses, batch_size=200, finished=finished)
     sample_est = (logp_ref - logp[:, 0]).double().numpy()
     token_est = kl[:, 0].double().numpy()

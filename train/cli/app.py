@@ -42,7 +42,7 @@ class _CanGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except CanError as err:
-            fail(err, json_out="--json" in args, status=status_of(err))
+            fail(err, json_out="--json" in args, status=err.outcome)  # the status a --json consumer sees
         except Exception as err:
             # typer vendors click from 0.29 on: recognise its UsageError (and subclasses) by name.
             if "--json" in args and any(c.__name__ == "UsageError" for c in type(err).__mro__):
@@ -300,11 +300,6 @@ def echo_json(obj: dict):
     import json
 
     typer.echo(json.dumps(obj, indent=2, allow_nan=False))
-
-
-def status_of(err) -> Outcome:
-    """The `status` a --json consumer sees for an error: its class's `outcome` (`CanError`)."""
-    return getattr(err, "outcome", Outcome.ERROR)
 
 
 def fail(message, code: int = ExitCode.USER_ERROR, json_out: bool = False, status: Outcome | str = Outcome.ERROR):
