@@ -49,6 +49,11 @@ def _versioned(body: dict, fmt: str, version: int, what: str, where) -> dict:
     return body
 
 
+def _field(key: str, required: bool = True) -> property:
+    """A report's plain (immutable) body value as a read-only property; `required` False reads None when absent."""
+    return property(lambda self: self._body[key] if required else self._body.get(key))
+
+
 class _Report:
     """A JSON report: a validated body, an atomic writer, its format stamped on write."""
 
@@ -151,25 +156,11 @@ class EvaluationReport(_Report):
     def names(self) -> list[str]:
         return [r.name for r in self._rows]
 
-    @property
-    def aligned(self) -> str:
-        return self._body["aligned"]
-
-    @property
-    def reference(self) -> str:
-        return self._body["reference"]
-
-    @property
-    def prompts(self) -> int:
-        return self._body["prompts"]
-
-    @property
-    def samples_per_prompt(self) -> int:
-        return self._body["samples_per_prompt"]
-
-    @property
-    def beta(self) -> float:
-        return self._body["beta"]
+    aligned = _field("aligned")  # str
+    reference = _field("reference")  # str
+    prompts = _field("prompts")  # int
+    samples_per_prompt = _field("samples_per_prompt")  # int
+    beta = _field("beta")  # float
 
     @property
     def lam(self) -> dict:
@@ -179,13 +170,8 @@ class EvaluationReport(_Report):
     def text(self) -> dict | None:
         return copy.deepcopy(self._body.get("text"))
 
-    @property
-    def identical_samples(self) -> float:
-        return self._body["identical_samples"]
-
-    @property
-    def note(self) -> str | None:
-        return self._body.get("note")
+    identical_samples = _field("identical_samples")  # float
+    note = _field("note", required=False)  # str | None
 
     @property
     def examples(self) -> list[dict]:
@@ -214,17 +200,9 @@ class RefineRecord(_Report):
         if not isinstance(self._body.get("settings", {}), dict):
             raise CanError(f"{where}: not a refine record (its settings are not an object)")
 
-    @property
-    def root_sha256(self) -> str | None:
-        return self._body.get("root_sha256")
-
-    @property
-    def scores_sha256(self) -> str | None:
-        return self._body.get("scores_sha256")
-
-    @property
-    def policy(self) -> str | None:
-        return self._body.get("policy")
+    root_sha256 = _field("root_sha256", required=False)  # str | None
+    scores_sha256 = _field("scores_sha256", required=False)  # str | None
+    policy = _field("policy", required=False)  # str | None
 
     @property
     def settings(self) -> dict:
@@ -253,9 +231,7 @@ class RoundsReport(_Report):
     def rounds(self) -> list[dict]:
         return copy.deepcopy(self._body["rounds"])
 
-    @property
-    def stopped(self) -> bool | None:
-        return self._body.get("stopped")
+    stopped = _field("stopped", required=False)  # bool | None
 
     @property
     def names(self) -> list[str]:
@@ -265,14 +241,10 @@ class RoundsReport(_Report):
     def margins(self) -> list[float]:
         return list(self._body["margins"])
 
-    @property
-    def out(self) -> str:
-        return self._body["out"]
+    out = _field("out")  # str
 
     @property
     def settings(self) -> dict:
         return copy.deepcopy(self._body.get("settings", {}))
 
-    @property
-    def seconds(self) -> float | None:
-        return self._body.get("seconds")
+    seconds = _field("seconds", required=False)  # float | None
