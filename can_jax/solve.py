@@ -23,7 +23,6 @@ of λ itself), so a solve limited by the bits of its input still ends, CONVERGED
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -33,6 +32,10 @@ import numpy as np
 from can_jax.certify import recession_slope, reduced_eigs
 from can_jax.dual import DualEval, Units, device_count, every, pass_units, sharded, to_blocks
 from can_jax.errors import InvalidArgumentError
+from can_jax.packed import Packed, fast_jit, pack, packable, packed_pass
+from can_jax.packed import every as packed_every
+from can_jax.packed import recession_slope as packed_slope
+from can_jax.packed import units as packed_units
 from can_jax.result import DualResult, Predicted, Status
 from can_jax.scores import Scores
 
@@ -112,16 +115,52 @@ def _floor(lam, ev: DualEval, margins, scale: _Scale, tol):
     return jnp.maximum(tol, ROUNDING * eps * noise / scale.unit)
 
 
-def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, predict: bool = True) -> tuple[_State, _Scale]:
-    """Projected Newton on blocked scores as stored, each prompt shifted inside every pass (`dual.shift_block`: no
-    centred copy of the table). The first pass also measures the data's units and each constraint's reach. With
-    `predict` (static) every pass also gathers the predicted outcome at its λ (~15% of a pass, where a pass of its
-    own after the loop costs ~85%): the final state's `ev` then holds it for the λ returned."""
+class _Data(NamedTuple):
+    """The scores as a solve reads them: [C, B, ...] blocks for `dual.pass_units`, or `packed.Packed` (CPU)."""
+
+    blocks: Scores | None = None
+    packed: Packed | None = None
+
+    def first(self, lam, margins, beta, predict: bool) -> tuple[DualEval, Units]:
+        """The pass at the start: value, gradient, Hessian (and the predicted outcome), each constraint's reach in
+        `.reach`, and the data's units."""
+        if self.packed is not None:
+            found, reach = packed_units(self.packed)
+            return packed_pass(lam, self.packed, margins, beta)._replace(reach=reach), found
+        return pass_units(lam, self.blocks, margins, beta, 2, predict=predict, reach=True, centre=True, units=True,
+                          dtype=lam.dtype)  # fmt: skip
+
+    def evaluate(self, lam, margins, beta, predict: bool) -> DualEval:
+        if self.packed is not None:
+            return packed_pass(lam, self.packed, margins, beta)
+        return pass_units(lam, self.blocks, margins, beta, 2, predict=predict, centre=True, dtype=lam.dtype)[0]
+
+    def every(self, stride: int) -> _Data:
+        if self.packed is not None:
+            return _Data(packed=packed_every(self.packed, stride))
+        return _Data(blocks=every(self.blocks, stride))
+
+    def n_blocks(self) -> int:
+        if self.packed is not None:
+            return self.packed.x.shape[0]
+        return self.blocks.reward.shape[0] * (self.blocks.reward.shape[1] if sharded(self.blocks) else 1)
+
+    def slope(self, lam, margins):
+        if self.packed is not None:
+            return packed_slope(self.packed, lam, margins)
+        return recession_slope(self.blocks, lam, margins, centre=True)
+
+
+def _newton(data: _Data, margins, beta, lam0, tol, max_iter: int, predict: bool = True) -> tuple[_State, _Scale]:
+    """Projected Newton on the scores as stored, each prompt shifted inside every pass (`dual.shift_block`) or
+    while packing (`packed.pack`): no centred copy of the [N, K, m] table. The first pass also measures the data's
+    units and each constraint's reach. With `predict` (static) every pass also gathers the predicted outcome at its
+    λ (~15% of a pass, where a pass of its own after the loop costs ~85%; a packed pass always does): the final
+    state's `ev` then holds it for the λ returned."""
     eps = jnp.finfo(lam0.dtype).eps
-    dtype = lam0.dtype
 
     def evaluate(lam):
-        return pass_units(lam, blocks, margins, beta, 2, predict=predict, centre=True, dtype=dtype)[0]
+        return data.evaluate(lam, margins, beta, predict)
 
     def converged(lam, ev):
         return jnp.all(_scaled_kkt(lam, ev.grad, scale) <= _floor(lam, ev, margins, scale, tol))
@@ -176,9 +215,7 @@ def _newton(blocks: Scores, margins, beta, lam0, tol, max_iter: int, predict: bo
         )
         return _State(lam_next, ev_next, mu / 8.0, nit, st.nfev + k + 1, status)
 
-    ev0, units = pass_units(
-        lam0, blocks, margins, beta, 2, predict=predict, reach=True, centre=True, units=True, dtype=dtype
-    )
+    ev0, units = data.first(lam0, margins, beta, predict)
     scale = _scale(units, margins)
     valid = jnp.isfinite(beta) & (beta > 0) & jnp.all(jnp.isfinite(margins)) & jnp.isfinite(tol) & (tol > 0)
     status0 = jnp.select(
@@ -217,7 +254,7 @@ def _check_arguments(margins, beta, tol, max_iter):
 
 
 def solve_dual(
-    scores: Scores,
+    scores: Scores | Packed,
     margins: jnp.ndarray,
     beta,
     lam0: jnp.ndarray | None = None,
@@ -231,7 +268,9 @@ def solve_dual(
     """Solves min_{λ≥0} D̂(λ) by projected Newton and certifies the answer.
 
     Args:
-      scores: N prompts × K responses × m utilities (`Scores`); padded entries may hold any value.
+      scores: N prompts × K responses × m utilities (`Scores`); padded entries may hold any value. On CPU (one
+        device, no log_prior) the solve packs them channel-major first (`packed.pack`, one copy); scores packed
+        beforehand (`Packed`) skip that, and `block`/`devices` then do not apply.
       margins: [m] required improvements b over the reference policy.
       beta: KL weight β > 0 (traced: sweeps may vmap over it).
       lam0: [m] starting point (default zeros).
@@ -252,9 +291,9 @@ def solve_dual(
     return solve_dual_jit(scores, margins, beta, lam0, tol, max_iter, block, warm_start, dtype, devices)
 
 
-@partial(jax.jit, static_argnames=("max_iter", "block", "warm_start", "dtype", "devices"))
+@fast_jit(static_argnames=("max_iter", "block", "warm_start", "dtype", "devices"))
 def solve_dual_jit(
-    scores: Scores,
+    scores: Scores | Packed,
     margins: jnp.ndarray,
     beta,
     lam0: jnp.ndarray | None = None,
@@ -268,23 +307,32 @@ def solve_dual_jit(
     """`solve_dual` compiled (once per shape and static arguments). β, the margins and tol are traced here, so bad
     values of them give Status.INVALID instead of an error, as under any jit or vmap; max_iter < 1 still raises."""
     _check_arguments(margins, beta, tol, max_iter)
-    dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
-    m = scores.utility.shape[-1]
+    if isinstance(scores, Packed):
+        dtype = scores.x.dtype if dtype is None else jnp.dtype(dtype)
+        m = scores.g_ref.shape[1]
+        data = _Data(packed=jax.tree.map(lambda a: a.astype(dtype) if a.dtype != bool else a, scores))
+    else:
+        dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
+        m = scores.utility.shape[-1]
+        n_devices = device_count(devices)
+        if packable(scores, n_devices):
+            data = _Data(packed=pack(scores, block, dtype))  # one copy, channel-major, each prompt shifted
+        else:
+            data = _Data(blocks=to_blocks(scores, block, n_devices))  # a reshape (a copy only where N needs padding)
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     beta = jnp.asarray(beta, dtype)
     tol = default_tol(dtype) if tol is None else tol
     lam0 = jnp.zeros((m,), dtype) if lam0 is None else jnp.maximum(jnp.asarray(lam0, dtype), 0.0)
-    blocks = to_blocks(scores, block, device_count(devices))  # a reshape (a copy only where N needs padding)
 
-    if warm_start and blocks.reward.shape[0] * (blocks.reward.shape[1] if sharded(blocks) else 1) >= WARM_MIN_BLOCKS:
+    if warm_start and data.n_blocks() >= WARM_MIN_BLOCKS:
         # Solve first on every WARM_STRIDE-th block of prompts (1/16 of the data, at 1/16 of the cost per pass):
         # its λ* is within sampling error of the full one, from where full-data Newton needs ~3 passes, not ~6.
-        sub = every(blocks, WARM_STRIDE)
+        sub = data.every(WARM_STRIDE)
         # (with the subsample's own units: only its λ is used.)
         st_sub, _ = _newton(sub, margins, beta, lam0, jnp.maximum(tol, 1e-6), max_iter, predict=False)
         lam0 = jnp.where(st_sub.status == Status.CONVERGED, st_sub.lam, lam0)
     # Margins at or beyond their reach (up to rounding) are only approached as λ → ∞: `_newton` stops at once.
-    st, scale = _newton(blocks, margins, beta, lam0, tol, max_iter)
+    st, scale = _newton(data, margins, beta, lam0, tol, max_iter)
     # Jointly infeasible margins drive λ → ∞ along a direction u where D̂ falls linearly; the loop may stop there
     # on any status (DIVERGED, MAX_ITER, PRECISION, even CONVERGED once |λ| is so large that the rounding of λ
     # hides the gradient). The recession slope along λ/|λ| settles it: D̂ bounded below (feasible) means a slope
@@ -294,9 +342,7 @@ def solve_dual_jit(
     unfinished = (st.status == Status.DIVERGED) | (st.status == Status.MAX_ITER) | (st.status == Status.PRECISION)
     at_floor = (st.status == Status.CONVERGED) & jnp.any(floor > tol)
     checked = jnp.any(st.lam > 0) & (unfinished | at_floor)
-    slope = jax.lax.cond(
-        checked, lambda: recession_slope(blocks, st.lam, margins, centre=True), lambda: jnp.zeros((), dtype)
-    )
+    slope = jax.lax.cond(checked, lambda: data.slope(st.lam, margins), lambda: jnp.zeros((), dtype))
     u = st.lam / jnp.maximum(jnp.linalg.norm(st.lam), jnp.finfo(dtype).tiny)
     slope_noise = ROUNDING * jnp.finfo(dtype).eps * (u @ (scale.mag + jnp.abs(margins)))
     status = jnp.where(checked & (slope < -slope_noise), Status.INFEASIBLE, st.status)

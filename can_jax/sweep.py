@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
+from can_jax.packed import fast_jit
 from can_jax.result import DualResult
 from can_jax.scores import Scores
 from can_jax.solve import solve_dual
 
 
-@partial(jax.jit, static_argnames=("max_iter", "block"))
+@fast_jit(static_argnames=("max_iter", "block"))
 def sweep(
     scores: Scores,
     margins: jnp.ndarray,
@@ -57,7 +56,7 @@ def problems_per_step(n: int, k: int, m: int, backend: str | None = None) -> int
     return max(1, 393_216 // max(1, n * k * (m + 2)))
 
 
-@partial(jax.jit, static_argnames=("max_iter", "block", "batch"))
+@fast_jit(static_argnames=("max_iter", "block", "batch"))
 def solve_many(
     scores: Scores, margins, beta, tol=None, max_iter: int = 100, block=None, batch: int | str | None = "auto"
 ) -> DualResult:
