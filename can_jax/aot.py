@@ -31,6 +31,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from can_jax.packed import FAST_MATH
+
 FORMAT = 1  # bump when the entry layout changes
 _LOADED: dict[Path, tuple] = {}  # entries read or made in this process, by path (the newest LOADED_MAX)
 LOADED_MAX = 32
@@ -132,8 +134,10 @@ def call(name: str, fn, *args, static: dict | None = None, **kwargs):
     _LOADED[path] = entry  # the same Exported object on the next call: JAX compiles it once per process
     while len(_LOADED) > LOADED_MAX:
         _LOADED.pop(next(iter(_LOADED)))
-    out_tree, exported = entry
-    return jax.tree.unflatten(out_tree, exported.call(*leaves))
+    out_tree, exported = entry[:2]
+    if len(entry) == 2:  # compiled with the options of `packed.fast_jit` (JAX takes them only at the top)
+        entry = _LOADED[path] = (out_tree, exported, jax.jit(exported.call, compiler_options=FAST_MATH))
+    return jax.tree.unflatten(out_tree, entry[2](*leaves))
 
 
 def _read(path: Path):

@@ -109,19 +109,17 @@ def pack(scores: Scores, block: int | None | str = "auto", dtype=None) -> Packed
         scores = jax.tree.map(lambda a: jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)), scores)
     blocks = (n + extra) // b
     mask = scores.mask
-    valid = mask.any(axis=1)
+    count = jnp.sum(mask, axis=1, dtype=jnp.int32)
     first = jnp.argmax(mask, axis=1)[:, None]  # [N, 1]
-    c = jnp.concatenate([jnp.take_along_axis(scores.reward, first, axis=1),
-                         jnp.take_along_axis(scores.utility, first[..., None], axis=1)[:, 0]], axis=1)  # fmt: skip
-    c = jnp.where(valid[:, None], c, 0.0).astype(dtype).reshape(blocks, b, m + 1).transpose(0, 2, 1)  # [C, m+1, B]
-    mask = mask.reshape(blocks, b, k)
-    # [C, m+1, B, K]: one transpose of the utilities, the reward as channel 0, shifted and masked on the way.
-    raw = jnp.concatenate(
-        [scores.reward.reshape(blocks, 1, b, k), scores.utility.reshape(blocks, b, k, m).transpose(0, 3, 1, 2)], axis=1
-    ).astype(dtype)
-    # Materialised once: left to itself XLA fuses the transpose into each reduction that reads x, once per reduction.
-    x = jax.lax.optimization_barrier(jnp.where(mask[:, None], raw - c[..., None], 0.0))
-    return prepare(x, mask, c, scores.weight.reshape(blocks, b), scores.ref_utility, b)
+    c_r = jnp.where(count > 0, jnp.take_along_axis(scores.reward, first, axis=1)[:, 0], 0.0).astype(dtype)  # [N]
+    c_g = jnp.where(count[:, None] > 0, jnp.take_along_axis(scores.utility, first[..., None], axis=1)[:, 0], 0.0)
+    c_g = c_g.astype(dtype)  # [N, m]
+    # Shifted and masked in the [N, K, m] layout, so that XLA writes x in one transposing kernel.
+    r = jnp.where(mask, scores.reward.astype(dtype) - c_r[:, None], 0.0)
+    g = jnp.where(mask[..., None], scores.utility.astype(dtype) - c_g[:, None, :], 0.0)
+    x = jnp.concatenate([r.reshape(blocks, 1, b, k), g.reshape(blocks, b, k, m).transpose(0, 3, 1, 2)], axis=1)
+    shift = jnp.concatenate([c_r[:, None], c_g], axis=1).reshape(blocks, b, m + 1).transpose(0, 2, 1)
+    return prepare(x, mask.reshape(blocks, b, k), shift, scores.weight.reshape(blocks, b), scores.ref_utility, b)
 
 
 def _row_max(a: jnp.ndarray) -> jnp.ndarray:
@@ -140,7 +138,7 @@ def prepare(x, mask, shift, weight, ref_utility=None, block: int | None = None) 
     dtype = x.dtype
     blocks, ch, b, _ = x.shape
     m = ch - 1
-    count = mask.sum(axis=2)  # [C, B]
+    count = jnp.sum(mask, axis=2, dtype=jnp.int32)  # [C, B]
     valid = count > 0
     kf = jnp.maximum(count, 1).astype(dtype)[:, None]
     zero = jnp.zeros((), dtype)
