@@ -19,7 +19,6 @@ cross-fitting: DESIGN §7 and benchmarks/coverage_bench.py.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -28,6 +27,7 @@ import numpy as np
 
 from can_jax.dual import cast, device_count, masked, one_block, scan_blocks, to_blocks
 from can_jax.errors import InvalidArgumentError
+from can_jax.packed import Packed, fast_jit, pack, packable
 from can_jax.scores import Scores
 
 Z95 = 1.959963984540054
@@ -227,7 +227,132 @@ def _jack_block(lam, sc: Scores, margins, beta, first: bool):
     return out
 
 
-def block_pass(lam, blocks: Scores, margins, beta, first: bool):
+def _jack_packed(lam, xb, mb, wt, kf, g_ref, r_ref, margins, beta, first: bool):
+    """`_jack_block` on one block of packed scores (`packed.Packed`: channels y = (r, g) [m+1, B, K], each prompt
+    shifted by its first real response, which moves none of the terms). The same formulas, with every sum over k one
+    variadic reduction: the responses other than the heaviest are weighted by f = exp(s − top2) ≤ 1 (their own
+    maximum is 1, so nothing underflows), and e = ρ f with ρ = exp(top2 − top); the heaviest response enters through
+    its gathered scores. Returns the sums of `_jack_block` and, with `first`, the per-prompt θ_i and θ_i^J [B, m+2]."""
+    ch = xb.shape[0]
+    m = ch - 1
+    dtype = xb.dtype
+    coef = jnp.concatenate([jnp.ones((1,), dtype), lam]) / beta
+    valid = kf > 0
+    two = kf >= 2
+    kf = jnp.maximum(kf, 1.0)
+    s = sum(coef[c] * xb[c] for c in range(ch))  # [B, K]
+    s_in = jnp.where(mb, s, -jnp.inf)
+    idx = jnp.argmax(s_in, axis=1)  # the heaviest response (the first of ties, as `_jack_block`)
+    y_top = jnp.take_along_axis(xb, idx[None, :, None], axis=2)[..., 0]  # [m+1, B]
+    top = jnp.where(valid, coef @ y_top, 0.0)
+    rest = mb & (jnp.arange(mb.shape[1]) != idx[:, None])
+    has_rest = rest.any(axis=1)
+    top2 = jnp.max(jnp.where(rest, s, -jnp.inf), axis=1)
+    top2 = jnp.where(has_rest, top2, 0.0)
+    rho = jnp.where(has_rest, jnp.exp(top2 - top), 0.0)
+    f = jnp.where(rest, jnp.exp(jnp.where(rest, s - top2[:, None], 0.0)), 0.0)
+    big_f = f.sum(axis=1)
+    z = jnp.where(valid, 1.0 + rho * big_f, 1.0)
+    a = jnp.where(rest, 1.0 / jnp.where(rest, z[:, None] - rho[:, None] * f, 1.0), 0.0)
+    ae = a * rho[:, None] * f
+    pairs = [(j, l) for j in range(1, ch) for l in range(j, ch)]
+    ops = (
+        [f * xb[c] for c in range(ch)]  # Σ f y
+        + [a * f * xb[c] for c in range(ch)]  # Σ a f y
+        + [a * a * f * xb[c] for c in range(1, ch)]  # Σ a² f g
+        + [a, a * a, jnp.where(rest, jnp.log(jnp.where(rest, z[:, None] - rho[:, None] * f, 1.0)), 0.0)]
+        + [f * xb[j] * xb[l] for j, l in pairs]  # Σ f g gᵀ
+        + [(ae + ae * ae) * xb[j] * xb[l] for j, l in pairs]  # Σ (ae + ae²) g gᵀ
+    )
+    zero = jnp.zeros((), dtype)
+    sums = jax.lax.reduce(tuple(ops), (zero,) * len(ops), lambda u, v: tuple(p + q for p, q in zip(u, v)), (1,))
+    fy, afy, a2fg = jnp.stack(sums[:ch]), jnp.stack(sums[ch : 2 * ch]), jnp.stack(sums[2 * ch : 3 * ch - 1])
+    a_sum, a2_sum, log_zk = sums[3 * ch - 1 : 3 * ch + 2]
+    np_ = len(pairs)
+    fgg, wgg = jnp.stack(sums[3 * ch + 2 : 3 * ch + 2 + np_]), jnp.stack(sums[3 * ch + 2 + np_ :])  # [P, B]
+
+    def full(upper):  # [P, B] upper triangles -> [B, m, m]
+        rows, cols = (jnp.asarray(v) - 1 for v in zip(*pairs))
+        mat = jnp.zeros((upper.shape[1], m, m), dtype).at[:, rows, cols].set(upper.T)
+        return mat + jnp.triu(mat, 1).transpose(0, 2, 1)
+
+    f_safe = jnp.where(big_f > 0, big_f, 1.0)
+    t_y = y_top + rho * fy  # Σ_k e_k y_k
+    mu_y = t_y / z  # E_w[y]
+    mu2_y = fy / f_safe  # E^(−top)[y]
+    loo_y = t_y * a_sum - rho * afy + mu2_y  # Σ_k E^(−k)[y]
+    mu, mu2, t_g = mu_y[1:].T, mu2_y[1:].T, t_y[1:].T  # [B, m]
+    u_g = (rho * a2fg).T
+    psi = jnp.where(valid[:, None], mu - g_ref - margins, 0.0)
+    loo_psi = loo_y[1:].T / kf[:, None] - g_ref - margins
+    k_col = kf[:, None]
+    psi_j = jnp.where(two[:, None], k_col * psi - (k_col - 1.0) * loo_psi, psi)
+    out = {"psi": wt @ psi_j}
+
+    shrink = jnp.where(two, (kf - 1.0) / kf, 0.0)
+    k_eff = jnp.where(two, kf, 1.0)
+    gg_top = y_top[1:].T[:, :, None] * y_top[1:].T[:, None, :]  # [B, m, m]
+    e_gg = gg_top + rho[:, None, None] * full(fgg)  # Σ_k e_k g gᵀ
+    loo_gg = a_sum[:, None, None] * e_gg - full(wgg) + full(fgg) / f_safe[:, None, None]
+    c_full = (k_eff / z)[:, None, None] * e_gg - shrink[:, None, None] * loo_gg
+    gram = jnp.einsum("b,bij->ij", wt / beta, c_full)
+    outer = jnp.einsum
+    tu = outer("n,ni,nj->ij", wt * shrink * a2_sum, t_g, t_g) - outer("n,ni,nj->ij", wt * shrink, t_g, u_g)
+    rank1 = (
+        -outer("n,ni,nj->ij", wt * k_eff, mu, mu)
+        + tu
+        - outer("n,ni,nj->ij", wt * shrink, u_g, t_g)
+        + outer("n,ni,nj->ij", wt * shrink, mu2, mu2)
+    )
+    out["jac"] = gram + rank1 / beta
+    if not first:
+        return out, None
+
+    wr = mu_y[0]
+    lse = top + jnp.log(z)
+    kl = jnp.log(kf) + (wr + mu @ lam) / beta - lse
+    theta = jnp.where(valid[:, None], jnp.concatenate([psi, (wr - r_ref)[:, None], kl[:, None]], axis=1), 0.0)
+    km1 = jnp.maximum(kf - 1.0, 1.0)
+    n_rest = jnp.sum(rest, axis=1).astype(dtype)
+    lse_sum = n_rest * top + log_zk + top2 + jnp.log(f_safe)
+    loo_s = coef @ loo_y  # s is linear in the channels
+    loo_r = loo_y[0] / kf - r_ref
+    loo_kl = jnp.log(km1) + loo_s / kf - lse_sum / kf
+    loo = jnp.concatenate([loo_psi, loo_r[:, None], loo_kl[:, None]], axis=1)
+    jack = jnp.where(two[:, None], k_col * theta - (k_col - 1.0) * loo, theta)
+    hess = e_gg / z[:, None, None] - mu[:, :, None] * mu[:, None, :]
+    out["hess"] = jnp.einsum("b,bij->ij", wt, hess) / beta
+    out["count"] = jnp.sum(wt > 0)
+    out["corrected"] = jnp.sum((wt > 0) & two)
+    return out, (theta, jack)
+
+
+def packed_block_pass(lam, packed: Packed, margins, beta, first: bool):
+    """`blocked_pass` on packed scores: one scan over the blocks, each block's sums in one variadic reduction per stage
+    (its maximum, then the sums of `_jack_packed`); the θ moments over all prompts at the end."""
+    dtype = packed.x.dtype
+    lam = lam.astype(dtype)
+    g_ref = jnp.moveaxis(packed.g_ref, 1, 2)  # [C, B, m]
+
+    def step(carry, blk):
+        xb, mb, wb, kb, gb, rb = blk
+        out, per = _jack_packed(lam, xb, mb, wb, kb, gb, rb, margins, beta, first)
+        return jax.tree.map(jnp.add, carry, out), per
+
+    shapes = jax.eval_shape(
+        lambda *b: _jack_packed(lam, *b, margins, beta, first)[0],
+        *(a[0] for a in (packed.x, packed.mask, packed.weight, packed.count, g_ref, packed.r_ref)),
+    )
+    init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+    acc, per = jax.lax.scan(step, init, (packed.x, packed.mask, packed.weight, packed.count, g_ref, packed.r_ref))
+    if first:
+        theta, jack = (p.reshape(-1, p.shape[-1]) for p in per)
+        wt = packed.weight.reshape(-1)
+        acc["theta"], acc["jack"] = _moments(theta, wt), _moments(jack, wt)
+    return acc
+
+
+def blocked_pass(lam, blocks: Scores, margins, beta, first: bool):
     """One scan over the prompt blocks at λ (see `_jack_block`): memory is that of one block, never N·K·(m + 2).
     Blocks in another precision than λ's are cast block by block; sharded blocks scan on their devices."""
 
@@ -246,7 +371,7 @@ def block_pass(lam, blocks: Scores, margins, beta, first: bool):
     return scan_blocks(step, init, blocks, merge)[0]
 
 
-@partial(jax.jit, static_argnames=("steps", "block", "dtype", "devices"))
+@fast_jit(static_argnames=("steps", "block", "dtype", "devices"))
 def finite_k_bias(
     lam, scores: Scores, margins, beta, steps: int = 3, block="auto", dtype=None, devices: int | None = 1
 ) -> BiasReport:
@@ -267,15 +392,26 @@ def finite_k_bias(
     plain Hessian), each the closed-form leave-one-out terms of one block and their forward-mode Jacobian; memory is
     the table plus one block's temporaries.
     """
-    _check(scores)
-    dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
-    m = scores.utility.shape[-1]
+    if isinstance(scores, Packed):
+        dtype = scores.x.dtype if dtype is None else jnp.dtype(dtype)
+        m = scores.g_ref.shape[1]
+        data = jax.tree.map(lambda a: a.astype(dtype) if a.dtype != bool else a, scores)
+    else:
+        _check(scores)
+        dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
+        m = scores.utility.shape[-1]
+        n_devices = device_count(devices)
+        data = pack(scores, block, dtype) if packable(scores, n_devices) else to_blocks(scores, block, n_devices)
     lam = jnp.asarray(lam, dtype)
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     beta = jnp.asarray(beta, dtype)
-    blocks = to_blocks(scores, block, device_count(devices))
 
-    acc = block_pass(lam, blocks, margins, beta, True)
+    def block_pass(at, first):
+        if isinstance(data, Packed):
+            return packed_block_pass(at, data, margins, beta, first)
+        return blocked_pass(at, data, margins, beta, first)
+
+    acc = block_pass(lam, True)
     th, jk = acc["theta"], acc["jack"]
     n_prompts = acc["count"]
     tot = jnp.maximum(th.n, jnp.finfo(dtype).tiny)
@@ -305,7 +441,7 @@ def finite_k_bias(
 
         def step(carry, _):
             lam_t, _ = carry
-            a = block_pass(lam_t, blocks, margins, beta, False)
+            a = block_pass(lam_t, False)
             return newton(lam_t, a["psi"], a["jac"]), None
 
         if steps > 1:

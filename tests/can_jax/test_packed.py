@@ -152,3 +152,24 @@ def test_fast_jit_nests_inside_other_programs(small_scores):
     np.testing.assert_allclose(inside, top, rtol=1e-12)
     np.testing.assert_allclose(constants_only, top, rtol=1e-12)
     np.testing.assert_allclose(batched[0], top, rtol=1e-10)
+
+
+@pytest.mark.parametrize("beta", [0.7, 1e-3])
+def test_bias_pass_on_packed_scores_equals_the_blocked_one(beta):
+    """The jackknife's sums on packed scores against `_jack_block` (itself checked against brute-force leave-one-out
+    and autodiff in test_bias*.py), ragged K, weights, a supplied E_ref[g]; β = 1e-3 puts ~all the weight on one
+    response (gaps of thousands in s)."""
+    from can_jax.bias import blocked_pass, packed_block_pass
+    from can_jax.dual import to_blocks
+    from can_jax.sim.synthetic import synthetic_scores
+
+    sc = synthetic_scores(jax.random.key(5), 40, 6, 3, ragged=True)
+    sc = sc._replace(weight=jnp.linspace(0.5, 2.0, 40), ref_utility=jnp.linspace(-0.3, 0.3, 120).reshape(40, 3))
+    b = jnp.array([0.2, 0.1, 0.05])
+    lam = jnp.array([0.8, 0.3, 0.0]) * (1.0 if beta > 0.1 else 0.01)
+    for first in (True, False):
+        want = blocked_pass(lam, to_blocks(sc, 16), b, beta, first)
+        got = packed_block_pass(lam, run_pack(sc, block=16), b, beta, first)
+        for key in want:
+            for w, g in zip(jax.tree.leaves(want[key]), jax.tree.leaves(got[key])):
+                np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11, err_msg=key)
