@@ -120,7 +120,7 @@ def certify(loaded, cfg: DualConfig, limit_block: dict | None = None, load_s: fl
     bias = None
     if cfg.bias and int(result.status) == Status.CONVERGED:  # the finite-K bias block (`can dual --bias`)
         dtype = jnp.dtype(loaded.dtype)
-        report = aot.call("finite_k_bias", finite_k_bias_jit, result.x, loaded.scores,
+        report = aot.call("finite_k_bias", finite_k_bias_jit, result.x, loaded.for_solve(devices),
                           jnp.asarray(loaded.margins, dtype), cfg.beta, static={"dtype": dtype, "devices": devices})
         bias = bias_block(report, loaded.names)
     t3 = time.perf_counter()
@@ -212,7 +212,7 @@ def check_predictions(loaded, cert: Certificate, lam) -> None:
 
 def data_summary(loaded, reward: str, prompt_id: str) -> dict:
     """The certificate's `data` block for a `bridge.tables.LoadedScores`."""
-    k = np.asarray(loaded.scores.mask).sum(axis=1)  # on the host: no device op to compile
+    k = loaded.columns.counts
     return {
         "path": loaded.path,
         "sha256": loaded.sha256,
@@ -240,6 +240,7 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     import jax.numpy as jnp
 
     from can_jax.certify import infeasibility_message
+    from can_jax.dual import device_count
     from can_jax.errors import InfeasibleMarginsError, InvalidArgumentError
     from can_jax.inference import solve_with_errors, standard_error_notes
     from can_jax.result import Status
@@ -251,11 +252,12 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     from can_jax import aot
 
     static = {"max_iter": max_iter, "dtype": dtype, "devices": devices}
+    data = loaded.for_solve(device_count(devices))  # the packed layout on one CPU device
     if se:
-        result, errs = aot.call("solve_with_errors", solve_with_errors, loaded.scores, margins, beta, tol=tol,
+        result, errs = aot.call("solve_with_errors", solve_with_errors, data, margins, beta, tol=tol,
                                 static=static)  # fmt: skip
     else:
-        result = aot.call("solve_dual", solve_dual_jit, loaded.scores, margins, beta, tol=tol, static=static)
+        result = aot.call("solve_dual", solve_dual_jit, data, margins, beta, tol=tol, static=static)
         errs = None
     if int(result.status) in (Status.INFEASIBLE, Status.DIVERGED):
         from bridge.limits import infeasible_limits_message
@@ -267,7 +269,7 @@ def solve(loaded, beta: float, tol, max_iter: int, se: bool, devices: int | None
     notes = None
     if errs is not None:
         errs = np.asarray(errs)
-        notes = standard_error_notes(result, loaded.scores, errs)
+        notes = standard_error_notes(result, data, errs)
     return result, errs, notes, tol
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ from bridge.files import sha256_file
 from can_jax.errors import DegenerateDataError, ScoresFormatError
 
 if TYPE_CHECKING:
+    from can_jax.packed import Packed
     from can_jax.scores import Scores
 
 FORMATS = {
@@ -219,10 +221,22 @@ def _parse(path: Path, fmt: str, source, columns: list[str] | None = None) -> pa
 
 
 @dataclass(frozen=True)
-class LoadedScores:
-    """A validated scores table as padded arrays, with what a certificate records about it."""
+class Columns:
+    """A validated table's score columns, rows grouped by `index` (prompt 0..N-1 in padded order)."""
 
-    scores: Scores
+    index: np.ndarray  # [R]
+    reward: np.ndarray  # [R]
+    utility: tuple  # m columns [R], costs negated
+    counts: np.ndarray  # [N] rows per prompt
+    ref_utility: np.ndarray | None = None  # [N, m] E_ref[g | x_i] where reference columns give it
+
+
+@dataclass(frozen=True)
+class LoadedScores:
+    """A validated scores table, with what a certificate records about it. Its arrays are built when first asked
+    for: `scores` (padded [N, K, m]) or `packed` (the CPU pass's layout, written straight from the columns)."""
+
+    columns: Columns
     names: list[str]  # constraint names (column names)
     margins: np.ndarray  # [m]
     kinds: list[str]
@@ -235,6 +249,26 @@ class LoadedScores:
     bad_rows: str = "refused"  # the rule applied to bad rows: "refused" or "dropped" (--drop-bad-rows)
     dtype: np.dtype = np.dtype(np.float64)  # the dtype the dual is computed in (scores may be stored narrower)
     source: ScoresFile | None = None  # the table read once it came from, for stages that need more of it
+
+    @cached_property
+    def scores(self) -> Scores:
+        from can_jax.scores import from_grouped
+
+        c = self.columns
+        return from_grouped(c.index, c.reward, c.utility, counts=c.counts, ref_utility=c.ref_utility)
+
+    @cached_property
+    def packed(self) -> Packed:
+        from can_jax.packed import from_grouped
+
+        c = self.columns
+        return from_grouped(c.index, c.reward, c.utility, c.counts, c.ref_utility, dtype=self.dtype)
+
+    def for_solve(self, devices: int) -> Scores | Packed:
+        """What the dual's passes read: `packed` on CPU with one device, else `scores`."""
+        from can_jax.packed import packable
+
+        return self.packed if packable(None, devices) else self.scores
 
 
 def _rows_list(rows: np.ndarray, limit: int = 8) -> str:
@@ -443,16 +477,13 @@ def _validated(path, table, reward, constraints, prompt_id, drop_bad_rows, dtype
         # E_ref[g_j | x_i] from the reference columns (per-prompt means); the sample mean elsewhere.
         sums = np.stack([np.bincount(index, ref.get(j, g[j]), minlength=len(counts)) for j in range(len(names))], 1)
         ref_utility = sums / np.maximum(counts, 1)[:, None]  # [N, m]
-    from can_jax.scores import from_grouped
-
-    scores = from_grouped(index, r, tuple(g), counts=counts, ref_utility=ref_utility)
     if counts.max() < 2:
         raise DegenerateDataError(
             f"{path}: every prompt has fewer than two responses; the dual needs K_i ≥ 2 samples of π_ref per "
             "prompt to see how reweighting changes the scores"
         )
     return LoadedScores(
-        scores=scores,
+        columns=Columns(index, r, tuple(g), counts, ref_utility),
         names=names,
         margins=np.array([c.margin for c in constraints]),
         kinds=[c.kind for c in constraints],

@@ -227,6 +227,24 @@ def _jack_block(lam, sc: Scores, margins, beta, first: bool):
     return out
 
 
+def _top_two(s_in):
+    """Per row of s_in [B, K]: the maximum, its index (the first of ties, as argmax) and the maximum of the others,
+    in one variadic reduction (an argmax and a masked max are each a slow reduction on XLA CPU)."""
+    k = s_in.shape[-1]
+    iota = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), s_in.shape)
+    ninf = jnp.asarray(-jnp.inf, s_in.dtype)
+
+    def keep(a, b):
+        m1a, ia, m2a = a
+        m1b, ib, m2b = b
+        a_wins = (m1a > m1b) | ((m1a == m1b) & (ia < ib))
+        second = jnp.where(a_wins, jnp.maximum(m2a, m1b), jnp.maximum(m1a, m2b))
+        return jnp.where(a_wins, m1a, m1b), jnp.where(a_wins, ia, ib), second
+
+    init = (ninf, jnp.asarray(k, jnp.int32), ninf)
+    return jax.lax.reduce((s_in, iota, jnp.full_like(s_in, -jnp.inf)), init, keep, (1,))
+
+
 def _jack_packed(lam, xb, mb, wt, kf, g_ref, r_ref, margins, beta, first: bool):
     """`_jack_block` on one block of packed scores (`packed.Packed`: channels y = (r, g) [m+1, B, K], each prompt
     shifted by its first real response, which moves none of the terms). The same formulas, with every sum over k one
@@ -241,13 +259,11 @@ def _jack_packed(lam, xb, mb, wt, kf, g_ref, r_ref, margins, beta, first: bool):
     two = kf >= 2
     kf = jnp.maximum(kf, 1.0)
     s = sum(coef[c] * xb[c] for c in range(ch))  # [B, K]
-    s_in = jnp.where(mb, s, -jnp.inf)
-    idx = jnp.argmax(s_in, axis=1)  # the heaviest response (the first of ties, as `_jack_block`)
+    top, idx, top2 = _top_two(jnp.where(mb, s, -jnp.inf))  # idx: the heaviest response (the first of ties)
     y_top = jnp.take_along_axis(xb, idx[None, :, None], axis=2)[..., 0]  # [m+1, B]
-    top = jnp.where(valid, coef @ y_top, 0.0)
+    top = jnp.where(valid, top, 0.0)
     rest = mb & (jnp.arange(mb.shape[1]) != idx[:, None])
     has_rest = rest.any(axis=1)
-    top2 = jnp.max(jnp.where(rest, s, -jnp.inf), axis=1)
     top2 = jnp.where(has_rest, top2, 0.0)
     rho = jnp.where(has_rest, jnp.exp(top2 - top), 0.0)
     f = jnp.where(rest, jnp.exp(jnp.where(rest, s - top2[:, None], 0.0)), 0.0)

@@ -3,7 +3,6 @@ bootstrap that re-solves under multinomial prompt weights with vmap."""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.dual import block_sum, cast, device_count, prompt_terms, to_blocks
+from can_jax.packed import Packed, fast_jit, pack, packable, prompt_gradients
 from can_jax.result import Status
 from can_jax.scores import Scores
 from can_jax.solve import solve_dual
@@ -20,7 +20,7 @@ from can_jax.solve import solve_dual
 SINGULAR = 1e-10
 
 
-@partial(jax.jit, static_argnames=("block", "devices"))
+@fast_jit(static_argnames=("block", "devices"))
 def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", devices: int = 1) -> jnp.ndarray:
     """Cov(λ̂*) ≈ H⁻¹ Σ H⁻¹ / N on the active set (λ_j > 0), zero elsewhere. [m, m].
 
@@ -29,14 +29,20 @@ def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", 
     where the normal approximation does not hold; its rows are zero and `standard_errors` reports NaN. Blocks are
     computed in λ's precision (float32 scores upcast block by block) and sharded over `devices` local devices.
     """
-    blocks = to_blocks(scores, block, device_count(devices))  # devices=None: all of them, as solve_dual
+    if isinstance(scores, Packed) or packable(scores, device_count(devices)):
+        packed = scores if isinstance(scores, Packed) else pack(scores, block, lam.dtype)
+        grad = prompt_gradients(lam, packed, margins, beta)  # [C, m, B]
+        wt = packed.weight.astype(lam.dtype)
+        n, s1, s2 = wt.sum(), jnp.einsum("cb,cjb->j", wt, grad), jnp.einsum("cb,cjb,clb->jl", wt, grad, grad)
+    else:
+        blocks = to_blocks(scores, block, device_count(devices))  # devices=None: all of them, as solve_dual
 
-    def terms(block):
-        t = prompt_terms(lam, cast(block, lam.dtype), margins, beta, 1)
-        wt = jnp.where(t.valid, block.weight, 0.0)
-        return wt.sum(), wt @ t.grad, jnp.einsum("n,nj,nl->jl", wt, t.grad, t.grad)
+        def terms(block):
+            t = prompt_terms(lam, cast(block, lam.dtype), margins, beta, 1)
+            wt = jnp.where(t.valid, block.weight, 0.0)
+            return wt.sum(), wt @ t.grad, jnp.einsum("n,nj,nl->jl", wt, t.grad, t.grad)
 
-    n, s1, s2 = block_sum(terms, blocks)
+        n, s1, s2 = block_sum(terms, blocks)
     mean = s1 / n
     sigma = s2 / n - jnp.outer(mean, mean)
     free = lam > 0
@@ -46,9 +52,16 @@ def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", 
     return h_inv @ sigma @ h_inv / n
 
 
-def _defined(result, scores: Scores) -> jnp.ndarray:
+def _n_prompts(scores: Scores | Packed, xp=jnp):
+    """Prompts with a positive weight and at least one response."""
+    if isinstance(scores, Packed):
+        return xp.sum(xp.asarray(scores.weight) > 0)  # 0 already for an empty prompt
+    return xp.sum((xp.asarray(scores.weight) > 0) & xp.asarray(scores.mask).any(axis=1))
+
+
+def _defined(result, scores: Scores | Packed) -> jnp.ndarray:
     """[m] bool: where the sandwich standard error means something (see `standard_error_notes`)."""
-    n_prompts = jnp.sum((scores.weight > 0) & scores.mask.any(axis=1))
+    n_prompts = _n_prompts(scores)
     free = result.x > 0
     eig = jnp.linalg.eigvalsh(jnp.where(free[:, None] & free[None, :], result.hess, 0.0))
     singular = ~(result.min_eig > SINGULAR * jnp.maximum(jnp.max(jnp.abs(eig)), jnp.finfo(eig.dtype).tiny))
@@ -56,7 +69,7 @@ def _defined(result, scores: Scores) -> jnp.ndarray:
     return free & ok
 
 
-@partial(jax.jit, static_argnames=("block", "devices"))
+@fast_jit(static_argnames=("block", "devices"))
 def standard_errors(result, scores: Scores, margins, beta, block="auto", devices: int = 1) -> jnp.ndarray:
     """Sandwich standard errors of λ* [m]. NaN where undefined: a constraint at the boundary λ_j = 0, a singular
     Hessian on the active set, fewer than two prompts, or an unconverged solve (`standard_error_notes` says which)."""
@@ -68,7 +81,7 @@ def standard_error_notes(result, scores: Scores, errors=None) -> list[str | None
     """Why each standard error is undefined (None where it is defined). Host-side: call outside jit, on one result.
     Given the `errors` `standard_errors` returned, those that are NaN are the undefined ones (no device work)."""
     lam = np.asarray(result.x)
-    n_prompts = int(np.sum((np.asarray(scores.weight) > 0) & np.asarray(scores.mask).any(axis=1)))
+    n_prompts = int(_n_prompts(scores, np))
     defined = np.asarray(_defined(result, scores)) if errors is None else np.isfinite(np.asarray(errors))
     notes: list[str | None] = []
     for j in range(lam.shape[0]):
@@ -89,11 +102,13 @@ def _solve_with_errors(
     scores: Scores, margins, beta, tol=None, max_iter: int = 100, block="auto", dtype=None, devices: int | None = 1
 ):
     n_dev = device_count(devices)
+    if not isinstance(scores, Packed) and packable(scores, n_dev):
+        scores = pack(scores, block, dtype)  # once, for the solve and the sandwich
     result = solve_dual(scores, margins, beta, tol=tol, max_iter=max_iter, block=block, dtype=dtype, devices=n_dev)
     return result, standard_errors(result, scores, margins, beta, block, n_dev)
 
 
-solve_with_errors = jax.jit(_solve_with_errors, static_argnames=("max_iter", "block", "dtype", "devices"))
+solve_with_errors = fast_jit(_solve_with_errors, static_argnames=("max_iter", "block", "dtype", "devices"))
 solve_with_errors.__doc__ = (
     """`solve_dual` and the sandwich `standard_errors` of λ* in one compiled call: (DualResult, [m])."""
 )

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from can_jax.dual import DualEval, Units, auto_block
 from can_jax.scores import Scores
@@ -91,11 +92,11 @@ class Packed(NamedTuple):
     shift: jnp.ndarray
 
 
-def packable(scores: Scores, devices: int = 1, backend: str | None = None) -> bool:
-    """Whether a solve on these scores takes the packed pass: on CPU, one device, no `log_prior` (GPUs keep the
-    [N, K, m] pass, which is one big fused block there)."""
+def packable(scores: Scores | None, devices: int = 1, backend: str | None = None) -> bool:
+    """Whether a solve on these scores (None: a table without `log_prior`) takes the packed pass: on CPU, one device,
+    no `log_prior` (GPUs keep the [N, K, m] pass, which is one big fused block there)."""
     backend = jax.default_backend() if backend is None else backend
-    return backend == "cpu" and devices == 1 and scores.log_prior is None
+    return backend == "cpu" and devices == 1 and (scores is None or scores.log_prior is None)
 
 
 def pack(scores: Scores, block: int | None | str = "auto", dtype=None) -> Packed:
@@ -119,7 +120,7 @@ def pack(scores: Scores, block: int | None | str = "auto", dtype=None) -> Packed
     g = jnp.where(mask[..., None], scores.utility.astype(dtype) - c_g[:, None, :], 0.0)
     x = jnp.concatenate([r.reshape(blocks, 1, b, k), g.reshape(blocks, b, k, m).transpose(0, 3, 1, 2)], axis=1)
     shift = jnp.concatenate([c_r[:, None], c_g], axis=1).reshape(blocks, b, m + 1).transpose(0, 2, 1)
-    return prepare(x, mask.reshape(blocks, b, k), shift, scores.weight.reshape(blocks, b), scores.ref_utility, b)
+    return prepare(x, mask.reshape(blocks, b, k), shift, scores.weight.reshape(blocks, b), scores.ref_utility)
 
 
 def _row_max(a: jnp.ndarray) -> jnp.ndarray:
@@ -131,10 +132,15 @@ def _row_max(a: jnp.ndarray) -> jnp.ndarray:
     return jnp.max(a, axis=-1)
 
 
-def prepare(x, mask, shift, weight, ref_utility=None, block: int | None = None) -> Packed:
+def prepare(x, mask, shift, weight, ref_utility=None) -> Packed:
     """`Packed` from scores already channel-major: x [C, m+1, B, K] shifted by `shift` [C, m+1, B] (each prompt's
     first real response) and 0 in padding, mask [C, B, K], weight [C, B]; ref_utility [N, m] or None (the sample
     mean). The λ-free per-prompt terms are computed here, in one pass over x."""
+    return Packed(x=x, mask=mask, **_terms(x, mask, shift, weight, ref_utility))
+
+
+def _terms(x, mask, shift, weight, ref_utility=None) -> dict:
+    """The fields of `Packed` other than x and mask (see `prepare`)."""
     dtype = x.dtype
     blocks, ch, b, _ = x.shape
     m = ch - 1
@@ -156,9 +162,7 @@ def prepare(x, mask, shift, weight, ref_utility=None, block: int | None = None) 
         rows = blocks * b
         ref = jnp.pad(ref_utility, [(0, rows - ref_utility.shape[0]), (0, 0)]).astype(dtype)
         g_ref = jnp.where(valid[:, None], ref.reshape(blocks, b, m).transpose(0, 2, 1) - shift[:, 1:], 0.0)
-    return Packed(
-        x=x,
-        mask=mask,
+    return dict(
         top=top,
         weight=jnp.where(valid, weight.astype(dtype), 0.0),
         count=count.astype(dtype),
@@ -302,3 +306,87 @@ def packed_pass(lam, packed: Packed, margins, beta, order: int = 2) -> DualEval:
         reach=jnp.zeros((m,), dtype),
         abs_value=size / tot,
     )
+
+
+def prompt_gradients(lam, packed: Packed, margins, beta) -> jnp.ndarray:
+    """Per-prompt ∇ℓ_i = E_{π_λ}[g | x_i] − E_ref[g | x_i] − b: [C, m, B] (0 for an empty prompt), the sandwich's
+    scores (`inference.sandwich_covariance`)."""
+    dtype = packed.x.dtype
+    m = packed.g_ref.shape[1]
+    beta = jnp.asarray(beta, dtype)
+    valid = packed.count > 0
+    floor = jnp.sqrt(jnp.finfo(dtype).tiny) * 1e4
+    lam = jnp.asarray(lam, dtype)
+    sums, _ = _sums(lam, packed, beta, 1, False)
+    loose = jnp.any(valid & ~(sums[0] >= floor))
+    sums = jax.lax.cond(loose, lambda: _sums(lam, packed, beta, 1, True)[0], lambda: sums)
+    mu = jnp.moveaxis(sums[2 : m + 2], 0, 1) / jnp.where(valid, sums[0], 1.0)[:, None]  # [C, m, B]
+    return jnp.where(valid[:, None], mu - packed.g_ref - margins[None, :, None], 0.0)
+
+
+def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, block: int | str = "auto",
+                 dtype=np.float64) -> Packed:  # fmt: skip
+    """`Packed` scores straight from a long table's columns (the table reader's path: no [N, K, m] array and no
+    transpose; each channel is written into its own contiguous [B, K] slabs).
+
+    prompt_index [R] ids 0..N-1 (rows of one prompt in their order; the first is the prompt's shift), reward [R],
+    utility a tuple of m columns [R] (or [R, m]), counts [N] rows per prompt, ref_utility [N, m] or None.
+    """
+    prompt_index = np.asarray(prompt_index)
+    columns = [np.asarray(reward)] + (
+        [np.asarray(c) for c in utility]
+        if isinstance(utility, (tuple, list))
+        else [np.asarray(utility)[:, j] for j in range(np.asarray(utility).shape[1])]
+    )
+    counts = np.bincount(prompt_index) if counts is None else np.asarray(counts)
+    n, ch = counts.shape[0], len(columns)
+    k = int(counts.max())
+    b = auto_block(n, k, ch - 1, "cpu") if block == "auto" else (n if block is None else min(int(block), n))
+    blocks = -(-n // b)
+    grouped = bool(np.all(prompt_index[1:] >= prompt_index[:-1]))
+    x = _aligned_zeros((blocks, ch, b, k), dtype)
+    mask = _aligned_zeros((blocks, b, k), bool)
+    shift = np.zeros((ch, blocks * b), dtype)
+    if grouped and np.all(counts == k):  # equal K, rows grouped by prompt: each channel is a reshape
+        full, rest = divmod(n, b)
+        for c, col in enumerate(columns):
+            v = col.reshape(n, k)
+            shift[c, :n] = v[:, 0]
+            np.subtract(v[: full * b].reshape(full, b, k), v[: full * b, :1].reshape(full, b, 1), out=x[:full, c])
+            if rest:
+                np.subtract(v[full * b :], v[full * b :, :1], out=x[full, c, :rest])
+        mask[:full] = True
+        if rest:
+            mask[full, :rest] = True
+    else:
+        order = None if grouped else np.argsort(prompt_index, kind="stable")
+        idx = prompt_index if order is None else prompt_index[order]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        slot = np.arange(idx.shape[0]) - starts[idx]
+        # Offset of response (i, slot) in channel 0 of the [C, m+1, B, K] array; channel c adds c·B·K.
+        base = ((idx // b) * ch * b + idx % b) * k + slot
+        flat = x.reshape(-1)
+        first_row = starts[counts > 0]
+        for c, col in enumerate(columns):
+            col = col if order is None else col[order]
+            shift[c, :n][counts > 0] = col[first_row]
+            flat[base + c * b * k] = col - shift[c, idx]
+        mask.reshape(-1)[((idx // b) * b + idx % b) * k + slot] = True
+    weight = np.zeros(blocks * b, dtype)
+    weight[:n] = counts > 0
+    ref = None if ref_utility is None else jnp.asarray(np.asarray(ref_utility, dtype))
+    shift = shift.reshape(ch, blocks, b).transpose(1, 0, 2)
+    # DLPack hands the arrays to the CPU backend without a copy (device_put would copy the table once more).
+    x, mask = jax.dlpack.from_dlpack(x), jax.dlpack.from_dlpack(mask)
+    return Packed(x=x, mask=mask, **_terms_jit(x, mask, np.ascontiguousarray(shift), weight.reshape(blocks, b), ref))
+
+
+_terms_jit = fast_jit(_terms)
+
+
+def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
+    """np.zeros on a 64-byte boundary: XLA's CPU backend takes such a buffer over DLPack without copying it."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)

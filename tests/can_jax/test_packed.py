@@ -173,3 +173,25 @@ def test_bias_pass_on_packed_scores_equals_the_blocked_one(beta):
         for key in want:
             for w, g in zip(jax.tree.leaves(want[key]), jax.tree.leaves(got[key])):
                 np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-11, err_msg=key)
+
+
+def test_sandwich_on_packed_scores_matches_numpy():
+    """H⁻¹ Σ H⁻¹ / N with Σ the prompts' covariance of ∇ℓ_i, computed prompt by prompt in NumPy."""
+    from scipy.special import softmax
+
+    from can_jax.inference import sandwich_covariance, solve_with_errors
+
+    groups = make_groups(6, 50, 9, 3)
+    sc = groups_to_scores(groups)
+    b = jnp.asarray([0.2, 0.1, -0.5])
+    res, errs = solve_with_errors(sc, b, 1.0)
+    lam = np.asarray(res.x)
+    scores_i = np.array([softmax(r + g @ lam) @ g - g.mean(axis=0) - np.asarray(b) for r, g in groups])
+    sigma = np.cov(scores_i.T, bias=True)
+    free = lam > 0
+    h_inv = np.zeros((3, 3))
+    h_inv[np.ix_(free, free)] = np.linalg.inv(ref_hess(lam, groups, np.asarray(b), 1.0)[np.ix_(free, free)])
+    want = h_inv @ sigma @ h_inv / len(groups)
+    got = sandwich_covariance(res.x, res.hess, run_pack(sc), b, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-14)
+    np.testing.assert_allclose(errs[free], np.sqrt(np.diag(want))[free], rtol=1e-8)
