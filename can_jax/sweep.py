@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from can_jax.packed import fast_jit
+from can_jax.packed import Packed, fast_jit
 from can_jax.result import DualResult
 from can_jax.scores import Scores
 from can_jax.solve import solve_dual
@@ -13,7 +13,7 @@ from can_jax.solve import solve_dual
 
 @fast_jit(static_argnames=("max_iter", "block"))
 def sweep(
-    scores: Scores,
+    scores: Scores | Packed,
     margins: jnp.ndarray,
     beta,
     tol=None,
@@ -27,9 +27,10 @@ def sweep(
     Returns:
       A `DualResult` whose every field has a leading axis S (e.g. `.x` is [S, m], `.status` is [S]).
     """
-    margins = jnp.asarray(margins, scores.reward.dtype)
+    dtype = scores.x.dtype if isinstance(scores, Packed) else scores.reward.dtype
+    margins = jnp.asarray(margins, dtype)
     s = margins.shape[0]
-    betas = jnp.broadcast_to(jnp.asarray(beta, scores.reward.dtype), (s,))
+    betas = jnp.broadcast_to(jnp.asarray(beta, dtype), (s,))
 
     def one(b, bt):
         return solve_dual(scores, b, bt, tol=tol, max_iter=max_iter, block=block)

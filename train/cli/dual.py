@@ -256,7 +256,8 @@ def _sweep_chunks(loaded, j: int, values, beta: float, chunk: int, show_progress
 
     from can_jax.sweep import margin_grid, sweep_jit
 
-    dtype = loaded.scores.reward.dtype
+    data = loaded.for_solve(1)  # the packed layout on one CPU device
+    dtype = data.x.dtype if hasattr(data, "x") else data.reward.dtype
     base = jnp.asarray(loaded.margins, dtype)
     size = min(chunk, len(values))
     parts = []
@@ -265,7 +266,7 @@ def _sweep_chunks(loaded, j: int, values, beta: float, chunk: int, show_progress
         for start in range(0, len(values), size):
             part = np.asarray(values[start : start + size])
             padded = np.concatenate([part, np.full(size - len(part), part[-1])])
-            res = sweep_jit(loaded.scores, margin_grid(base, j, jnp.asarray(padded, dtype)), beta)
+            res = sweep_jit(data, margin_grid(base, j, jnp.asarray(padded, dtype)), beta)
             n = len(part)
             parts.append({"x": np.asarray(res.x)[:n], "status": np.asarray(res.status)[:n],
                           "utility_gain": np.asarray(res.predicted.utility_gain)[:n],
