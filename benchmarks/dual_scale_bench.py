@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.dual_bench import NumpyDual, machine, memory_bandwidth, run_scipy  # noqa: E402
-from can_jax.bias import block_pass, finite_k_bias_jit  # noqa: E402
+from can_jax.bias import finite_k_bias_jit, packed_block_pass  # noqa: E402
 from can_jax.dual import pass_units, to_blocks  # noqa: E402
 from can_jax.packed import fast_jit, pack, packed_pass  # noqa: E402
 from can_jax.result import Status  # noqa: E402
@@ -99,8 +99,8 @@ def roofline(n=100_000, k=64, reps=7):
     lam = jnp.full((4,), 0.5)
     blocks = jax.block_until_ready(to_blocks(sc))
     packed = jax.block_until_ready(pack_jit(sc))
-    bias1 = fast_jit(lambda lam, bl: block_pass(lam, bl, b, BETA, True))
-    bias0 = fast_jit(lambda lam, bl: block_pass(lam, bl, b, BETA, False))
+    bias1 = fast_jit(lambda lam, pk: packed_block_pass(lam, pk, b, BETA, True))
+    bias0 = fast_jit(lambda lam, pk: packed_block_pass(lam, pk, b, BETA, False))
     p2 = fast_jit(lambda lam, pk: packed_pass(lam, pk, b, BETA, 2))
     pred = fast_jit(lambda lam, pk: packed_pass(lam, pk, b, BETA, 1))
     old2 = jax.jit(lambda lam, bl: pass_units(lam, bl, b, BETA, 2, predict=True, centre=True)[0])
@@ -119,8 +119,8 @@ def roofline(n=100_000, k=64, reps=7):
          median_time(lambda: pred(lam, packed), reps), size),
         ("the [N, K, m] pass it replaces on CPU (value, gradient, Hessian, predicted outcome)",
          median_time(lambda: old2(lam, blocks), reps), table),
-        ("finite-K bias, first pass (θ, θ^J moments, Jacobian)", median_time(lambda: bias1(lam, blocks), reps), table),
-        ("finite-K bias, Newton step pass", median_time(lambda: bias0(lam, blocks), reps), table),
+        ("finite-K bias, first pass (θ, θ^J moments, Jacobian)", median_time(lambda: bias1(lam, packed), reps), size),
+        ("finite-K bias, Newton step pass", median_time(lambda: bias0(lam, packed), reps), size),
     ]  # fmt: skip
     passes = {name: {"s": sec, "bytes": nb, "roofline_s": nb / bw / 1e9} for name, sec, nb in rows}
     out = {"n": n, "k": k, "bandwidth_gbs": bw, "bytes": table, "packed_bytes": size, "passes": passes}

@@ -30,7 +30,10 @@ def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", 
     computed in λ's precision (float32 scores upcast block by block) and sharded over `devices` local devices.
     """
     if isinstance(scores, Packed) or packable(scores, device_count(devices)):
-        packed = scores if isinstance(scores, Packed) else pack(scores, block, lam.dtype)
+        if isinstance(scores, Packed):  # in λ's precision, as the blocks below
+            packed = jax.tree.map(lambda a: a.astype(lam.dtype) if a.dtype != bool else a, scores)
+        else:
+            packed = pack(scores, block, lam.dtype)
         grad = prompt_gradients(lam, packed, margins, beta)  # [C, m, B]
         wt = packed.weight.astype(lam.dtype)
         n, s1, s2 = wt.sum(), jnp.einsum("cb,cjb->j", wt, grad), jnp.einsum("cb,cjb,clb->jl", wt, grad, grad)

@@ -144,11 +144,12 @@ def _terms(x, mask, shift, weight, ref_utility=None) -> dict:
     dtype = x.dtype
     blocks, ch, b, _ = x.shape
     m = ch - 1
-    count = jnp.sum(mask, axis=2, dtype=jnp.int32)  # [C, B]
-    valid = count > 0
-    kf = jnp.maximum(count, 1).astype(dtype)[:, None]
     zero = jnp.zeros((), dtype)
-    s1, s2 = jax.lax.reduce((x, x * x), (zero, zero), lambda a, c: (a[0] + c[0], a[1] + c[1]), (3,))
+    ones = jnp.broadcast_to(mask[:, None], x.shape).astype(dtype)  # K_i in the same reduction (fused, not stored)
+    s1, s2, k_i = jax.lax.reduce((x, x * x, ones), (zero,) * 3, lambda a, c: tuple(u + v for u, v in zip(a, c)), (3,))
+    count = k_i[:, 0]  # [C, B]
+    valid = count > 0
+    kf = jnp.maximum(count, 1.0)[:, None]
     mean = s1 / kf  # [C, m+1, B]
     var = jnp.maximum(s2 / kf - mean * mean, 0.0)
     # Each prompt's first real response is 0 after the shift and padding is 0, so the maximum and minimum over all
@@ -249,6 +250,7 @@ def packed_pass(lam, packed: Packed, margins, beta, order: int = 2) -> DualEval:
     m = packed.g_ref.shape[1]
     lam = jnp.asarray(lam, dtype)
     beta = jnp.asarray(beta, dtype)
+    margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     valid = packed.count > 0
     # Below √tiny the squares in Q (and the products in M) would leave the normal range.
     floor = jnp.sqrt(jnp.finfo(dtype).tiny) * 1e4
@@ -269,7 +271,8 @@ def packed_pass(lam, packed: Packed, margins, beta, order: int = 2) -> DualEval:
     terms = [
         wt,
         wt * (beta * (lse - log_k) - g_ref_lam - b_lam),
-        wt * (jnp.abs(beta * (lse - log_k)) + jnp.abs(g_ref_lam) + jnp.abs(b_lam)),
+        # (lse = shift + log z rounds at eps·|shift|, which a loose bound makes larger than |lse|)
+        wt * (jnp.abs(beta * (lse - log_k)) + jnp.abs(beta * shift) + jnp.abs(g_ref_lam) + jnp.abs(b_lam)),
         wt * (wr - packed.r_ref),
         wt * kl,
         wt * z * z / jnp.where(valid, sums[-1], 1.0) / jnp.maximum(packed.count, 1.0),
@@ -314,6 +317,7 @@ def prompt_gradients(lam, packed: Packed, margins, beta) -> jnp.ndarray:
     dtype = packed.x.dtype
     m = packed.g_ref.shape[1]
     beta = jnp.asarray(beta, dtype)
+    margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     valid = packed.count > 0
     floor = jnp.sqrt(jnp.finfo(dtype).tiny) * 1e4
     lam = jnp.asarray(lam, dtype)
@@ -352,9 +356,10 @@ def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, b
         for c, col in enumerate(columns):
             v = col.reshape(n, k)
             shift[c, :n] = v[:, 0]
-            np.subtract(v[: full * b].reshape(full, b, k), v[: full * b, :1].reshape(full, b, 1), out=x[:full, c])
+            head = v[: full * b]
+            np.subtract(head.reshape(full, b, k), head[:, :1].reshape(full, b, 1), out=x[:full, c], dtype=dtype)
             if rest:
-                np.subtract(v[full * b :], v[full * b :, :1], out=x[full, c, :rest])
+                np.subtract(v[full * b :], v[full * b :, :1], out=x[full, c, :rest], dtype=dtype)
         mask[:full] = True
         if rest:
             mask[full, :rest] = True
@@ -370,7 +375,7 @@ def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, b
         for c, col in enumerate(columns):
             col = col if order is None else col[order]
             shift[c, :n][counts > 0] = col[first_row]
-            flat[base + c * b * k] = col - shift[c, idx]
+            flat[base + c * b * k] = col.astype(dtype, copy=False) - shift[c, idx]
         mask.reshape(-1)[((idx // b) * b + idx % b) * k + slot] = True
     weight = np.zeros(blocks * b, dtype)
     weight[:n] = counts > 0

@@ -195,3 +195,50 @@ def test_sandwich_on_packed_scores_matches_numpy():
     got = sandwich_covariance(res.x, res.hess, run_pack(sc), b, 1.0)
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-14)
     np.testing.assert_allclose(errs[free], np.sqrt(np.diag(want))[free], rtol=1e-8)
+
+
+@pytest.mark.parametrize("equal_k", [True, False])
+@pytest.mark.parametrize("float32", [False, True])
+def test_packing_from_columns_equals_packing_the_padded_scores(equal_k, float32):
+    """`packed.from_grouped` (the table reader's path) against `pack` of the padded `Scores` of the same columns:
+    rows unsorted, prompts with one response and none, a supplied E_ref[g], N not a multiple of the block; float32
+    columns packed in float64 exactly (the shift subtracted after widening)."""
+    from can_jax.packed import from_grouped as packed_from_grouped
+    from can_jax.scores import from_grouped
+
+    rng = np.random.default_rng(1)
+    n, k = 29, 6
+    counts = np.full(n, k) if equal_k else rng.integers(0, k + 1, n)
+    if not equal_k:
+        counts[[2, 5]] = [1, 0]
+    idx = np.repeat(np.arange(n), counts)
+    if not equal_k:
+        idx = idx[rng.permutation(len(idx))]
+    dt = np.float32 if float32 else np.float64
+    r = (rng.normal(size=len(idx)) * 3 + 1000.1).astype(dt)
+    g = tuple(rng.normal(size=len(idx)).astype(dt) - 3.3 for _ in range(2))
+    ref = rng.normal(size=(n, 2)).astype(dt).astype(np.float64)  # (padded Scores keep E_ref in the columns' dtype)
+    for ref_u in (None, ref):
+        got = packed_from_grouped(idx, r, g, counts=counts, ref_utility=ref_u, block=8)
+        sc = from_grouped(idx, r, g, counts=counts, ref_utility=ref_u)
+        want = run_pack(sc, block=8, dtype=jnp.float64)
+        for f in want._fields:
+            np.testing.assert_array_equal(np.asarray(getattr(got, f)), np.asarray(getattr(want, f)), err_msg=f)
+        assert got.x.dtype == jnp.float64
+
+
+def test_prompts_with_one_response_match_the_reference():
+    groups = make_groups(7, 20, 6, 3, k_min=1)
+    groups += [(np.array([0.4]), np.array([[0.1, -0.2, 0.3]]))]  # surely one K_i = 1
+    ev = run_pass(jnp.asarray(LAM), run_pack(groups_to_scores(groups), block=6), jnp.asarray(B), 0.8)
+    check_against_reference(ev, groups, 0.8)
+
+
+def test_scalar_margins_broadcast():
+    from can_jax.inference import solve_with_errors
+
+    sc = groups_to_scores(make_groups(8, 30, 6, 2))
+    res, errs = solve_with_errors(sc, 0.1, 1.0)
+    want, _ = solve_with_errors(sc, jnp.asarray([0.1, 0.1]), 1.0)
+    np.testing.assert_allclose(res.x, want.x, rtol=1e-12)
+    np.testing.assert_allclose(errs, _, rtol=1e-12, equal_nan=True)
