@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from can_jax.packed import Packed, fast_jit
+from can_jax.packed import Packed, fast_jit, pack, packable
 from can_jax.result import DualResult
 from can_jax.scores import Scores
 from can_jax.solve import solve_dual
@@ -20,7 +20,7 @@ def sweep(
     max_iter: int = 100,
     block="auto",
 ) -> DualResult:
-    """Solves the dual for S (margins, β) pairs at once.
+    """Solves the dual for S (margins, β) pairs in one compiled call (vmapped; on packed CPU scores one after another).
 
     Args:
       margins: [S, m] margin vectors.  beta: scalar or [S].
@@ -32,9 +32,17 @@ def sweep(
     s = margins.shape[0]
     betas = jnp.broadcast_to(jnp.asarray(beta, dtype), (s,))
 
+    if not isinstance(scores, Packed) and packable(scores):
+        scores = pack(scores, block)  # once for every point
+
     def one(b, bt):
         return solve_dual(scores, b, bt, tol=tol, max_iter=max_iter, block=block)
 
+    if isinstance(scores, Packed):
+        # One point after another: a packed pass is one vectorised reduction per block, which a vmap over the
+        # points would turn into a batched one that XLA CPU does not vectorise (and the exact-shift fallback, a
+        # branch, into both branches every time).
+        return jax.lax.map(lambda a: one(*a), (margins, betas))
     return jax.vmap(one)(margins, betas)
 
 
