@@ -21,6 +21,8 @@ while packing and kept per prompt, so a subsample (`every`) carries its own.
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from functools import wraps
 from typing import NamedTuple
 
@@ -382,11 +384,30 @@ def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, b
     ref = None if ref_utility is None else jnp.asarray(np.asarray(ref_utility, dtype))
     shift = shift.reshape(ch, blocks, b).transpose(1, 0, 2)
     # DLPack hands the arrays to the CPU backend without a copy (device_put would copy the table once more).
-    x, mask = jax.dlpack.from_dlpack(x), jax.dlpack.from_dlpack(mask)
+    x, mask = _borrow(x), _borrow(mask)
     return Packed(x=x, mask=mask, **_terms_jit(x, mask, np.ascontiguousarray(shift), weight.reshape(blocks, b), ref))
 
 
 _terms_jit = fast_jit(_terms)
+
+
+_BORROWED: weakref.WeakSet = weakref.WeakSet()
+
+
+def _borrow(a: np.ndarray) -> jax.Array:
+    """A JAX array on a NumPy buffer (DLPack, no copy). Freed at exit while the interpreter is whole: its deleter
+    releases the NumPy array, which needs the interpreter, and XLA could otherwise run it during shutdown (seen as
+    an abort, "terminate called without an active exception", after `can dual` had finished)."""
+    out = jax.dlpack.from_dlpack(a)
+    _BORROWED.add(out)
+    return out
+
+
+@atexit.register
+def _release_borrowed() -> None:
+    for a in list(_BORROWED):
+        if not a.is_deleted():
+            a.delete()
 
 
 def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
