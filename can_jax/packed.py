@@ -21,8 +21,6 @@ while packing and kept per prompt, so a subsample (`every`) carries its own.
 
 from __future__ import annotations
 
-import atexit
-import weakref
 from functools import wraps
 from typing import NamedTuple
 
@@ -350,8 +348,8 @@ def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, b
     b = auto_block(n, k, ch - 1, "cpu") if block == "auto" else (n if block is None else min(int(block), n))
     blocks = -(-n // b)
     grouped = bool(np.all(prompt_index[1:] >= prompt_index[:-1]))
-    x = _aligned_zeros((blocks, ch, b, k), dtype)
-    mask = _aligned_zeros((blocks, b, k), bool)
+    x = np.zeros((blocks, ch, b, k), dtype)
+    mask = np.zeros((blocks, b, k), bool)
     shift = np.zeros((ch, blocks * b), dtype)
     if grouped and np.all(counts == k):  # equal K, rows grouped by prompt: each channel is a reshape
         full, rest = divmod(n, b)
@@ -383,36 +381,10 @@ def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, b
     weight[:n] = counts > 0
     ref = None if ref_utility is None else jnp.asarray(np.asarray(ref_utility, dtype))
     shift = shift.reshape(ch, blocks, b).transpose(1, 0, 2)
-    # DLPack hands the arrays to the CPU backend without a copy (device_put would copy the table once more).
-    x, mask = _borrow(x), _borrow(mask)
+    # One copy into XLA's buffers: DLPack would hand the NumPy buffers over without it, but a process holding such
+    # arrays then aborted at exit now and then ("terminate called without an active exception").
+    x, mask = jax.device_put(x), jax.device_put(mask)
     return Packed(x=x, mask=mask, **_terms_jit(x, mask, np.ascontiguousarray(shift), weight.reshape(blocks, b), ref))
 
 
 _terms_jit = fast_jit(_terms)
-
-
-_BORROWED: weakref.WeakSet = weakref.WeakSet()
-
-
-def _borrow(a: np.ndarray) -> jax.Array:
-    """A JAX array on a NumPy buffer (DLPack, no copy). Freed at exit while the interpreter is whole: its deleter
-    releases the NumPy array, which needs the interpreter, and XLA could otherwise run it during shutdown (seen as
-    an abort, "terminate called without an active exception", after `can dual` had finished)."""
-    out = jax.dlpack.from_dlpack(a)
-    _BORROWED.add(out)
-    return out
-
-
-@atexit.register
-def _release_borrowed() -> None:
-    for a in list(_BORROWED):
-        if not a.is_deleted():
-            a.delete()
-
-
-def _aligned_zeros(shape, dtype, align: int = 64) -> np.ndarray:
-    """np.zeros on a 64-byte boundary: XLA's CPU backend takes such a buffer over DLPack without copying it."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    raw = np.zeros(nbytes + align, np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)

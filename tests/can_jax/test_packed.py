@@ -41,8 +41,7 @@ def check_against_reference(ev, groups, beta, lam=LAM, b=B, rtol=1e-10):
     np.testing.assert_allclose(ev.ess, ref_ess(lam, groups, beta), rtol=1e-10)
 
 
-@pytest.mark.parametrize("beta", [0.1, 1.0, 10.0])
-@pytest.mark.parametrize("block", [7, None])
+@pytest.mark.parametrize("beta,block", [(0.1, 7), (1.0, None), (10.0, 7)])
 def test_pass_matches_independent_reference(small_groups, small_scores, beta, block):
     packed = run_pack(small_scores, block=block)
     check_against_reference(run_pass(jnp.asarray(LAM), packed, jnp.asarray(B), beta), small_groups, beta)
