@@ -21,7 +21,7 @@ while packing and kept per prompt, so a subsample (`every`) carries its own.
 
 from __future__ import annotations
 
-from functools import wraps
+from functools import partial, wraps
 from typing import NamedTuple
 
 import jax
@@ -348,22 +348,18 @@ def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, b
     b = auto_block(n, k, ch - 1, "cpu") if block == "auto" else (n if block is None else min(int(block), n))
     blocks = -(-n // b)
     grouped = bool(np.all(prompt_index[1:] >= prompt_index[:-1]))
-    x = np.zeros((blocks, ch, b, k), dtype)
     mask = np.zeros((blocks, b, k), bool)
     shift = np.zeros((ch, blocks * b), dtype)
     if grouped and np.all(counts == k):  # equal K, rows grouped by prompt: each channel is a reshape
-        full, rest = divmod(n, b)
+        # Written channel by channel into one XLA buffer (donated, so updated in place): the table's columns, the
+        # packed copy and one column at a time are all the memory it takes.
+        x = jnp.zeros((blocks, ch, b, k), dtype)
         for c, col in enumerate(columns):
-            v = col.reshape(n, k)
-            shift[c, :n] = v[:, 0]
-            head = v[: full * b]
-            np.subtract(head.reshape(full, b, k), head[:, :1].reshape(full, b, 1), out=x[:full, c], dtype=dtype)
-            if rest:
-                np.subtract(v[full * b :], v[full * b :, :1], out=x[full, c, :rest], dtype=dtype)
-        mask[:full] = True
-        if rest:
-            mask[full, :rest] = True
+            shift[c, :n] = col.reshape(n, k)[:, 0]
+            x = _put_channel(x, jax.device_put(col), c, n)
+        mask.reshape(blocks * b, k)[:n] = True
     else:
+        x = np.zeros((blocks, ch, b, k), dtype)
         order = None if grouped else np.argsort(prompt_index, kind="stable")
         idx = prompt_index if order is None else prompt_index[order]
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -377,14 +373,25 @@ def from_grouped(prompt_index, reward, utility, counts=None, ref_utility=None, b
             shift[c, :n][counts > 0] = col[first_row]
             flat[base + c * b * k] = col.astype(dtype, copy=False) - shift[c, idx]
         mask.reshape(-1)[((idx // b) * b + idx % b) * k + slot] = True
+        # One copy into XLA's buffers: DLPack would hand the NumPy buffer over without it, but a process holding
+        # such arrays then aborted at exit now and then ("terminate called without an active exception").
+        x = jax.device_put(x)
     weight = np.zeros(blocks * b, dtype)
     weight[:n] = counts > 0
     ref = None if ref_utility is None else jnp.asarray(np.asarray(ref_utility, dtype))
     shift = shift.reshape(ch, blocks, b).transpose(1, 0, 2)
-    # One copy into XLA's buffers: DLPack would hand the NumPy buffers over without it, but a process holding such
-    # arrays then aborted at exit now and then ("terminate called without an active exception").
-    x, mask = jax.device_put(x), jax.device_put(mask)
+    mask = jax.device_put(mask)
     return Packed(x=x, mask=mask, **_terms_jit(x, mask, np.ascontiguousarray(shift), weight.reshape(blocks, b), ref))
 
 
 _terms_jit = fast_jit(_terms)
+
+
+@partial(jax.jit, static_argnums=(2, 3), donate_argnums=(0,))
+def _put_channel(x, col, c: int, n: int):
+    """x [C, m+1, B, K] with channel c set from a column [n·K] of an equal-K table (each prompt minus its first
+    response, in x's dtype: widened before the subtraction)."""
+    blocks, _, b, k = x.shape
+    v = col.reshape(n, k).astype(x.dtype)
+    v = jnp.pad(v - v[:, :1], ((0, blocks * b - n), (0, 0)))
+    return x.at[:, c].set(v.reshape(blocks, b, k))
