@@ -117,6 +117,19 @@ def _merge(a: _Moments, b: _Moments) -> _Moments:
     return _Moments(n, mean, a.m2 + b.m2 + jnp.outer(delta, delta) * (a.n * b.n / n_safe))
 
 
+def _rank_one(wt, shrink, k_eff, a2_sum, t_g, u_g, mu, mu2):
+    """The jackknifed Jacobian's per-prompt rank-one terms summed with the prompt weights, [m, m]: β times the
+    Jacobian less its Gram part (see `_jack_block`). Arguments [B] or [B, m]."""
+    outer = jnp.einsum
+    tu = outer("n,ni,nj->ij", wt * shrink * a2_sum, t_g, t_g) - outer("n,ni,nj->ij", wt * shrink, t_g, u_g)
+    return (
+        -outer("n,ni,nj->ij", wt * k_eff, mu, mu)
+        + tu
+        - outer("n,ni,nj->ij", wt * shrink, u_g, t_g)
+        + outer("n,ni,nj->ij", wt * shrink, mu2, mu2)
+    )
+
+
 def _jack_block(lam, sc: Scores, margins, beta, first: bool):
     """The jackknifed estimating equation of one block of centred prompts at λ, from per-prompt sums (no [B, K, m]
     leave-one-out array, no autodiff): Σ_i wt_i ψ_i^J [m] and its Jacobian Σ_i wt_i ∂ψ_i^J/∂λ [m, m]; with `first`
@@ -194,15 +207,7 @@ def _jack_block(lam, sc: Scores, margins, beta, first: bool):
     loo_coef = e * a_sum[:, None] - ae - ae * ae + e2 / z2_safe[:, None]
     c = (wt / beta)[:, None] * (k_eff[:, None] * w - shrink[:, None] * loo_coef)
     gram = (c[..., None] * g).reshape(-1, m).T @ g.reshape(-1, m)
-    outer = jnp.einsum  # per-prompt rank-one terms, summed with the prompt weights
-    tu = outer("n,ni,nj->ij", wt * shrink * a2_sum, t_g, t_g) - outer("n,ni,nj->ij", wt * shrink, t_g, u_g)
-    rank1 = (
-        -outer("n,ni,nj->ij", wt * k_eff, mu, mu)
-        + tu
-        - outer("n,ni,nj->ij", wt * shrink, u_g, t_g)
-        + outer("n,ni,nj->ij", wt * shrink, mu2, mu2)
-    )
-    out["jac"] = gram + rank1 / beta
+    out["jac"] = gram + _rank_one(wt, shrink, k_eff, a2_sum, t_g, u_g, mu, mu2) / beta
     if not first:
         return out
 
@@ -312,15 +317,7 @@ def _jack_packed(lam, xb, mb, wt, kf, g_ref, r_ref, margins, beta, first: bool):
     loo_gg = a_sum[:, None, None] * e_gg - full(wgg) + full(fgg) / f_safe[:, None, None]
     c_full = (k_eff / z)[:, None, None] * e_gg - shrink[:, None, None] * loo_gg
     gram = jnp.einsum("b,bij->ij", wt / beta, c_full)
-    outer = jnp.einsum
-    tu = outer("n,ni,nj->ij", wt * shrink * a2_sum, t_g, t_g) - outer("n,ni,nj->ij", wt * shrink, t_g, u_g)
-    rank1 = (
-        -outer("n,ni,nj->ij", wt * k_eff, mu, mu)
-        + tu
-        - outer("n,ni,nj->ij", wt * shrink, u_g, t_g)
-        + outer("n,ni,nj->ij", wt * shrink, mu2, mu2)
-    )
-    out["jac"] = gram + rank1 / beta
+    out["jac"] = gram + _rank_one(wt, shrink, k_eff, a2_sum, t_g, u_g, mu, mu2) / beta
     if not first:
         return out, None
 
@@ -411,7 +408,7 @@ def finite_k_bias(
     if isinstance(scores, Packed):
         dtype = scores.x.dtype if dtype is None else jnp.dtype(dtype)
         m = scores.g_ref.shape[1]
-        data = jax.tree.map(lambda a: a.astype(dtype) if a.dtype != bool else a, scores)
+        data = cast(scores, dtype)
     else:
         _check(scores)
         dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)

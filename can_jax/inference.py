@@ -31,7 +31,7 @@ def sandwich_covariance(lam, hess, scores: Scores, margins, beta, block="auto", 
     """
     if isinstance(scores, Packed) or packable(scores, device_count(devices)):
         if isinstance(scores, Packed):  # in λ's precision, as the blocks below
-            packed = jax.tree.map(lambda a: a.astype(lam.dtype) if a.dtype != bool else a, scores)
+            packed = cast(scores, lam.dtype)
         else:
             packed = pack(scores, block, lam.dtype)
         grad = prompt_gradients(lam, packed, margins, beta)  # [C, m, B]

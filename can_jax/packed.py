@@ -243,6 +243,15 @@ def _sums(lam, packed: Packed, beta, order: int, exact: bool):
     return jnp.moveaxis(sums, 1, 0), shift  # [R, C, B]
 
 
+def _checked_sums(lam, packed: Packed, beta, order: int):
+    """`_sums` with the bounded shift, redone with the exact row maximum where the bound is so loose that some z_i
+    fell below √tiny (the squares in Q and the products in M would leave the normal range)."""
+    floor = jnp.sqrt(jnp.finfo(packed.x.dtype).tiny) * 1e4
+    sums, shift = _sums(lam, packed, beta, order, False)
+    loose = jnp.any((packed.count > 0) & ~(sums[0] >= floor))
+    return jax.lax.cond(loose, lambda: _sums(lam, packed, beta, order, True), lambda: (sums, shift))
+
+
 def packed_pass(lam, packed: Packed, margins, beta, order: int = 2) -> DualEval:
     """Value, gradient (order ≥ 1), Hessian (order 2) and the predicted outcome of π_λ on packed scores: the
     `DualEval` of `dual.pass_units(..., predict=True, centre=True)` at the same λ. `order` is static. λ ≥ 0."""
@@ -252,11 +261,7 @@ def packed_pass(lam, packed: Packed, margins, beta, order: int = 2) -> DualEval:
     beta = jnp.asarray(beta, dtype)
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     valid = packed.count > 0
-    # Below √tiny the squares in Q (and the products in M) would leave the normal range.
-    floor = jnp.sqrt(jnp.finfo(dtype).tiny) * 1e4
-    sums, shift = _sums(lam, packed, beta, order, False)
-    loose = jnp.any(valid & ~(sums[0] >= floor))
-    sums, shift = jax.lax.cond(loose, lambda: _sums(lam, packed, beta, order, True), lambda: (sums, shift))
+    sums, shift = _checked_sums(lam, packed, beta, order)
     wt = packed.weight
     z = jnp.where(valid, sums[0], 1.0)
     log_k = jnp.log(jnp.maximum(packed.count, 1.0))
@@ -319,11 +324,7 @@ def prompt_gradients(lam, packed: Packed, margins, beta) -> jnp.ndarray:
     beta = jnp.asarray(beta, dtype)
     margins = jnp.broadcast_to(jnp.asarray(margins, dtype), (m,))
     valid = packed.count > 0
-    floor = jnp.sqrt(jnp.finfo(dtype).tiny) * 1e4
-    lam = jnp.asarray(lam, dtype)
-    sums, _ = _sums(lam, packed, beta, 1, False)
-    loose = jnp.any(valid & ~(sums[0] >= floor))
-    sums = jax.lax.cond(loose, lambda: _sums(lam, packed, beta, 1, True)[0], lambda: sums)
+    sums, _ = _checked_sums(jnp.asarray(lam, dtype), packed, beta, 1)
     mu = jnp.moveaxis(sums[2 : m + 2], 0, 1) / jnp.where(valid, sums[0], 1.0)[:, None]  # [C, m, B]
     return jnp.where(valid[:, None], mu - packed.g_ref - margins[None, :, None], 0.0)
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from can_jax.certify import recession_slope, reduced_eigs
-from can_jax.dual import DualEval, Units, device_count, every, pass_units, sharded, to_blocks
+from can_jax.dual import DualEval, Units, cast, device_count, every, pass_units, sharded, to_blocks
 from can_jax.errors import InvalidArgumentError
 from can_jax.packed import Packed, fast_jit, pack, packable, packed_pass
 from can_jax.packed import every as packed_every
@@ -310,7 +310,7 @@ def solve_dual_jit(
     if isinstance(scores, Packed):
         dtype = scores.x.dtype if dtype is None else jnp.dtype(dtype)
         m = scores.g_ref.shape[1]
-        data = _Data(packed=jax.tree.map(lambda a: a.astype(dtype) if a.dtype != bool else a, scores))
+        data = _Data(packed=cast(scores, dtype))
     else:
         dtype = scores.reward.dtype if dtype is None else jnp.dtype(dtype)
         m = scores.utility.shape[-1]
