@@ -123,15 +123,6 @@ def pack(scores: Scores, block: int | None | str = "auto", dtype=None) -> Packed
     return prepare(x, mask.reshape(blocks, b, k), shift, scores.weight.reshape(blocks, b), scores.ref_utility)
 
 
-def _row_max(a: jnp.ndarray) -> jnp.ndarray:
-    """max over the last axis. XLA CPU reduces a minor axis one element at a time; 8-wide groups first (a reduction
-    over a middle axis, vectorised along the minor one) is several times faster."""
-    k = a.shape[-1]
-    if k % 8 == 0 and k > 8:
-        a = jnp.max(a.reshape(a.shape[:-1] + (k // 8, 8)), axis=-2)
-    return jnp.max(a, axis=-1)
-
-
 def prepare(x, mask, shift, weight, ref_utility=None) -> Packed:
     """`Packed` from scores already channel-major: x [C, m+1, B, K] shifted by `shift` [C, m+1, B] (each prompt's
     first real response) and 0 in padding, mask [C, B, K], weight [C, B]; ref_utility [N, m] or None (the sample
@@ -154,8 +145,8 @@ def _terms(x, mask, shift, weight, ref_utility=None) -> dict:
     var = jnp.maximum(s2 / kf - mean * mean, 0.0)
     # Each prompt's first real response is 0 after the shift and padding is 0, so the maximum and minimum over all
     # K are those over the real responses: plain reductions of x, with no masked copy of it.
-    top = _row_max(x)
-    bottom = -_row_max(-x)
+    top = jnp.max(x, axis=-1)
+    bottom = jnp.min(x, axis=-1)
     mag = jnp.maximum(jnp.abs(top[:, 1:] + shift[:, 1:]), jnp.abs(bottom[:, 1:] + shift[:, 1:]))
     if ref_utility is None:
         g_ref = mean[:, 1:]
@@ -218,7 +209,7 @@ def _block_sums(coef, xb, mb, cb, order: int, exact: bool):
     Q, and the shift c [B]."""
     ch = xb.shape[0]
     s = sum(coef[c] * xb[c] for c in range(ch))  # [B, K]: λᵀg as C scaled streams, no tiny contraction
-    shift = _row_max(jnp.where(mb, s, -jnp.inf)) if exact else coef @ cb
+    shift = jnp.max(jnp.where(mb, s, -jnp.inf), axis=1) if exact else coef @ cb
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     e = jnp.where(mb, jnp.exp(s - shift[:, None]), 0.0)
     first = [e * xb[c] for c in range(ch)]
